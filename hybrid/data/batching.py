@@ -1,0 +1,284 @@
+"""Prepared samples → model batches: one converter per batch type, one length-bucketing loader.
+
+The converters read the window layout of :class:`~hybrid.data.protocols.PreparedData` (every history or
+pretraining sequence is ``[start, end)`` into one flat events table) and gather each batch with a few
+vectorised numpy calls into a :class:`~torchrec.KeyedJaggedTensor` — no padding on the sparse side. The
+same converter serves training, evaluation and inference.
+
+Example:
+    >>> converter = CTRBatchConverter(prepared, "ctr_train", max_history=50)
+    >>> loader = make_loader(converter, batch_size=256, shuffle=True, seed=0)
+    >>> batch = next(iter(loader))          # a CTRBatch
+    >>> batch.sparse["hist_item_id"].lengths().max() <= 50
+    tensor(True)
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import torch
+from torch.utils.data import DataLoader, Sampler
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from hybrid.data.protocols import USER_FIELDS, PreparedData
+from hybrid.errors import HybridInputError
+from hybrid_base.batch import CTRBatch, SequenceBatch
+
+SEQUENCE_FEATURES = ("item_id", "category", "action")
+CANDIDATE_FIELDS = ("item_id", "category", "year")
+
+
+def _window_index(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """Positions of the concatenated windows ``[s, s + n)``: ``[s0, s0+1, ..., s1, s1+1, ...]``."""
+    total = int(lengths.sum())
+    if total == 0:
+        return np.zeros(0, dtype=np.int64)
+    shift = np.repeat(starts - np.concatenate([[0], np.cumsum(lengths)[:-1]]), lengths)
+    return shift + np.arange(total, dtype=np.int64)
+
+
+def _clip_windows(starts: np.ndarray, ends: np.ndarray, max_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """Keep the most recent ``max_len`` events of each window."""
+    starts = np.maximum(starts, ends - max_len)
+    return starts, ends - starts
+
+
+def _list_column(frame: pd.DataFrame, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """(offsets, values) of a list column, read from Arrow without building Python lists."""
+    array = pa.array(frame[name])
+    if isinstance(array, pa.ChunkedArray):
+        array = array.combine_chunks()
+    array = array.cast(pa.large_list(pa.int64()))
+    return array.offsets.to_numpy().astype(np.int64), array.flatten().to_numpy()
+
+
+def _kjt(keys: list[str], values: list[np.ndarray], lengths: list[np.ndarray]) -> KeyedJaggedTensor:
+    return KeyedJaggedTensor(
+        keys=keys,
+        values=torch.from_numpy(np.concatenate(values).astype(np.int64)),
+        lengths=torch.from_numpy(np.concatenate(lengths).astype(np.int32)),
+    )
+
+
+class _Converter(torch.utils.data.Dataset):
+    """A map-style dataset whose ``__getitems__`` returns a whole batch (the DataLoader then passes it on)."""
+
+    def __getitem__(self, index: int):
+        return self.__getitems__([index])
+
+    def __getitems__(self, indices: Sequence[int]):
+        raise NotImplementedError
+
+
+class CTRBatchConverter(_Converter):
+    """Rows of a CTR split → :class:`~hybrid_base.batch.CTRBatch`.
+
+    Args:
+        prepared: the output of a protocol (or :func:`hybrid.data.store.load_prepared`).
+        split: ``ctr_train`` or ``ctr_test``.
+        max_history: most recent history events kept per sample.
+        fields: sparse fields to include (default: every field the data has). History fields are named
+            ``hist_<feature>``.
+        task_names: label columns, in order (``click``, ``rating5``).
+    """
+
+    def __init__(self, prepared: PreparedData, split: str, max_history: int = 200,
+                 fields: Sequence[str] | None = None, task_names: Sequence[str] = ("click",)) -> None:
+        if split not in ("ctr_train", "ctr_test"):
+            raise HybridInputError(f"unknown CTR split '{split}' (expected ctr_train or ctr_test)")
+        samples = getattr(prepared, split)
+        self.num_samples = len(samples)
+        self.max_history = max_history
+        self.task_names = tuple(task_names)
+        missing = [t for t in self.task_names if t not in samples]
+        if missing:
+            raise HybridInputError(f"{split}: no label column {missing[0]!r} (has: {', '.join(samples.columns)})")
+        users, events = prepared.users, prepared.events
+        user_row = samples["user_row"].to_numpy(np.int64)
+
+        self.single: dict[str, np.ndarray] = {}
+        for name in ("user_id", *USER_FIELDS):
+            if name in users:
+                self.single[name] = users[name].to_numpy(np.int64)[user_row]
+        for name in CANDIDATE_FIELDS:
+            if name in samples:
+                self.single[name] = samples[name].to_numpy(np.int64)
+        self.multi: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        if "genres" in samples:
+            self.multi["genres"] = _list_column(samples, "genres")
+        self.history = {f"hist_{name}": events[name].to_numpy(np.int64)
+                        for name in SEQUENCE_FEATURES if name in events and name in prepared.feature_map}
+        available = [*self.single, *self.multi, *self.history]
+        self.fields = list(fields) if fields is not None else available
+        unknown = [f for f in self.fields if f not in available]
+        if unknown:
+            raise HybridInputError(f"{split}: unknown sparse field {unknown[0]!r} (available: {', '.join(available)})")
+
+        self.hist_start = samples["hist_start"].to_numpy(np.int64)
+        self.hist_end = samples["hist_end"].to_numpy(np.int64)
+        self.event_time = events["timestamp"].to_numpy(np.int64)
+        self.timestamps = samples["timestamp"].to_numpy(np.int64)
+        self.labels = samples[list(self.task_names)].to_numpy(np.float32)
+        self.user_index = users["user_id"].to_numpy(np.int64)[user_row]
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def history_lengths(self) -> np.ndarray:
+        """History length of each sample after truncation (what the loader buckets by)."""
+        return np.minimum(self.hist_end - self.hist_start, self.max_history)
+
+    def __getitems__(self, indices: Sequence[int]) -> CTRBatch:
+        idx = np.asarray(indices, dtype=np.int64)
+        n = len(idx)
+        starts, hist_len = _clip_windows(self.hist_start[idx], self.hist_end[idx], self.max_history)
+        hist_pos = _window_index(starts, hist_len)
+        ones = np.ones(n, dtype=np.int64)
+        values, lengths = [], []
+        for name in self.fields:
+            if name in self.single:
+                values.append(self.single[name][idx])
+                lengths.append(ones)
+            elif name in self.multi:
+                offsets, flat = self.multi[name]
+                m_len = offsets[idx + 1] - offsets[idx]
+                values.append(flat[_window_index(offsets[idx], m_len)])
+                lengths.append(m_len)
+            else:
+                values.append(self.history[name][hist_pos])
+                lengths.append(hist_len)
+        return CTRBatch(
+            sparse=_kjt(self.fields, values, lengths),
+            dense=torch.zeros(n, 0),
+            labels=torch.from_numpy(self.labels[idx]),
+            timestamps=torch.from_numpy(self.timestamps[idx]),
+            hist_timestamps=torch.from_numpy(self.event_time[hist_pos]),
+            user_index=torch.from_numpy(self.user_index[idx]),
+            task_names=self.task_names,
+        )
+
+
+class SequenceBatchConverter(_Converter):
+    """Pretraining windows → :class:`~hybrid_base.batch.SequenceBatch`.
+
+    Args:
+        prepared: the output of a protocol.
+        split: ``pretrain_train`` or ``pretrain_eval``.
+        max_len: most recent events kept per sequence (held-out targets included).
+        features: sequence features to include (default: those the data has, of item_id/category/action).
+    """
+
+    def __init__(self, prepared: PreparedData, split: str, max_len: int = 200,
+                 features: Sequence[str] | None = None) -> None:
+        if split not in ("pretrain_train", "pretrain_eval"):
+            raise HybridInputError(f"unknown pretraining split '{split}' (expected pretrain_train or pretrain_eval)")
+        windows = getattr(prepared, split)
+        events = prepared.events
+        available = [f for f in SEQUENCE_FEATURES if f in events and f in prepared.feature_map]
+        self.features = list(features) if features is not None else available
+        unknown = [f for f in self.features if f not in available]
+        if unknown:
+            raise HybridInputError(f"{split}: unknown sequence feature {unknown[0]!r} (available: {', '.join(available)})")
+        self.columns = {f: events[f].to_numpy(np.int64) for f in self.features}
+        self.event_time = events["timestamp"].to_numpy(np.int64)
+        self.start = windows["start"].to_numpy(np.int64)
+        self.end = windows["end"].to_numpy(np.int64)
+        targets = windows["num_eval_targets"].unique() if len(windows) else np.array([0])
+        if len(targets) != 1:
+            raise HybridInputError(f"{split}: mixed num_eval_targets {sorted(targets)} in one split")
+        self.num_eval_targets = int(targets[0])
+        self.max_len = max_len
+
+    def __len__(self) -> int:
+        return len(self.start)
+
+    def sequence_lengths(self) -> np.ndarray:
+        return np.minimum(self.end - self.start, self.max_len)
+
+    def __getitems__(self, indices: Sequence[int]) -> SequenceBatch:
+        idx = np.asarray(indices, dtype=np.int64)
+        starts, lengths = _clip_windows(self.start[idx], self.end[idx], self.max_len)
+        pos = _window_index(starts, lengths)
+        kjt = _kjt(self.features, [self.columns[f][pos] for f in self.features], [lengths] * len(self.features))
+        return SequenceBatch(features=kjt, timestamps=torch.from_numpy(self.event_time[pos]),
+                             lengths=torch.from_numpy(lengths), num_eval_targets=self.num_eval_targets)
+
+
+class BucketBatchSampler(Sampler[list[int]]):
+    """Batches of similar length, so padded attention pays little for padding.
+
+    Shuffles, cuts the order into pools of ``pool_batches`` batches, sorts each pool by length, splits it
+    into batches and shuffles the batches. Deterministic for a given ``seed`` and :meth:`set_epoch`.
+    With ``num_replicas > 1`` each rank takes every ``num_replicas``-th batch (all ranks get the same
+    number of batches, so collective ops stay in step).
+
+    Args:
+        lengths: ``[N]`` length of each sample.
+        batch_size: samples per batch.
+        shuffle: ``False`` keeps index order (evaluation), still in batches of ``batch_size``.
+        seed: base seed; the epoch is added to it.
+        pool_batches: how many batches are sorted together (1 = no bucketing).
+        drop_last: drop a final short batch.
+        num_replicas, rank: data parallelism.
+    """
+
+    def __init__(self, lengths: np.ndarray, batch_size: int, shuffle: bool = True, seed: int = 0,
+                 pool_batches: int = 50, drop_last: bool = False, num_replicas: int = 1, rank: int = 0) -> None:
+        if batch_size <= 0:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        self.lengths = np.asarray(lengths)
+        self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
+        self.pool_batches, self.drop_last = pool_batches, drop_last
+        self.num_replicas, self.rank = num_replicas, rank
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _batches(self) -> list[np.ndarray]:
+        n = len(self.lengths)
+        if not self.shuffle:
+            order = np.arange(n)
+            batches = [order[i:i + self.batch_size] for i in range(0, n, self.batch_size)]
+        else:
+            rng = np.random.default_rng((self.seed, self.epoch))
+            order = rng.permutation(n)
+            pool = self.batch_size * self.pool_batches
+            batches = []
+            for p in range(0, n, pool):
+                chunk = order[p:p + pool]
+                chunk = chunk[np.argsort(self.lengths[chunk], kind="stable")]
+                batches += [chunk[i:i + self.batch_size] for i in range(0, len(chunk), self.batch_size)]
+            batches = [batches[i] for i in rng.permutation(len(batches))]
+        if self.drop_last:
+            batches = [b for b in batches if len(b) == self.batch_size]
+        if self.num_replicas > 1:
+            per_rank = len(batches) // self.num_replicas
+            batches = batches[self.rank:per_rank * self.num_replicas:self.num_replicas]
+        return batches
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for batch in self._batches():
+            yield batch.tolist()
+
+    def __len__(self) -> int:
+        return len(self._batches())
+
+
+def _passthrough(batch):
+    return batch
+
+
+def make_loader(converter: CTRBatchConverter | SequenceBatchConverter, batch_size: int, shuffle: bool,
+                seed: int = 0, num_workers: int = 0, pool_batches: int = 50, drop_last: bool = False,
+                num_replicas: int = 1, rank: int = 0) -> DataLoader:
+    """A DataLoader of whole batches, bucketed by history / sequence length."""
+    lengths = (converter.history_lengths() if isinstance(converter, CTRBatchConverter)
+               else converter.sequence_lengths())
+    sampler = BucketBatchSampler(lengths, batch_size, shuffle=shuffle, seed=seed, pool_batches=pool_batches,
+                                 drop_last=drop_last, num_replicas=num_replicas, rank=rank)
+    return DataLoader(converter, batch_sampler=sampler, collate_fn=_passthrough, num_workers=num_workers,
+                      persistent_workers=num_workers > 0)

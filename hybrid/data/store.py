@@ -1,0 +1,71 @@
+"""Save and load :class:`~hybrid.data.protocols.PreparedData` as a directory.
+
+Layout: one parquet file per table, ``feature_map.json``, ``stats.json`` and the resolved ``config.yaml``.
+A directory is written under a temporary name and renamed into place when complete, so a failed run never
+leaves a half-written dataset (and an existing one is replaced only by a complete new one).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from hybrid.data.feature_map import FeatureMap
+from hybrid.data.protocols import PreparedData
+from hybrid.errors import HybridInputError
+
+FEATURE_MAP_FILE = "feature_map.json"
+STATS_FILE = "stats.json"
+
+
+def _arrow_lists(arrow_type: pa.DataType):
+    return pd.ArrowDtype(arrow_type) if pa.types.is_list(arrow_type) or pa.types.is_large_list(arrow_type) else None
+
+
+def save_prepared(prepared: PreparedData, out_dir: str | os.PathLike, config_yaml: str | None = None) -> Path:
+    """Write ``prepared`` to ``out_dir`` atomically; returns the directory."""
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        for name in PreparedData.TABLES:
+            getattr(prepared, name).to_parquet(tmp / f"{name}.parquet", index=False)
+        prepared.feature_map.save(tmp / FEATURE_MAP_FILE)
+        (tmp / STATS_FILE).write_text(json.dumps(prepared.stats, indent=2, default=str))
+        if config_yaml is not None:
+            (tmp / "config.yaml").write_text(config_yaml)
+        if out_dir.exists():
+            old = out_dir.with_name(f".{out_dir.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(out_dir, old)
+            os.replace(tmp, out_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def load_prepared(path: str | os.PathLike) -> PreparedData:
+    """Read a directory written by :func:`save_prepared` (or ``hybrid data prepare``)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise HybridInputError(f"{path}: prepared data directory not found (run `hybrid data prepare` first)")
+    tables = {}
+    for name in PreparedData.TABLES:
+        file = path / f"{name}.parquet"
+        if not file.is_file():
+            raise HybridInputError(f"{file}: missing from the prepared data directory")
+        # List columns stay Arrow-backed: no per-row Python lists on the way to the batch converter.
+        tables[name] = pq.read_table(file).to_pandas(types_mapper=_arrow_lists)
+    stats_file = path / STATS_FILE
+    stats = json.loads(stats_file.read_text()) if stats_file.is_file() else {}
+    return PreparedData(feature_map=FeatureMap.load(path / FEATURE_MAP_FILE), stats=stats, **tables)
