@@ -10,8 +10,9 @@ from pathlib import Path
 from hybrid.config import to_dict, to_yaml
 from hybrid.data.protocols import PreparedData, ProtocolConfig, prepare
 from hybrid.data.readers import read_dataset
+from hybrid.data.schema import RawDataset
 from hybrid.data.store import save_prepared
-from hybrid.tracking import Tracker, hash_files, resolve_tracking_uri
+from hybrid.tracking import Tracker, resolve_tracking_uri
 
 
 @dataclass
@@ -22,11 +23,19 @@ class DataConfig:
         dataset: reader name: ``movielens-100k``, ``movielens-1m``, ``recbole``, ``taobao`` or ``events``.
         path: directory (MovieLens, RecBole) or file (Taobao CSV, events CSV/parquet).
         columns: ``events`` only: canonical column → column in the file (``{"user_id": "uid"}``).
+        items_path, users_path: ``events`` only: optional item / user side tables.
     """
 
     dataset: str = "movielens-100k"
     path: str = ""
     columns: dict[str, str] = field(default_factory=dict)
+    items_path: str | None = None
+    users_path: str | None = None
+
+    def read(self) -> RawDataset:
+        """Read with the reader named by ``dataset``; reader-specific options only when set."""
+        options = {"columns": self.columns or None, "items_path": self.items_path, "users_path": self.users_path}
+        return read_dataset(self.dataset, self.path, **{k: v for k, v in options.items() if v is not None})
 
 
 @dataclass
@@ -62,15 +71,13 @@ def make_tracker(cfg: TrackingConfig, out_dir: str | Path) -> Tracker:
 def run_prepare(cfg: PrepareConfig, tracker: Tracker | None = None, parent_run: str | None = None) -> PreparedData:
     """Read, prepare, save atomically, log params / statistics / data hash. Returns the prepared data."""
     tracker = tracker or make_tracker(cfg.tracking, cfg.out)
-    data = read_dataset(cfg.data.dataset, cfg.data.path, columns=cfg.data.columns or None)
+    data = cfg.data.read()
     with tracker.run(f"prepare-{cfg.protocol.protocol}", parent=parent_run,
                      tags={"stage": "prepare", "protocol": cfg.protocol.protocol, "dataset": data.name}) as run:
         tracker.log_params(run, to_dict(cfg))
         prepared = prepare(data, cfg.protocol)
-        out = save_prepared(prepared, cfg.out, config_yaml=to_yaml(cfg))
-        data_hash = hash_files(p for p in out.iterdir() if p.suffix in (".parquet", ".json") and p.name != "stats.json")
-        prepared.stats["data_hash"] = data_hash
-        tracker.set_tags(run, {"data_hash": data_hash})
+        save_prepared(prepared, cfg.out, config_yaml=to_yaml(cfg))
+        tracker.set_tags(run, {"data_hash": prepared.stats["data_hash"]})
         tracker.log_metrics(run, _numeric(prepared.stats), step=0)
         tracker.log_json(run, prepared.stats, "stats.json")
     return prepared

@@ -19,6 +19,7 @@ import pyarrow.parquet as pq
 from hybrid.data.feature_map import FeatureMap
 from hybrid.data.protocols import PreparedData
 from hybrid.errors import HybridInputError
+from hybrid.tracking import hash_files
 
 FEATURE_MAP_FILE = "feature_map.json"
 STATS_FILE = "stats.json"
@@ -37,6 +38,7 @@ def save_prepared(prepared: PreparedData, out_dir: str | os.PathLike, config_yam
         for name in PreparedData.TABLES:
             getattr(prepared, name).to_parquet(tmp / f"{name}.parquet", index=False)
         prepared.feature_map.save(tmp / FEATURE_MAP_FILE)
+        prepared.stats["data_hash"] = data_hash(tmp)
         (tmp / STATS_FILE).write_text(json.dumps(prepared.stats, indent=2, default=str))
         if config_yaml is not None:
             (tmp / "config.yaml").write_text(config_yaml)
@@ -52,6 +54,12 @@ def save_prepared(prepared: PreparedData, out_dir: str | os.PathLike, config_yam
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
+
+
+def data_hash(path: str | os.PathLike) -> str:
+    """A short hash of a prepared directory's tables and feature map (what every later stage tags)."""
+    path = Path(path)
+    return hash_files([path / f"{name}.parquet" for name in PreparedData.TABLES] + [path / FEATURE_MAP_FILE])
 
 
 def load_prepared(path: str | os.PathLike) -> PreparedData:

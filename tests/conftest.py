@@ -1,0 +1,34 @@
+"""Shared fixtures: real ML-100K through the project's own fetch path, prepared once per session."""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from hybrid.data.fetch import fetch_movielens_100k
+from hybrid.data.protocols import ProtocolConfig, prepare
+from hybrid.data.readers import read_movielens
+
+# The library logs with MLflow; tests never write into a user's store by accident.
+os.environ.pop("MLFLOW_TRACKING_URI", None)
+
+
+@pytest.fixture(scope="session")
+def ml100k_dir(tmp_path_factory):
+    """ML-100K: ../shared/data when it is there, else the files inside the recbole wheel on PyPI."""
+    return fetch_movielens_100k(tmp_path_factory.mktemp("data") / "ml-100k")
+
+
+@pytest.fixture(scope="session")
+def ml100k(ml100k_dir):
+    return read_movielens(ml100k_dir)
+
+
+@pytest.fixture(scope="session")
+def prepared_last_item(ml100k):
+    return prepare(ml100k, ProtocolConfig(protocol="last-item"))
+
+
+@pytest.fixture(scope="session")
+def prepared_ratings(ml100k):
+    return prepare(ml100k, ProtocolConfig(protocol="ratings"))

@@ -1,0 +1,119 @@
+"""The CLI end to end on real ML-100K, and the one-line errors (exit code 2) that bad input gets."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from hybrid.cli import EXIT_BAD_INPUT, main
+from hybrid.data import store
+from hybrid.data.store import load_prepared
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _store(tmp_path):
+    return f"sqlite:///{tmp_path / 'mlflow.db'}"
+
+
+def test_prepare_writes_data_and_logs_stats(tmp_path, ml100k_dir, capsys):
+    out = tmp_path / "prep"
+    rc = main(["data", "prepare", "--dataset", "movielens-100k", "--path", str(ml100k_dir), "--protocol",
+               "ratings", "--out", str(out), "--tracking-uri", _store(tmp_path), "--experiment", "e",
+               "--set", "protocol.max_history=50"])
+    assert rc == 0
+    assert "prepared data written to" in capsys.readouterr().out
+    prepared = load_prepared(out)
+    assert ((prepared.ctr_train["hist_end"] - prepared.ctr_train["hist_start"]) <= 50).all()
+    assert "max_history: 50" in (out / "config.yaml").read_text()
+    stats = json.loads((out / "stats.json").read_text())
+    client = MlflowClient(_store(tmp_path))
+    run = client.search_runs([client.get_experiment_by_name("e").experiment_id])[0]
+    assert run.data.metrics["data/ctr_train/samples"] == stats["ctr_train"]["samples"] == len(prepared.ctr_train)
+    assert run.data.params["protocol.max_history"] == "50"
+    assert run.data.tags["data_hash"] == stats["data_hash"]
+
+
+def _bad(argv, capsys):
+    rc = main(argv)
+    err = capsys.readouterr().err
+    assert rc == EXIT_BAD_INPUT
+    assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err
+    return err
+
+
+def test_bad_inputs_get_one_line_and_exit_2(tmp_path, ml100k_dir, capsys):
+    common = ["--out", str(tmp_path / "o"), "--tracking-uri", _store(tmp_path)]
+    err = _bad(["data", "prepare", "--dataset", "movielens-100k", "--path", str(tmp_path / "nowhere"), *common], capsys)
+    assert "nowhere" in err
+    err = _bad(["data", "prepare", "--dataset", "movielens-100k", "--path", str(ml100k_dir), "--protocol", "clicks",
+                *common], capsys)
+    assert "key 'protocol.protocol' expects one of 'last-item', 'ratings', got 'clicks'" in err
+    err = _bad(["data", "prepare", "--dataset", "movielens-100k", "--path", str(ml100k_dir),
+                "--set", "protocol.max_histroy=5", *common], capsys)
+    assert "unknown key 'protocol.max_histroy' (did you mean 'protocol.max_history'?)" in err
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text("data:\n  dataset: netflix\n")
+    err = _bad(["data", "prepare", "--config", str(cfg), *common], capsys)
+    assert "unknown dataset 'netflix'" in err
+    events = tmp_path / "events.csv"
+    events.write_text("user_id,item_id,timestamp,rating\n1,10,100,4\n1,11,200,\n")
+    err = _bad(["data", "prepare", "--dataset", "events", "--path", str(events), "--protocol", "ratings", *common],
+               capsys)
+    assert "events.csv" in err and "line 3" in err and "rating" in err
+    missing_col = tmp_path / "nocol.csv"
+    missing_col.write_text("user_id,item_id\n1,10\n")
+    err = _bad(["data", "prepare", "--dataset", "events", "--path", str(missing_col), *common], capsys)
+    assert "nocol.csv" in err and "timestamp" in err
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    with pytest.raises(Exception, match="nowhere"):
+        main(["--debug", "data", "prepare", "--path", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o")])
+
+
+def test_failed_write_keeps_the_previous_output(tmp_path, ml100k_dir, monkeypatch):
+    out = tmp_path / "prep"
+    argv = ["data", "prepare", "--dataset", "movielens-100k", "--path", str(ml100k_dir), "--out", str(out),
+            "--tracking-uri", _store(tmp_path), "--experiment", "keep"]
+    assert main(argv) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def disk_full(self, path):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(store.FeatureMap, "save", disk_full)
+    with pytest.raises(OSError):
+        main(argv + ["--set", "protocol.max_history=10"])
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before     # old output intact
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".prep")) == []   # no debris
+    client = MlflowClient(_store(tmp_path))
+    runs = client.search_runs([client.get_experiment_by_name("keep").experiment_id])
+    assert sorted(r.info.status for r in runs) == ["FAILED", "FINISHED"]
+
+
+def test_python_dash_m_entry_point(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    done = subprocess.run([sys.executable, "-m", "hybrid", "data", "prepare", "--protocol", "bogus",
+                           "--out", str(tmp_path / "o")], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert done.returncode == EXIT_BAD_INPUT
+    assert done.stderr.strip().splitlines()[-1].startswith("error: ") and "Traceback" not in done.stderr
+
+
+def test_quickstart_on_real_ml100k(tmp_path, ml100k_dir, capsys, monkeypatch):
+    from hybrid import quickstart
+
+    monkeypatch.setattr(quickstart, "fetch_movielens_100k", lambda out: ml100k_dir)   # already fetched
+    rc = main(["quickstart", "--out", str(tmp_path / "qs"), "--tracking-uri", _store(tmp_path)])
+    assert rc == 0
+    assert "MLflow store:" in capsys.readouterr().out
+    client = MlflowClient(_store(tmp_path))
+    runs = client.search_runs([client.get_experiment_by_name(quickstart.EXPERIMENT).experiment_id])
+    names = {r.info.run_name: r for r in runs}
+    assert set(names) == {"quickstart", "prepare-last-item", "prepare-ratings"}
+    parent = names["quickstart"].info.run_id
+    assert names["prepare-ratings"].data.tags["mlflow.parentRunId"] == parent
+    assert names["prepare-last-item"].data.metrics["data/events"] == 100_000

@@ -1,0 +1,149 @@
+"""Protocols on real ML-100K: sizes, labels, time splits and — above all — no leakage."""
+import numpy as np
+import pandas as pd
+import pytest
+
+from hybrid.data.protocols import ProtocolConfig, prepare
+from hybrid.data.schema import RawDataset
+from hybrid.errors import HybridInputError
+
+
+def _sorted(events):
+    return events.reset_index(drop=True).sort_values(["user_id", "timestamp"], kind="stable")
+
+
+def _windows_cover(prepared, frame, start="start", end="end"):
+    """Absolute event positions covered by the windows of ``frame``."""
+    lengths = (frame[end] - frame[start]).to_numpy()
+    return np.concatenate([np.arange(s, e) for s, e in zip(frame[start], frame[end])]) if lengths.sum() else np.array([])
+
+
+def test_last_item_shapes_and_labels(ml100k, prepared_last_item):
+    p = prepared_last_item
+    n_users = ml100k.events["user_id"].nunique()
+    # every ML-100K user has >= 20 ratings: one positive and one negative each
+    assert len(p.ctr_train) + len(p.ctr_test) == 2 * n_users
+    for split in (p.ctr_train, p.ctr_test):
+        assert split["click"].mean() == 0.5
+        pos, neg = split.iloc[0::2], split.iloc[1::2]
+        assert (pos["click"] == 1).all() and (neg["click"] == 0).all()
+        assert (pos["user_row"].to_numpy() == neg["user_row"].to_numpy()).all()
+        assert (pos["item_id"].to_numpy() != neg["item_id"].to_numpy()).all()
+    # the positive is the user's last event, the history all earlier events (at most 200)
+    users = p.users
+    last = users["offset"] + users["length"] - 1
+    pos = p.ctr_train.iloc[0::2]
+    assert (pos["hist_end"].to_numpy() == last.to_numpy()[pos["user_row"]]).all()
+    assert ((pos["hist_end"] - pos["hist_start"]) <= 200).all()
+    assert (p.events["item_id"].to_numpy()[pos["hist_end"]] == pos["item_id"].to_numpy()).all()
+
+
+def test_last_item_user_split_is_by_last_event_time(ml100k, prepared_last_item):
+    p = prepared_last_item
+    last_time = ml100k.events.groupby("user_id")["timestamp"].max()
+    split = np.quantile(last_time, 0.7)
+    expected_test = set(last_time.index[last_time > split])
+    test_users = set(p.users["raw_user_id"].to_numpy()[p.ctr_test["user_row"].unique()])
+    assert test_users == expected_test
+    assert 0.25 < len(test_users) / len(last_time) < 0.35
+
+
+def test_last_item_no_leakage(ml100k, prepared_last_item):
+    p = prepared_last_item
+    # No pretraining window (train or eval input) reaches a CTR evaluation target event.
+    eval_targets = set(p.ctr_test["hist_end"])                  # test positives' absolute positions
+    assert not eval_targets & set(_windows_cover(p, p.pretrain_train))
+    eval_inputs = p.pretrain_eval.assign(end=p.pretrain_eval["end"] - p.pretrain_eval["num_eval_targets"])
+    assert not eval_targets & set(_windows_cover(p, eval_inputs))
+    # nor any user's last event (the CTR target, train users included)
+    last = set(p.users["offset"] + p.users["length"] - 1)
+    assert not last & set(_windows_cover(p, p.pretrain_train))
+    # The feature map saw exactly the events that are not test users' last events.
+    events = _sorted(ml100k.events)
+    is_last = events.groupby("user_id").cumcount(ascending=False) == 0
+    test_users = set(p.users["raw_user_id"].to_numpy()[p.ctr_test["user_row"].unique()])
+    fit_events = events[~(is_last & events["user_id"].isin(test_users))]
+    assert set(p.feature_map["item_id"].tokens) == set(fit_events["item_id"])
+    assert p.feature_map.metadata["fit_events"] == len(fit_events)
+
+
+def test_last_item_inductive_switch(ml100k):
+    p = prepare(ml100k, ProtocolConfig(protocol="last-item", transductive=False))
+    test_rows = set(p.ctr_test["user_row"])
+    assert not test_rows & set(p.pretrain_train["user_row"])
+    test_users = set(p.users["raw_user_id"].to_numpy()[list(test_rows)])
+    train_only = ml100k.events[~ml100k.events["user_id"].isin(test_users)]
+    assert set(p.feature_map["item_id"].tokens) == set(train_only["item_id"])
+
+
+def test_last_item_negatives_are_seeded(ml100k, prepared_last_item):
+    again = prepare(ml100k, ProtocolConfig(protocol="last-item"))
+    other = prepare(ml100k, ProtocolConfig(protocol="last-item", seed=1))
+    neg = prepared_last_item.ctr_train.iloc[1::2]["item_id"].to_numpy()
+    assert (again.ctr_train.iloc[1::2]["item_id"].to_numpy() == neg).all()
+    assert (other.ctr_train.iloc[1::2]["item_id"].to_numpy() != neg).any()
+
+
+def test_ratings_time_cut_labels_and_histories(ml100k, prepared_ratings):
+    p = prepared_ratings
+    cut = np.quantile(ml100k.events["timestamp"], 0.8)
+    assert (p.ctr_train["timestamp"] <= cut).all() and (p.ctr_test["timestamp"] > cut).all()
+    events = _sorted(ml100k.events)
+    first = events.groupby("user_id").cumcount() == 0
+    assert len(p.ctr_train) + len(p.ctr_test) == int((~first).sum())   # every event with an earlier one
+    # labels and histories against a direct pandas computation, for a sample of rows
+    raw_events = events.reset_index(drop=True)
+    for frame in (p.ctr_train, p.ctr_test):
+        rows = frame.sample(200, random_state=0)
+        for _, row in rows.iterrows():
+            target = raw_events.iloc[row["hist_end"]]
+            assert row["click"] == float(target["rating"] >= 4)
+            assert row["rating5"] == float(target["rating"] == 5)
+            user_events = raw_events[raw_events["user_id"] == target["user_id"]]
+            earlier = user_events.loc[: row["hist_end"] - 1].iloc[-200:]
+            hist = p.feature_map["item_id"].encode(earlier["item_id"])
+            assert (p.events["item_id"].to_numpy()[row["hist_start"]:row["hist_end"]] == hist).all()
+            assert (earlier["timestamp"] <= target["timestamp"]).all()
+
+
+def test_ratings_no_leakage(ml100k, prepared_ratings):
+    p = prepared_ratings
+    cut = np.quantile(ml100k.events["timestamp"], 0.8)
+    times = p.events["timestamp"].to_numpy()
+    assert (times[_windows_cover(p, p.pretrain_train).astype(int)] <= cut).all()
+    inputs = p.pretrain_eval.assign(end=p.pretrain_eval["end"] - 1)
+    assert (times[_windows_cover(p, inputs).astype(int)] <= cut).all()
+    assert (times[p.pretrain_eval["end"] - 1] > cut).all()          # the held-out next item is after the cut
+    train = ml100k.events[ml100k.events["timestamp"] <= cut]
+    assert set(p.feature_map["item_id"].tokens) == set(train["item_id"])
+    assert set(p.feature_map["user_id"].tokens) == set(train["user_id"])
+    counts = train["item_id"].value_counts()
+    vocab = p.feature_map["item_id"]
+    assert vocab.counts == [int(counts[t]) for t in vocab.tokens]
+
+
+def test_stats(prepared_ratings, prepared_last_item):
+    for p in (prepared_ratings, prepared_last_item):
+        s = p.stats
+        assert s["events"] == 100_000 and s["users"] == 943 and s["items"] == 1682
+        assert s["ctr_train"]["samples"] == len(p.ctr_train)
+        assert s["vocab_sizes"] == p.feature_map.vocab_sizes()
+
+
+def test_bad_protocol_inputs(ml100k):
+    with pytest.raises(HybridInputError, match="unknown protocol 'last_item'"):
+        prepare(ml100k, ProtocolConfig(protocol="last_item"))
+    no_rating = RawDataset("x", ml100k.events.drop(columns=["rating"]), source="x/events.csv")
+    with pytest.raises(HybridInputError, match="x/events.csv: protocol 'ratings' needs a 'rating' column"):
+        prepare(no_rating, ProtocolConfig(protocol="ratings"))
+    empty = RawDataset("x", ml100k.events.iloc[:0], source="empty.csv")
+    with pytest.raises(HybridInputError, match="empty.csv: no events"):
+        prepare(empty, ProtocolConfig(protocol="last-item"))
+
+
+def test_generic_events_without_side_tables():
+    events = pd.DataFrame({"user_id": ["u1"] * 4 + ["u2"] * 3, "item_id": list("abcdabc"),
+                           "timestamp": [1, 2, 3, 4, 1, 5, 9]})
+    p = prepare(RawDataset("toy", events), ProtocolConfig(protocol="last-item", user_split_quantile=0.5))
+    assert "category" not in p.ctr_train and "genres" not in p.ctr_train
+    assert len(p.ctr_train) == 2 and len(p.ctr_test) == 2

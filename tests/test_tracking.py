@@ -1,0 +1,66 @@
+"""Tracking against a real SQLite MLflow store in a temp dir (no mocks)."""
+import pytest
+from mlflow import MlflowClient
+
+from hybrid.tracking import PARENT_TAG, Tracker, resolve_tracking_uri
+
+
+def test_tracking_uri_resolution_order(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert resolve_tracking_uri(None, tmp_path) == f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///env.db")
+    assert resolve_tracking_uri(None, tmp_path) == "sqlite:///env.db"
+    assert resolve_tracking_uri("sqlite:///arg.db", tmp_path) == "sqlite:///arg.db"
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    return f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
+
+
+def test_parent_nested_params_metrics_tags(store):
+    tracker = Tracker(store, "study", enabled=True)
+    with tracker.run("pipeline", tags={"dataset": "ml-100k"}) as parent:
+        with tracker.run("pretrain", parent=parent, tags={"stage": "pretrain"}) as child:
+            tracker.log_params(child, {"model": {"dim": 64, "kind": "llama"}, "lr": 0.001, "sizes": [1, 2]})
+            for step in (10, 20, 30):
+                tracker.log_metrics(child, {"eval/auc": 0.5 + step / 100}, step=step, epoch=step / 20)
+            tracker.set_tags(child, {"strategy": "st_sf"})
+            tracker.log_json(child, {"a": 1}, "stats.json")
+    client = MlflowClient(store)
+    exp = client.get_experiment_by_name("study")
+    runs = {r.info.run_name: r for r in client.search_runs([exp.experiment_id])}
+    assert set(runs) == {"pipeline", "pretrain"}
+    child_run = runs["pretrain"]
+    assert child_run.data.tags[PARENT_TAG] == runs["pipeline"].info.run_id
+    assert child_run.data.tags["strategy"] == "st_sf" and len(child_run.data.tags["git_commit"]) >= 7
+    assert child_run.data.params == {"model.dim": "64", "model.kind": "llama", "lr": "0.001", "sizes": "[1, 2]"}
+    history = client.get_metric_history(child_run.info.run_id, "eval/auc")
+    assert [(m.step, round(m.value, 6)) for m in history] == [(10, 0.6), (20, 0.7), (30, 0.8)]
+    epochs = client.get_metric_history(child_run.info.run_id, "progress/epoch")
+    assert [(m.step, m.value) for m in epochs] == [(10, 0.5), (20, 1.0), (30, 1.5)]
+    assert child_run.info.status == "FINISHED"
+    assert [a.path for a in client.list_artifacts(child_run.info.run_id)] == ["stats.json"]
+
+
+def test_failed_stage_is_marked_failed_and_earlier_runs_stay(store):
+    tracker = Tracker(store, "failing", enabled=True)
+    with tracker.run("ok") as ok:
+        tracker.log_metrics(ok, {"x": 1.0}, step=0)
+    with pytest.raises(RuntimeError):
+        with tracker.run("broken"):
+            raise RuntimeError("boom")
+    client = MlflowClient(store)
+    exp = client.get_experiment_by_name("failing")
+    status = {r.info.run_name: r.info.status for r in client.search_runs([exp.experiment_id])}
+    assert status == {"ok": "FINISHED", "broken": "FAILED"}
+
+
+def test_only_rank_zero_logs(store, monkeypatch):
+    monkeypatch.setenv("RANK", "1")
+    tracker = Tracker(store, "ranks")
+    assert not tracker.enabled
+    with tracker.run("r1") as run:
+        assert run is None
+        tracker.log_metrics(run, {"x": 1.0}, step=0)     # a no-op, not an error
+    assert MlflowClient(store).get_experiment_by_name("ranks") is None
