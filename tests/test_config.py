@@ -75,3 +75,11 @@ def test_prepare_config_and_example_configs():
     assert cfg.protocol.protocol == "ratings" and cfg.data.path == "/x"
     with pytest.raises(HybridInputError, match="key 'protocol.protocol' expects one of 'last-item', 'ratings'"):
         load_config(PrepareConfig, overrides=["protocol.protocol=rating"])
+
+
+def test_example_configs_load():
+    from pathlib import Path
+
+    for path in sorted((Path(__file__).resolve().parents[1] / "configs").glob("prepare_*.yaml")):
+        cfg = load_config(PrepareConfig, path)
+        assert cfg.data.dataset == "movielens-1m", path
