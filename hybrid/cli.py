@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 import time
 from pathlib import Path
@@ -109,8 +110,17 @@ def _print_stats(stats: dict) -> None:
 COMMANDS = {("data", "fetch"): _cmd_fetch, ("data", "prepare"): _cmd_prepare, ("quickstart", None): _cmd_quickstart}
 
 
+def _quiet_third_party_logs() -> None:
+    """Keep the terminal for our progress: MLflow's schema-migration INFO lines and torch.fx's warning
+    (printed when torchrec is imported) say nothing a user can act on."""
+    for name, level in (("mlflow.store.db.utils", logging.WARNING), ("alembic", logging.WARNING),
+                        ("torch.fx._symbolic_trace", logging.ERROR)):
+        logging.getLogger(name).setLevel(level)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    _quiet_third_party_logs()
     handler = COMMANDS[(args.command, getattr(args, "data_command", None))]
     try:
         return handler(args)
