@@ -1,0 +1,203 @@
+"""Training plumbing shared by the pretraining and the CTR trainers (one place for each concept).
+
+- :class:`OptimConfig`: dense AdamW + warm-up/cosine schedule + clipping, and the optimizer of the
+  embedding tables, which TorchRec applies *inside the backward pass* (fused into the FBGEMM kernels when
+  sharded). On CPU, FBGEMM's fused kernels support ``adagrad``, ``rowwise_adagrad`` and ``sgd``; ``adam``
+  for tables works unsharded (and sharded on CUDA).
+- :func:`apply_sparse_optimizer` / :func:`dense_parameters`: split parameters between the two optimizers.
+- :func:`init_distributed` / :func:`shard_model`: ``torchrun`` environment → process group (gloo on CPU,
+  nccl on CUDA) → ``DistributedModelParallel`` with a planner (row-wise for large tables).
+- :func:`seed_everything`, :func:`warmup_cosine`.
+
+Example:
+    >>> cfg = OptimConfig(lr=1e-3, warmup_steps=100)
+    >>> apply_sparse_optimizer(model.embedding_collections(), cfg)   # before sharding
+    >>> dense = torch.optim.AdamW(dense_parameters(model), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    >>> schedule = torch.optim.lr_scheduler.LambdaLR(dense, warmup_cosine(100, total_steps, 0.1))
+"""
+from __future__ import annotations
+
+import math
+import os
+import random
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+from torch import nn
+
+SparseOptimizer = Literal["adagrad", "rowwise_adagrad", "sgd", "adam"]
+
+
+@dataclass
+class OptimConfig:
+    """Optimizers and schedule.
+
+    Args:
+        lr: peak learning rate of the dense (non-embedding) parameters (AdamW).
+        weight_decay: AdamW weight decay of dense parameters.
+        betas: AdamW betas.
+        warmup_steps: linear warm-up steps.
+        schedule: ``cosine`` decays to ``min_lr_ratio * lr`` at the last step; ``constant`` stays at ``lr``.
+        min_lr_ratio: floor of the cosine schedule, as a fraction of ``lr``.
+        grad_clip: max global norm of dense gradients (``None``: no clipping). Table gradients are applied
+            inside the backward pass and are not clipped.
+        sparse_optimizer: optimizer of the embedding tables.
+        sparse_lr: its learning rate (``None``: same as ``lr``).
+    """
+
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_steps: int = 0
+    schedule: Literal["cosine", "constant"] = "cosine"
+    min_lr_ratio: float = 0.1
+    grad_clip: float | None = 1.0
+    sparse_optimizer: SparseOptimizer = "adagrad"
+    sparse_lr: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0:
+            raise ValueError(f"optim.lr must be positive, got {self.lr}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"optim.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"optim.warmup_steps must be >= 0, got {self.warmup_steps}")
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, numpy and torch (CPU and CUDA)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def warmup_cosine(warmup_steps: int, total_steps: int, min_ratio: float = 0.1,
+                  schedule: str = "cosine") -> Callable[[int], float]:
+    """LR multiplier for ``LambdaLR``: linear warm-up to 1, then cosine to ``min_ratio`` at ``total_steps``."""
+
+    def factor(step: int) -> float:
+        if warmup_steps and step < warmup_steps:
+            return (step + 1) / warmup_steps
+        if schedule == "constant" or total_steps <= warmup_steps:
+            return 1.0
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def _sparse_optimizer_class(name: str):
+    if name == "adagrad":
+        return torch.optim.Adagrad, {}
+    if name == "rowwise_adagrad":
+        from torchrec.optim import RowWiseAdagrad
+
+        return RowWiseAdagrad, {}
+    if name == "sgd":
+        return torch.optim.SGD, {}
+    if name == "adam":
+        return torch.optim.Adam, {}
+    raise ValueError(f"unknown sparse optimizer {name!r} (expected adagrad, rowwise_adagrad, sgd or adam)")
+
+
+def apply_sparse_optimizer(tables: Iterable[nn.Module], cfg: OptimConfig) -> list[nn.Parameter]:
+    """Give every *trainable* parameter of ``tables`` an in-backward optimizer (TorchRec's fused path).
+
+    Call it before :func:`shard_model`: ``DistributedModelParallel`` reads these settings and fuses the
+    update into the sharded kernels. Frozen parameters (``requires_grad=False``) get none. Returns the
+    parameters that got one.
+    """
+    from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
+
+    params = [p for module in tables for p in module.parameters() if p.requires_grad]
+    if params:
+        cls, extra = _sparse_optimizer_class(cfg.sparse_optimizer)
+        apply_optimizer_in_backward(cls, params, {"lr": cfg.sparse_lr or cfg.lr, **extra})
+    return params
+
+
+def dense_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """Trainable parameters that no in-backward (fused) optimizer owns: what the dense AdamW steps."""
+    from torchrec.optim.optimizers import in_backward_optimizer_filter
+
+    return [p for _, p in in_backward_optimizer_filter(model.named_parameters()) if p.requires_grad]
+
+
+def make_dense_optimizer(model: nn.Module, cfg: OptimConfig, total_steps: int):
+    """AdamW over :func:`dense_parameters` and its warm-up/cosine ``LambdaLR``."""
+    params = dense_parameters(model)
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, warmup_cosine(cfg.warmup_steps, total_steps, cfg.min_lr_ratio, cfg.schedule))
+    return optimizer, schedule
+
+
+@dataclass
+class DistributedContext:
+    """Where this process runs: ``rank`` of ``world_size``, on ``device``."""
+
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def init_distributed(device: str | None = None, single_process_group: bool = False) -> DistributedContext:
+    """Read ``torchrun``'s environment; start the process group when ``WORLD_SIZE`` > 1.
+
+    gloo on CPU, nccl on CUDA. Without ``torchrun`` (no ``WORLD_SIZE``), a single process; with
+    ``single_process_group`` it still gets a 1-rank group (through a file store, no port needed), so the
+    same sharded code path runs with a 1-rank plan.
+    """
+    import torch.distributed as dist
+
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    want_cuda = (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
+    dev = torch.device(f"cuda:{local_rank}") if want_cuda else torch.device("cpu")
+    if want_cuda:
+        torch.cuda.set_device(dev)
+    backend = "nccl" if want_cuda else "gloo"
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group(backend, rank=rank, world_size=world_size)
+    elif single_process_group and not dist.is_initialized():
+        import tempfile
+
+        store_file = tempfile.NamedTemporaryFile(prefix="hybrid-pg-", delete=False).name
+        dist.init_process_group(backend, init_method=f"file://{store_file}", rank=0, world_size=1)
+    return DistributedContext(rank=rank, world_size=world_size, device=dev)
+
+
+def shard_model(model: nn.Module, ctx: DistributedContext,
+                sharding_types: Mapping[str, str] | None = None) -> nn.Module:
+    """Wrap ``model`` in ``DistributedModelParallel`` with a planner-made plan.
+
+    Args:
+        model: built on the ``meta`` device (tables are materialised on their shards) or on CPU.
+        ctx: from :func:`init_distributed` (works with ``world_size == 1`` too: a 1-rank plan).
+        sharding_types: table name → ``row_wise`` / ``table_wise`` / ``column_wise`` constraint, e.g.
+            ``{"t_item_id": "row_wise"}`` for the large item table.
+    """
+    import torch.distributed as dist
+    from torchrec.distributed.embedding import EmbeddingCollectionSharder
+    from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
+    from torchrec.distributed.model_parallel import DistributedModelParallel
+    from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
+
+    constraints = {name: ParameterConstraints(sharding_types=[kind]) for name, kind in (sharding_types or {}).items()}
+    topology = Topology(world_size=ctx.world_size, compute_device=ctx.device.type)
+    planner = EmbeddingShardingPlanner(topology=topology, constraints=constraints)
+    sharders = [EmbeddingCollectionSharder(), EmbeddingBagCollectionSharder()]
+    group = dist.GroupMember.WORLD if dist.is_initialized() else None
+    if group is None:
+        raise RuntimeError("shard_model needs a process group: run under torchrun or call init_distributed() "
+                           "with WORLD_SIZE set (a 1-rank group is fine)")
+    plan = planner.collective_plan(model, sharders, group)
+    return DistributedModelParallel(model, device=ctx.device, plan=plan, sharders=sharders)
