@@ -18,9 +18,11 @@ Example:
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -39,6 +41,14 @@ class CheckpointError(ValueError):
 
 def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
+
+
+@contextlib.contextmanager
+def _single_process_ok():
+    """DCP warns that it 'assumes' a single process; outside torchrun that is exactly the intent."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
+        yield
 
 
 def _rank() -> int:
@@ -69,7 +79,8 @@ def save_checkpoint(root: str | os.PathLike, step: int, state: Mapping[str, Any]
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
     _barrier()
-    dcp.save(dict(state), checkpoint_id=str(tmp), no_dist=not _distributed())
+    with _single_process_ok():
+        dcp.save(dict(state), checkpoint_id=str(tmp), no_dist=not _distributed())
     if _rank() == 0:
         (tmp / MANIFEST).write_text(json.dumps({**manifest, "step": step}, indent=2, default=str))
         shutil.rmtree(final, ignore_errors=True)
@@ -111,7 +122,8 @@ def load_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> dict:
     path = Path(path)
     manifest = read_manifest(path)
     _check_shapes(path, state)
-    dcp.load(state, checkpoint_id=str(path), no_dist=not _distributed())
+    with _single_process_ok():
+        dcp.load(state, checkpoint_id=str(path), no_dist=not _distributed())
     return manifest
 
 
