@@ -2,6 +2,8 @@
 
     hybrid data fetch movielens-100k --out DIR [--local DIR]
     hybrid data prepare --dataset NAME --path DIR --protocol last-item|ratings --out DIR [--config F] [--set k=v]
+    hybrid pretrain --config FILE [--set k=v ...] [--resume] [--tracking-uri URI]
+    torchrun --nproc_per_node=N -m hybrid pretrain --config FILE ...     (sharded)
     hybrid quickstart [--out DIR]
 
 Bad input prints one line naming the file / row / column / key and exits with code 2; ``--debug`` shows
@@ -14,6 +16,7 @@ import json
 import logging
 import sys
 import time
+import warnings
 from pathlib import Path
 
 from hybrid.errors import HybridInputError
@@ -57,6 +60,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config(prep)
     _add_common(prep)
 
+    pre = commands.add_parser("pretrain", help="train the generative model on prepared sequences")
+    pre.add_argument("--resume", action="store_true",
+                     help="continue from the newest complete checkpoint in <out>/checkpoints")
+    _add_config(pre)
+    _add_common(pre)
+
     quick = commands.add_parser("quickstart", help="the whole story on real ML-100K")
     quick.add_argument("--out", default="runs/quickstart", help="output directory (default: runs/quickstart)")
     quick.add_argument("--tracking-uri", help="MLflow tracking URI")
@@ -90,6 +99,27 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_pretrain(args: argparse.Namespace) -> int:
+    from hybrid.config import load_config
+    from hybrid.pretrain_job import PretrainConfig, run_pretrain
+    from hybrid.tracking import is_rank_zero
+
+    overrides = list(args.overrides)
+    for key, value in (("tracking.tracking_uri", args.tracking_uri), ("tracking.experiment", args.experiment)):
+        if value is not None:
+            overrides.append(f"{key}={json.dumps(value)}")
+    cfg = load_config(PretrainConfig, args.config, overrides)
+    result = run_pretrain(cfg, resume=args.resume)
+    if is_rank_zero():
+        metrics, base, k = result["metrics"], result["baseline"], cfg.train.k
+        print(f"pretrained {result['step']} steps ({result['epoch']:.2f} epochs) in {result['seconds']:.1f} s: "
+              f"HR@{k} {metrics.get(f'eval/hr_at_{k}', float('nan')):.4f}, "
+              f"NDCG@{k} {metrics.get(f'eval/ndcg_at_{k}', float('nan')):.4f} "
+              f"(most popular: {base[f'hr_at_{k}']:.4f} / {base[f'ndcg_at_{k}']:.4f})")
+        print(f"checkpoint: {result['checkpoint']}")
+    return 0
+
+
 def _cmd_quickstart(args: argparse.Namespace) -> int:
     from hybrid.quickstart import run_quickstart
 
@@ -107,15 +137,18 @@ def _print_stats(stats: dict) -> None:
           f"test: {ctr_test['samples']} samples, label rate {ctr_test['label_rate']}")
 
 
-COMMANDS = {("data", "fetch"): _cmd_fetch, ("data", "prepare"): _cmd_prepare, ("quickstart", None): _cmd_quickstart}
+COMMANDS = {("data", "fetch"): _cmd_fetch, ("data", "prepare"): _cmd_prepare, ("pretrain", None): _cmd_pretrain,
+            ("quickstart", None): _cmd_quickstart}
 
 
 def _quiet_third_party_logs() -> None:
     """Keep the terminal for our progress: MLflow's schema-migration INFO lines and torch.fx's warning
     (printed when torchrec is imported) say nothing a user can act on."""
     for name, level in (("mlflow.store.db.utils", logging.WARNING), ("alembic", logging.WARNING),
-                        ("torch.fx._symbolic_trace", logging.ERROR)):
+                        ("torch.fx._symbolic_trace", logging.ERROR), ("torchrec.distributed.planner", logging.ERROR)):
         logging.getLogger(name).setLevel(level)
+    # torchrec's sharding planner and DMP warn about their own internal defaults (FutureWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torchrec\.")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,248 @@
+"""The pretraining stage: prepared data → generative model → checkpoints, logged to MLflow.
+
+``hybrid pretrain --config cfg.yaml`` (one process) and ``torchrun --nproc_per_node=N -m hybrid pretrain
+...`` (sharded) both call :func:`run_pretrain`. It is the glue between the data pipeline
+(:mod:`hybrid.data`), the training loop (:mod:`pretrain.trainer`, which knows nothing of ``hybrid``) and
+MLflow (:mod:`hybrid.tracking`).
+
+Output layout under ``cfg.out``::
+
+    checkpoints/step-00000400/   DCP shards + manifest.json (config, model, feature map, tables, metrics)
+    checkpoints/LATEST
+    config.yaml                  the resolved config
+    feature_map.json             the feature map the tables are indexed by
+    result.json                  final metrics, most-popular baseline, checkpoint path
+
+Example:
+    >>> cfg = load_config(PretrainConfig, "configs/pretrain_ml1m_last_item_llama.yaml")
+    >>> result = run_pretrain(cfg)
+    >>> result["metrics"]["eval/hr_at_10"], result["checkpoint"]
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from hybrid.config import to_dict, to_yaml
+from hybrid.data.batching import SEQUENCE_FEATURES, SequenceBatchConverter, make_loader
+from hybrid.data.feature_map import FeatureMap
+from hybrid.data.protocols import PreparedData
+from hybrid.data.store import data_hash, load_prepared
+from hybrid.errors import HybridInputError
+from hybrid.prepare import TrackingConfig, make_tracker
+from hybrid_base.backbones import BackboneConfig
+from hybrid_base.backbones.config import BackboneKind
+from hybrid_base.checkpoint import CheckpointError, latest_checkpoint, read_manifest
+from hybrid_base.training import init_distributed
+from pretrain.model import GenerativeModelConfig
+from pretrain.objectives import ObjectiveConfig
+from pretrain.trainer import PretrainTrainConfig, build_model, popularity_metrics, train, unwrap
+
+CHECKPOINTS = "checkpoints"
+
+
+@dataclass
+class PretrainModelSpec:
+    """The model section of a pretraining config (what :meth:`build` turns into a GenerativeModelConfig).
+
+    Args:
+        size: GPSD size name ``L{layers}H{dim}A{heads}``, e.g. ``L4H64A4``.
+        kind: backbone: ``llama`` (GPSD's decoder) or ``hstu``.
+        embedding_dim: table width; ``null`` follows the backbone width.
+        features: sequence features embedded into each token; ``null``: every one the data has
+            (of ``item_id``, ``category``, ``action``).
+        dropout: backbone dropout.
+        init_std: std of the table initialisation.
+        objective: losses (negatives, temperature, category loss weight...).
+        backbone: any other :class:`~hybrid_base.backbones.BackboneConfig` field, e.g.
+            ``{hstu_num_time_buckets: 64}``; ``max_len`` follows ``train.max_len``.
+
+    Example:
+        >>> PretrainModelSpec(size="L4H64A4", kind="hstu").build(max_len=200, available=["item_id"]).backbone.dim
+        64
+    """
+
+    size: str = "L4H64A4"
+    kind: BackboneKind = "llama"
+    embedding_dim: int | None = None
+    features: list[str] | None = None
+    dropout: float = 0.0
+    init_std: float = 0.02
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    backbone: dict[str, Any] = field(default_factory=dict)
+
+    def build(self, max_len: int, available: list[str]) -> GenerativeModelConfig:
+        """The model config for sequences of at most ``max_len`` events with features ``available``."""
+        known = {f.name for f in fields(BackboneConfig)} - {"kind", "num_layers", "dim", "num_heads", "dropout"}
+        unknown = sorted(set(self.backbone) - known)
+        if unknown:
+            raise HybridInputError(f"model.backbone: unknown key(s) {', '.join(unknown)} (known: {', '.join(sorted(known))})")
+        features = tuple(self.features) if self.features is not None else tuple(available)
+        missing = [f for f in features if f not in available]
+        if missing:
+            raise HybridInputError(f"model.features: the prepared data has no sequence feature(s) {missing} "
+                                   f"(it has: {', '.join(available)})")
+        # the category loss needs a category feature: without one in the data, default it off
+        objective = self.objective
+        if self.features is None and objective.category_feature not in features:
+            objective = ObjectiveConfig(**{**objective.to_dict(), "category_loss_weight": 0.0})
+        try:
+            backbone = BackboneConfig.from_size(self.size, kind=self.kind,
+                                                **{"max_len": max_len, "dropout": self.dropout, **self.backbone})
+            return GenerativeModelConfig(backbone=backbone, embedding_dim=self.embedding_dim, features=features,
+                                         objective=objective, init_std=self.init_std)
+        except (ValueError, TypeError) as err:
+            raise HybridInputError(f"model: {err}") from None
+
+
+@dataclass
+class PretrainConfig:
+    """``hybrid pretrain``: prepared data → generative model → ``out``.
+
+    Args:
+        data: a prepared data directory (``hybrid data prepare --out ...``).
+        model: the model (:class:`PretrainModelSpec`).
+        train: the loop (:class:`~pretrain.trainer.PretrainTrainConfig`).
+        out: output directory (checkpoints, resolved config, feature map, default MLflow store).
+        tracking: MLflow settings.
+    """
+
+    data: str = ""
+    model: PretrainModelSpec = field(default_factory=PretrainModelSpec)
+    train: PretrainTrainConfig = field(default_factory=PretrainTrainConfig)
+    out: str = "runs/pretrain"
+    tracking: TrackingConfig = field(default_factory=lambda: TrackingConfig(experiment="pretrain"))
+
+
+def training_item_counts(prepared: PreparedData) -> np.ndarray:
+    """How often each item id occurs in the pretraining windows (the most-popular baseline's scores)."""
+    windows = prepared.pretrain_train
+    coverage = np.zeros(len(prepared.events) + 1, dtype=np.int64)
+    np.add.at(coverage, windows["start"].to_numpy(), 1)
+    np.add.at(coverage, windows["end"].to_numpy(), -1)
+    weight = np.cumsum(coverage)[:-1]  # how many windows cover each event
+    items = prepared.events["item_id"].to_numpy(np.int64)
+    size = prepared.feature_map.vocab_sizes()["item_id"]
+    return np.bincount(items, weights=weight, minlength=size).astype(np.int64)
+
+
+def check_feature_map(path: Path, manifest: dict, fm: FeatureMap, features: tuple[str, ...], data_dir: str) -> None:
+    """Refuse a checkpoint whose feature map differs from the prepared data's; name features and sizes."""
+    saved = manifest.get("feature_map")
+    if saved is None:
+        raise CheckpointError(f"{path}: the manifest has no feature map; cannot tell which ids its tables use")
+    saved_fm = FeatureMap.from_dict(saved, source=f"{path}/manifest.json")
+    if saved_fm.fingerprint() == fm.fingerprint():
+        return
+    saved_sizes, sizes = saved_fm.vocab_sizes(), fm.vocab_sizes()
+    parts = []
+    for f in features:
+        a, b = saved_sizes.get(f), sizes.get(f)
+        same = a == b and f in saved_fm and f in fm and saved_fm[f].tokens == fm[f].tokens
+        if not same:
+            parts.append(f"{f} (table t_{f}): {a} rows in the checkpoint vs {b} in the data"
+                         + (" — same size, different ids" if a == b else ""))
+    detail = "; ".join(parts) if parts else "vocabularies of features the model does not embed differ"
+    raise CheckpointError(f"{path}: trained on a different feature map than {data_dir} "
+                          f"(fingerprint {saved_fm.fingerprint()} vs {fm.fingerprint()}): {detail}")
+
+
+def run_pretrain(cfg: PretrainConfig, resume: bool = False, parent_run: str | None = None) -> dict[str, Any]:
+    """Train the generative model of ``cfg`` (sharded under ``torchrun``); log to MLflow on rank 0.
+
+    Args:
+        cfg: the job config.
+        resume: continue from ``<out>/checkpoints``' newest complete checkpoint (a fresh start if there is
+            none). Without it, an ``out`` that already holds checkpoints is refused.
+        parent_run: MLflow run id to nest this stage under.
+
+    Returns:
+        ``{"metrics": {...}, "baseline": {...}, "checkpoint": str, "step": int, "epoch": float,
+        "seconds": float}``.
+
+    Raises:
+        HybridInputError: bad config or data, a checkpoint that does not match (one line, names what differs).
+    """
+    started = time.perf_counter()
+    if not cfg.data:
+        raise HybridInputError("data: set the prepared data directory (data: runs/ml1m/last-item)")
+    prepared = load_prepared(cfg.data)
+    fm = prepared.feature_map
+    available = [f for f in SEQUENCE_FEATURES if f in prepared.events and f in fm]
+    model_cfg = cfg.model.build(cfg.train.max_len, available)
+    out = Path(cfg.out)
+    root = out / CHECKPOINTS
+    last = latest_checkpoint(root)
+    if last is not None and not resume:
+        raise HybridInputError(f"{root}: already holds a checkpoint ({last.name}); pass --resume to continue it "
+                               "or choose another out")
+
+    import torch.distributed as dist
+
+    had_group = dist.is_initialized()
+    ctx = init_distributed()
+    own_group = ctx.is_distributed and not had_group  # a group we started is ours to end
+    try:
+        if ctx.rank == 0:
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "config.yaml").write_text(to_yaml(cfg))
+            fm.save(out / "feature_map.json")
+        if last is not None:
+            check_feature_map(last, read_manifest(last), fm, model_cfg.features, cfg.data)
+        if cfg.train.batch_size % ctx.world_size:
+            raise HybridInputError(f"train.batch_size ({cfg.train.batch_size}) must be divisible by the "
+                                   f"{ctx.world_size} processes")
+
+        features = list(model_cfg.features)
+        train_loader = make_loader(
+            SequenceBatchConverter(prepared, "pretrain_train", max_len=cfg.train.max_len, features=features),
+            batch_size=cfg.train.batch_size // ctx.world_size, shuffle=True, seed=cfg.train.seed,
+            num_replicas=ctx.world_size, rank=ctx.rank)
+        eval_loader = make_loader(
+            SequenceBatchConverter(prepared, "pretrain_eval", max_len=cfg.train.max_len, features=features),
+            batch_size=cfg.train.eval_batch_size, shuffle=False)  # whole split on every rank (see evaluate)
+        counts = torch.from_numpy(training_item_counts(prepared))
+        baseline = popularity_metrics(eval_loader, counts, k=cfg.train.k)
+
+        model = build_model(model_cfg, fm.vocab_sizes(), cfg.train.optim, seed=cfg.train.seed, ctx=ctx)
+        core = unwrap(model)
+        dhash = prepared.stats.get("data_hash") or data_hash(cfg.data)
+        tags = {"stage": "pretrain", "strategy": "none", "model_size": model_cfg.backbone.size_name,
+                "backbone_kind": model_cfg.backbone.kind, "dense_params": core.dense_parameter_count(),
+                "sparse_params": core.sparse_parameter_count(), "data_hash": dhash,
+                "world_size": ctx.world_size}
+        if last is not None:
+            tags["resumed_from"] = str(last)
+
+        tracker = make_tracker(cfg.tracking, out)
+        run_name = f"pretrain-{model_cfg.backbone.size_name}-{model_cfg.backbone.kind}"
+        with tracker.run(run_name, parent=parent_run, tags=tags) as run:
+            tracker.log_params(run, {**to_dict(cfg), "resolved_model": model_cfg.to_dict()})
+            tracker.log_metrics(run, {f"baseline/popularity_{k}": v for k, v in baseline.items()}, step=0)
+
+            def log_metrics(metrics: dict[str, float], step: int, epoch: float) -> None:
+                tracker.log_metrics(run, metrics, step=step, epoch=epoch)
+
+            manifest = {"config": to_dict(cfg), "feature_map": fm.to_dict(), "data_hash": dhash,
+                        "mlflow_run_id": run}
+            result = train(model, train_loader, eval_loader, cfg.train, ctx=ctx, checkpoint_dir=root,
+                           manifest=manifest, resume=resume, log_metrics=log_metrics, item_counts=counts)
+            summary = {"metrics": result.metrics, "baseline": baseline,
+                       "checkpoint": str(result.checkpoint) if result.checkpoint else None,
+                       "step": result.step, "epoch": result.epoch,
+                       "seconds": round(time.perf_counter() - started, 2)}
+            if ctx.rank == 0:
+                (out / "result.json").write_text(json.dumps(summary, indent=2))
+            tracker.log_json(run, summary, "pretrain_result.json")
+        return summary
+    except CheckpointError as err:  # a mismatched or unreadable checkpoint is bad input: one line, exit 2
+        raise HybridInputError(str(err)) from None
+    finally:
+        if own_group and dist.is_initialized():
+            dist.destroy_process_group()

@@ -1,0 +1,47 @@
+"""Generative pretraining (GPSD-style): the model, its objectives and its training loop.
+
+Imports ``hybrid_base`` and torch only (never ``hybrid``). The job glue that reads prepared data and logs
+to MLflow is ``hybrid.pretrain_job``; the command is ``hybrid pretrain``.
+
+Example:
+    >>> from pretrain import GenerativeModelConfig, PretrainTrainConfig, build_model, train
+    >>> model = build_model(GenerativeModelConfig.tiny(), vocab_sizes, PretrainTrainConfig().optim)
+"""
+from pretrain.model import GenerativeModel, GenerativeModelConfig, table_name
+from pretrain.objectives import ObjectiveConfig, hr_ndcg_at_k
+from pretrain.trainer import (
+    DEFAULT_SHARDING,
+    PretrainResult,
+    PretrainTrainConfig,
+    build_model,
+    check_resumable,
+    evaluate,
+    init_optimizer_state,
+    load_sparse_optimizer_state,
+    popularity_metrics,
+    sparse_optimizer_state,
+    train,
+    training_state,
+    unwrap,
+)
+
+__all__ = [
+    "DEFAULT_SHARDING",
+    "GenerativeModel",
+    "GenerativeModelConfig",
+    "ObjectiveConfig",
+    "PretrainResult",
+    "PretrainTrainConfig",
+    "build_model",
+    "check_resumable",
+    "evaluate",
+    "hr_ndcg_at_k",
+    "init_optimizer_state",
+    "load_sparse_optimizer_state",
+    "popularity_metrics",
+    "sparse_optimizer_state",
+    "table_name",
+    "train",
+    "training_state",
+    "unwrap",
+]

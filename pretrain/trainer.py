@@ -1,0 +1,657 @@
+"""The pretraining loop: one readable function, the same code unsharded and under TorchRec sharding.
+
+:func:`train` reads top to bottom::
+
+    seed → steps and schedule → (resume) → for each epoch, for each batch:
+        losses = model.loss(batch)            # one embedding lookup: sequences + negatives + categories
+        losses["loss"].backward()             # the tables update *here*, inside backward (fused optimizer)
+        average dense grads across ranks      # sharded only (see below)
+        clip dense grads → AdamW step → schedule step
+        every log_every: train metrics · every eval_every: HR@10/NDCG@10 · every checkpoint_every: save
+
+Sharded runs wrap the model in ``DistributedModelParallel`` (:func:`build_model`). The trainer calls
+``dmp.module.loss(...)`` because DMP's forward only runs ``forward``; that bypasses the DDP wrapper DMP
+puts around the dense modules, whose gradient hooks only fire after a DDP forward. So the dense
+gradients are averaged across ranks explicitly (:func:`_average_dense_gradients`) — one all-reduce of
+one flat buffer per step — and the ranks keep identical dense weights (the distributed test checks it).
+
+Batch sizes: ``batch_size`` is the *global* batch per step; each of ``W`` ranks gets ``batch_size / W``
+sequences, so one config gives the same number of steps and the same schedule on 1 or ``W`` processes.
+
+Checkpoints (``hybrid_base.checkpoint``) hold the model (``ShardedTensor`` tables when sharded), the
+dense AdamW and schedule state, the tables' optimizer state (DMP's fused optimizer, or the in-backward
+``torch.optim`` instances of an unsharded model), and each rank's RNG states (negative sampling, torch's
+global RNG). The data order is a function of ``seed`` and the epoch, so a resumed run skips the batches
+of the current epoch it already consumed and ends with the same weights as an uninterrupted one.
+
+This module imports ``hybrid_base`` and torch only — never ``hybrid``: metrics leave through a plain
+callback ``log_metrics(metrics, step, epoch)`` and loaders come in as arguments.
+
+Example:
+    >>> cfg = PretrainTrainConfig(epochs=2, batch_size=64, eval_every=50)
+    >>> model = build_model(GenerativeModelConfig.tiny(), vocab_sizes, cfg.optim, seed=cfg.seed)
+    >>> result = train(model, train_loader, eval_loader, cfg, checkpoint_dir="runs/x/checkpoints",
+    ...                log_metrics=lambda m, step, epoch: print(step, m))
+    >>> result.metrics["eval/hr_at_10"]
+    0.0893
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import itertools
+import json
+import math
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from hybrid_base.batch import SequenceBatch
+from hybrid_base.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, read_manifest, save_checkpoint
+from hybrid_base.ids import NUM_RESERVED_IDS
+from hybrid_base.training import (
+    DistributedContext,
+    OptimConfig,
+    apply_sparse_optimizer,
+    dense_parameters,
+    make_dense_optimizer,
+    seed_everything,
+    shard_model,
+)
+from pretrain.model import ITEM_FEATURE, GenerativeModel, GenerativeModelConfig
+from pretrain.objectives import hr_ndcg_at_k
+
+MetricsCallback = Callable[[dict[str, float], int, float], None]
+
+#: TorchRec sharding constraints of a sharded run: the item table is the large one, split by rows.
+DEFAULT_SHARDING = {"t_item_id": "row_wise"}
+# Seeds of the per-rank negative-sampling generators are spread apart so ranks draw different negatives.
+_RANK_SEED_STRIDE = 1_000_003
+# The evaluation loss draws its negatives from its own generator, so evaluating never shifts training RNG.
+_EVAL_SEED_OFFSET = 7_777
+
+
+@dataclass
+class PretrainTrainConfig:
+    """How to train the generative model.
+
+    Args:
+        epochs: passes over the pretraining sequences.
+        batch_size: sequences per optimizer step, *across all ranks* (each of ``W`` ranks takes
+            ``batch_size / W``; must divide evenly).
+        eval_batch_size: sequences per evaluation batch (per rank).
+        eval_every: evaluate every this many steps (``0``: only at the end; the end is always evaluated).
+        max_len: most recent events kept per sequence (held-out eval targets included).
+        seed: seeds model init, data order (with the epoch), negatives and dropout.
+        optim: dense AdamW + schedule + clipping and the tables' in-backward optimizer.
+        checkpoint_every: save every this many steps (``0``: only at the end; the end is always saved
+            when a checkpoint directory is given).
+        keep_last: complete checkpoints kept (older ones are pruned).
+        log_every: push train metrics every this many steps.
+        max_steps: stop after this many steps; the schedule then spans ``min(max_steps, epochs x steps
+            per epoch)`` steps. ``None``: train all ``epochs``.
+        k: cut-off of the retrieval metrics, logged as ``eval/hr_at_{k}`` and ``eval/ndcg_at_{k}`` (MLflow
+            rejects ``@`` in metric names).
+        progress: show a tqdm progress bar (rank 0 only).
+
+    Example:
+        >>> PretrainTrainConfig(epochs=1, batch_size=128, optim=OptimConfig(lr=5e-3, warmup_steps=20))
+    """
+
+    epochs: int = 10
+    batch_size: int = 128
+    eval_batch_size: int = 256
+    eval_every: int = 200
+    max_len: int = 200
+    seed: int = 0
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    checkpoint_every: int = 500
+    keep_last: int = 2
+    log_every: int = 10
+    max_steps: int | None = None
+    k: int = 10
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size", "eval_batch_size", "max_len", "keep_last", "log_every", "k"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"train.{name} must be a positive integer, got {value!r}")
+        for name in ("eval_every", "checkpoint_every"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"train.{name} must be >= 0 (0: only at the end), got {getattr(self, name)}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError(f"train.max_steps must be a positive integer or null, got {self.max_steps}")
+
+
+@dataclass
+class PretrainResult:
+    """What :func:`train` returns.
+
+    Args:
+        metrics: the last evaluation (``eval/...``) and the last train window (``train/...``, ``perf/...``).
+        step: optimizer steps done (in total, across resumes).
+        epoch: fractional epoch reached.
+        checkpoint: the final checkpoint directory (``None`` without a checkpoint directory).
+        evaluations: every evaluation of this process's run, as ``(step, metrics)``.
+    """
+
+    metrics: dict[str, float]
+    step: int
+    epoch: float
+    checkpoint: Path | None
+    evaluations: list[tuple[int, dict[str, float]]] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------------------------------------- the model
+
+def build_model(config: GenerativeModelConfig, vocab_sizes: Mapping[str, int], optim: OptimConfig, *,
+                seed: int = 0, ctx: DistributedContext | None = None,
+                sharding_types: Mapping[str, str] | None = None) -> nn.Module:
+    """The model ready for :func:`train`: tables with their in-backward optimizer, sharded when distributed.
+
+    One process (``ctx.world_size == 1``): a plain :class:`GenerativeModel` on ``ctx.device``.
+    Several: tables built on the ``meta`` device and materialised on their shards by
+    ``DistributedModelParallel`` (row-wise item table by default); dense modules built on the device from
+    the same seed on every rank.
+
+    Args:
+        config: the model.
+        vocab_sizes: rows per feature table (``FeatureMap.vocab_sizes()``).
+        optim: its ``sparse_optimizer`` / ``sparse_lr`` are attached to the tables here.
+        seed: seeds the initialisation.
+        ctx: from ``hybrid_base.training.init_distributed`` (default: one CPU process).
+        sharding_types: table → sharding type (default :data:`DEFAULT_SHARDING`).
+
+    Returns:
+        the :class:`GenerativeModel`, or the ``DistributedModelParallel`` wrapping it.
+    """
+    ctx = ctx or DistributedContext()
+    seed_everything(seed)
+    if not ctx.is_distributed:
+        model = GenerativeModel(config, vocab_sizes, device=ctx.device)
+        apply_sparse_optimizer([model.embeddings], optim)
+        return model
+    model = GenerativeModel(config, vocab_sizes, device=ctx.device, embedding_device="meta")
+    apply_sparse_optimizer([model.embeddings], optim)  # DMP reads these settings and fuses the update
+    return shard_model(model, ctx, sharding_types if sharding_types is not None else DEFAULT_SHARDING)
+
+
+def unwrap(model: nn.Module) -> GenerativeModel:
+    """The :class:`GenerativeModel` inside a ``DistributedModelParallel`` (or the model itself)."""
+    inner = model.module if _is_dmp(model) else model
+    if not isinstance(inner, GenerativeModel):
+        raise TypeError(f"expected a GenerativeModel (or DMP wrapping one), got {type(inner).__name__}")
+    return inner
+
+
+def _is_dmp(model: nn.Module) -> bool:
+    from torchrec.distributed.model_parallel import DistributedModelParallel
+
+    return isinstance(model, DistributedModelParallel)
+
+
+# ---------------------------------------------------------------------------------------------- the loop
+
+def train(
+    model: nn.Module,
+    train_loader: DataLoader,
+    eval_loader: Iterable[SequenceBatch] | None,
+    cfg: PretrainTrainConfig,
+    *,
+    ctx: DistributedContext | None = None,
+    checkpoint_dir: str | Path | None = None,
+    manifest: Mapping[str, Any] | None = None,
+    resume: bool = False,
+    log_metrics: MetricsCallback | None = None,
+    item_counts: torch.Tensor | None = None,
+) -> PretrainResult:
+    """Train ``model`` on ``train_loader``, evaluate on ``eval_loader``, checkpoint into ``checkpoint_dir``.
+
+    Args:
+        model: from :func:`build_model` (plain or ``DistributedModelParallel``).
+        train_loader: a ``DataLoader`` of :class:`SequenceBatch` whose ``batch_sampler`` has
+            ``set_epoch(epoch)`` and a deterministic order per (seed, epoch) — e.g.
+            ``hybrid.data.batching.make_loader(..., shuffle=True, seed=cfg.seed, num_replicas=W, rank=r)``.
+            All ranks must yield the same number of batches.
+        eval_loader: evaluation batches (``num_eval_targets > 0``), the *whole* split on every rank (ranks
+            take turns over its batches; results are summed across ranks). ``None``: no evaluation.
+        cfg: the training settings.
+        ctx: rank / world size / device (default: one CPU process).
+        checkpoint_dir: where checkpoints go (``None``: none are written).
+        manifest: extra JSON-able facts stored in every checkpoint's manifest (config, feature map...).
+        resume: continue from the newest complete checkpoint in ``checkpoint_dir`` (if there is one).
+        log_metrics: called on rank 0 as ``log_metrics(metrics, step, epoch)`` with names like
+            ``train/loss``, ``eval/hr_at_10``, ``perf/events_per_s``; ``epoch`` is fractional.
+        item_counts: ``[V_item]`` training frequencies, needed by in-batch negatives with logQ correction.
+
+    Returns:
+        :class:`PretrainResult`.
+    """
+    ctx = ctx or DistributedContext()
+    core = unwrap(model)
+    rank0 = ctx.rank == 0
+    log = log_metrics if (log_metrics is not None and rank0) else (lambda metrics, step, epoch: None)
+
+    # 1. Seeds: torch's global RNG (dropout) and the generator of this rank's negative samples.
+    seed_everything(cfg.seed)
+    negatives = torch.Generator(device=ctx.device).manual_seed(cfg.seed + _RANK_SEED_STRIDE * ctx.rank)
+    if item_counts is not None:
+        item_counts = item_counts.to(ctx.device)
+
+    # 2. How long: the schedule spans the whole run, so a resumed run sees the same learning rates.
+    steps_per_epoch = len(train_loader)
+    if steps_per_epoch == 0:
+        raise ValueError("the training loader yields no batches (too few sequences for one batch per rank?)")
+    total_steps = cfg.epochs * steps_per_epoch
+    if cfg.max_steps is not None:
+        total_steps = min(total_steps, cfg.max_steps)
+
+    # 3. Optimizers: the tables already carry their in-backward optimizer; AdamW + schedule for the rest.
+    dense = dense_parameters(model)
+    optimizer, schedule = make_dense_optimizer(model, cfg.optim, total_steps)
+
+    # 4. Resume: weights, optimizer states, RNG states and the step (hence epoch and batch position).
+    step, metrics = 0, {}
+    checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
+    manifest = dict(manifest or {})
+    manifest.update(model=core.config.to_dict(), tables=_table_shapes(core), world_size=ctx.world_size,
+                    steps_per_epoch=steps_per_epoch, train_config=dataclasses.asdict(cfg))
+    last = latest_checkpoint(checkpoint_dir) if (resume and checkpoint_dir is not None) else None
+    if last is not None:
+        step, metrics = _restore(last, model, optimizer, schedule, negatives, ctx, manifest)
+
+    evaluations: list[tuple[int, dict[str, float]]] = []
+    saved: Path | None = last
+    window = _Window()
+    bar = tqdm(total=total_steps, initial=step, disable=not (rank0 and cfg.progress), desc="pretrain",
+               unit="step", dynamic_ncols=True)
+    core.train()
+    while step < total_steps:
+        epoch, position = divmod(step, steps_per_epoch)
+        for batch in _rng_neutral_iter(_epoch_batches(train_loader, epoch, skip=position)):
+            batch = batch.to(ctx.device)
+
+            # 5. One step. backward() also applies the tables' optimizer (TorchRec's fused in-backward
+            #    update), so only the dense parameters are left for AdamW.
+            losses = core.loss(batch, item_counts=item_counts, generator=negatives)
+            losses["loss"].backward()
+            if ctx.is_distributed:
+                _average_dense_gradients(dense, ctx.world_size)
+            if cfg.optim.grad_clip is not None:
+                torch.nn.utils.clip_grad_norm_(dense, cfg.optim.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            schedule.step()
+            step += 1
+            window.add(losses, int(batch.lengths.sum()))
+            bar.update(1)
+
+            # 6. Logging, evaluation, checkpoints — at step boundaries, identically on every rank.
+            done = step >= total_steps
+            frac_epoch = step / steps_per_epoch
+            if step % cfg.log_every == 0 or done:
+                train_metrics = window.flush(ctx)
+                train_metrics["train/lr"] = optimizer.param_groups[0]["lr"]
+                metrics.update(train_metrics)
+                bar.set_postfix(loss=f"{train_metrics['train/loss']:.3f}",
+                                ev_s=f"{train_metrics['perf/events_per_s']:,.0f}")
+                log(train_metrics, step, frac_epoch)
+            if eval_loader is not None and ((cfg.eval_every and step % cfg.eval_every == 0) or done):
+                with window.paused():
+                    eval_metrics = evaluate(model, eval_loader, ctx=ctx, k=cfg.k, seed=cfg.seed,
+                                            item_counts=item_counts)
+                core.train()
+                metrics.update(eval_metrics)
+                evaluations.append((step, eval_metrics))
+                log(eval_metrics, step, frac_epoch)
+            if checkpoint_dir is not None and ((cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or done):
+                with window.paused():
+                    saved = _save(checkpoint_dir, step, model, optimizer, schedule, negatives, ctx, cfg,
+                                  manifest, metrics)
+            if done:
+                break
+    bar.close()
+    return PretrainResult(metrics=metrics, step=step, epoch=step / steps_per_epoch, checkpoint=saved,
+                          evaluations=evaluations)
+
+
+def _epoch_batches(loader: DataLoader, epoch: int, skip: int) -> Iterable[SequenceBatch]:
+    """The batches of ``epoch`` (order fixed by seed and epoch), without the first ``skip``.
+
+    Skipping happens on the sampler's index lists, so skipped batches are never gathered.
+    """
+    sampler = loader.batch_sampler
+    if not hasattr(sampler, "set_epoch"):
+        raise TypeError("train_loader.batch_sampler needs set_epoch(epoch) (use hybrid.data.batching.make_loader)")
+    sampler.set_epoch(epoch)
+    if skip == 0:
+        return loader
+    return DataLoader(loader.dataset, batch_sampler=_SkipFirst(sampler, skip), collate_fn=loader.collate_fn,
+                      num_workers=loader.num_workers, pin_memory=loader.pin_memory)
+
+
+def _rng_neutral_iter(batches: Iterable[SequenceBatch]):
+    """``iter(batches)`` that leaves torch's global RNG as it was.
+
+    Creating a DataLoader iterator draws a base seed from the global RNG. A resumed run creates one
+    iterator more than an uninterrupted one (mid-epoch), which would shift every later dropout mask.
+    """
+    state = torch.get_rng_state()
+    iterator = iter(batches)
+    torch.set_rng_state(state)
+    return iterator
+
+
+class _SkipFirst:
+    """A batch sampler without its first ``skip`` batches."""
+
+    def __init__(self, batch_sampler: Iterable[list[int]], skip: int) -> None:
+        self.batch_sampler, self.skip = batch_sampler, skip
+
+    def __iter__(self):
+        return itertools.islice(iter(self.batch_sampler), self.skip, None)
+
+    def __len__(self) -> int:
+        return max(0, len(self.batch_sampler) - self.skip)  # type: ignore[arg-type]
+
+
+def _average_dense_gradients(params: list[nn.Parameter], world_size: int) -> None:
+    """Average dense gradients across ranks with one all-reduce of a flat buffer (see the module doc)."""
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= world_size
+    offset = 0
+    for p, g in zip(params, grads):
+        p.grad = flat[offset:offset + g.numel()].view_as(g)
+        offset += g.numel()
+
+
+class _Window:
+    """Train losses and non-padding events since the last flush (events/s = throughput of real tokens)."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, float] = {}
+        self.steps = 0
+        self.events = 0
+        self.seconds = 0.0
+        self.started = time.perf_counter()
+
+    def add(self, losses: Mapping[str, torch.Tensor], events: int) -> None:
+        for name, value in losses.items():
+            self.sums[name] = self.sums.get(name, 0.0) + float(value.detach())
+        self.steps += 1
+        self.events += events
+
+    def restart_clock(self) -> None:
+        self.started = time.perf_counter()
+
+    @contextlib.contextmanager
+    def paused(self):
+        """Time spent inside (evaluation, checkpoints) is not training time."""
+        self.seconds += time.perf_counter() - self.started
+        try:
+            yield
+        finally:
+            self.restart_clock()
+
+    def flush(self, ctx: DistributedContext) -> dict[str, float]:
+        """Mean losses over the window's steps and the events/s of all ranks together."""
+        self.seconds += time.perf_counter() - self.started
+        names = sorted(self.sums)
+        totals = torch.tensor([self.sums[n] for n in names] + [float(self.events)], dtype=torch.float64)
+        if ctx.is_distributed:
+            dist.all_reduce(totals)  # losses summed over ranks, events of all ranks
+            totals[:-1] /= ctx.world_size
+        out = {f"train/{n}": float(totals[i]) / max(1, self.steps) for i, n in enumerate(names)}
+        out["perf/events_per_s"] = float(totals[-1]) / max(self.seconds, 1e-9)
+        self.sums, self.steps, self.events, self.seconds = {}, 0, 0, 0.0
+        self.restart_clock()
+        return out
+
+
+# ---------------------------------------------------------------------------------------------- evaluation
+
+@torch.no_grad()
+def evaluate(model: nn.Module, eval_loader: Iterable[SequenceBatch], *, ctx: DistributedContext | None = None,
+             k: int = 10, seed: int = 0, item_counts: torch.Tensor | None = None) -> dict[str, float]:
+    """HR@k / NDCG@k over the full item set on held-out next items, and the evaluation losses.
+
+    Every rank iterates the whole ``eval_loader``; rank ``r`` scores batches ``r, r + W, ...`` and the
+    sums are all-reduced. Sharded lookups are collective, so a rank with fewer batches repeats one and
+    discards the result (every rank issues the same number of lookups). The loss uses its own seeded
+    generator, so evaluating never changes the training RNG.
+
+    Returns:
+        ``{"eval/hr_at_k", "eval/ndcg_at_k", "eval/loss", "eval/item_loss", ["eval/category_loss"],
+        "eval/targets"}`` — losses are means over targets (each batch weighted by its targets).
+    """
+    ctx = ctx or DistributedContext()
+    core = unwrap(model)
+    core.eval()
+    generator = torch.Generator(device=ctx.device).manual_seed(seed + _EVAL_SEED_OFFSET)
+    table = core.item_table()  # once per pass: every batch ranks against the same [V, E] rows
+    sums: dict[str, float] = {}
+
+    def score(batch: SequenceBatch, keep: bool) -> None:
+        batch = batch.to(ctx.device)
+        scores = core.retrieval_metrics(batch, k, item_table=table)
+        losses = core.loss(batch, item_counts=item_counts, generator=generator)
+        if not keep:
+            return  # a filler round: only here to keep the collective lookups in step
+        n = scores[f"hr@{k}"].numel()
+        sums["targets"] = sums.get("targets", 0.0) + n
+        for name in ("hr", "ndcg"):
+            sums[f"{name}_at_{k}"] = sums.get(f"{name}_at_{k}", 0.0) + float(scores[f"{name}@{k}"].sum())
+        for name, value in losses.items():
+            sums[name] = sums.get(name, 0.0) + float(value) * n
+
+    first, seen, mine = None, 0, 0
+    for i, batch in enumerate(_rng_neutral_iter(eval_loader)):
+        first = batch if first is None else first
+        seen += 1
+        if i % ctx.world_size == ctx.rank:
+            score(batch, keep=True)
+            mine += 1
+    for _ in range(math.ceil(seen / ctx.world_size) - mine):
+        score(first, keep=False)
+    # a fixed list of names: every rank must all-reduce the same tensor, even one that scored nothing
+    names = ["targets", f"hr_at_{k}", f"ndcg_at_{k}", "loss", "item_loss"]
+    if core.config.objective.category_loss_weight > 0:
+        names.append("category_loss")
+    totals = torch.tensor([sums.get(n, 0.0) for n in names], dtype=torch.float64)
+    if ctx.is_distributed:
+        dist.all_reduce(totals)
+    total = dict(zip(names, totals.tolist()))
+    targets = max(total["targets"], 1.0)
+    out = {f"eval/{n}": v / targets for n, v in total.items() if n != "targets"}
+    out["eval/targets"] = total["targets"]
+    return out
+
+
+@torch.no_grad()
+def popularity_metrics(eval_loader: Iterable[SequenceBatch], item_counts: torch.Tensor, k: int = 10) -> dict[str, float]:
+    """The most-popular baseline: every user gets the same ranking, by training frequency.
+
+    Same targets as :func:`evaluate` (the trailing ``num_eval_targets`` events that have a predecessor,
+    reserved ids skipped) and the same ranking rule (:func:`~pretrain.objectives.hr_ndcg_at_k`: ties count
+    against the target, reserved ids never ranked). The history is not excluded, as in the model's metric.
+
+    Args:
+        eval_loader: evaluation batches.
+        item_counts: ``[V_item]`` training frequency per item id.
+        k: cut-off.
+
+    Returns:
+        ``{"hr_at_k": ..., "ndcg_at_k": ..., "targets": ...}``.
+    """
+    scores = item_counts.to(torch.float32).unsqueeze(1)  # [V, 1]: an item's score is its count
+    hits, gains, n = 0.0, 0.0, 0
+    for batch in eval_loader:
+        targets = _eval_targets(batch)
+        if targets.numel() == 0:
+            continue
+        query = torch.ones(targets.numel(), 1)
+        hr, ndcg = hr_ndcg_at_k(query, scores, targets, k, normalize=False)
+        hits, gains, n = hits + float(hr.sum()), gains + float(ndcg.sum()), n + targets.numel()
+    return {f"hr_at_{k}": hits / max(n, 1), f"ndcg_at_{k}": gains / max(n, 1), "targets": float(n)}
+
+
+def _eval_targets(batch: SequenceBatch) -> torch.Tensor:
+    """Item ids of the events the model is scored on (see ``GenerativeModel._target_mask``)."""
+    items = batch.features[ITEM_FEATURE].values()
+    lengths = batch.lengths.to(torch.int64)
+    ends = torch.cumsum(lengths, 0)
+    pos_in_seq = torch.arange(items.numel()) - (ends - lengths).repeat_interleave(lengths)
+    seq_len = lengths.repeat_interleave(lengths)
+    n = batch.num_eval_targets
+    keep = pos_in_seq >= 1  # the first event has nothing before it to predict from
+    if n > 0:
+        keep &= pos_in_seq >= seq_len - n
+    targets = items[keep]
+    return targets[targets >= NUM_RESERVED_IDS]
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+
+def training_state(model: nn.Module, optimizer: torch.optim.Optimizer, schedule: Any,
+                   negatives: torch.Generator, rank: int = 0) -> dict[str, Any]:
+    """What a checkpoint holds (tensors are live views: DCP loads into them in place).
+
+    Keys: ``model`` (state dict; ``ShardedTensor`` tables under DMP), ``dense_optim``, ``schedule``,
+    ``sparse_optim`` (:func:`sparse_optimizer_state`) and ``rng_rank{rank}`` — per-rank RNG states under
+    per-rank keys, since DCP keeps one copy of a replicated key.
+    """
+    return {
+        "model": model.state_dict(),
+        "dense_optim": optimizer.state_dict(),
+        "schedule": schedule.state_dict(),
+        "sparse_optim": sparse_optimizer_state(model),
+        f"rng_rank{rank}": {"negatives": negatives.get_state(), "torch": torch.get_rng_state()},
+    }
+
+
+def sparse_optimizer_state(model: nn.Module) -> dict[str, Any]:
+    """State of the tables' optimizer.
+
+    Sharded: ``dmp.fused_optimizer.state_dict()`` (``ShardedTensor`` per table, e.g. ``t_item_id.momentum1``).
+    Unsharded: torch's ``_apply_optimizer_in_backward`` keeps one ``torch.optim`` instance per parameter
+    in ``param._in_backward_optimizers``; their state dicts, keyed by parameter name.
+    """
+    if _is_dmp(model):
+        return model.fused_optimizer.state_dict()
+    return {name: _single_in_backward_optimizer(name, p).state_dict()
+            for name, p in model.named_parameters() if hasattr(p, "_in_backward_optimizers")}
+
+
+def load_sparse_optimizer_state(model: nn.Module, state: Mapping[str, Any]) -> None:
+    """Inverse of :func:`sparse_optimizer_state`."""
+    if _is_dmp(model):
+        model.fused_optimizer.load_state_dict(state)
+        return
+    for name, p in model.named_parameters():
+        if hasattr(p, "_in_backward_optimizers"):
+            _single_in_backward_optimizer(name, p).load_state_dict(state[name])
+
+
+def _single_in_backward_optimizer(name: str, param: nn.Parameter) -> torch.optim.Optimizer:
+    optimizers = param._in_backward_optimizers  # type: ignore[attr-defined]
+    if len(optimizers) != 1:
+        raise ValueError(f"parameter {name!r} has {len(optimizers)} in-backward optimizers; expected one")
+    return optimizers[0]
+
+
+def init_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
+    """Create the lazily-built state of ``optimizer`` (Adam's moments appear at its first step).
+
+    DCP loads into existing tensors, so a fresh optimizer needs its state before a checkpoint can fill it.
+    As ``torch.distributed.checkpoint.state_dict`` does: one step with zero gradients and ``lr = 0``, which
+    leaves the parameters unchanged (AdamW's decay multiplies by ``1 - 0·wd``); the loaded state then
+    replaces the moments and step counts.
+    """
+    params = [p for group in optimizer.param_groups for p in group["params"] if p not in optimizer.state]
+    if not params:
+        return
+    saved_lr = [group["lr"] for group in optimizer.param_groups]
+    for group in optimizer.param_groups:
+        group["lr"] = 0.0
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    optimizer.step()
+    for p in params:
+        p.grad = None
+    for group, lr in zip(optimizer.param_groups, saved_lr):
+        group["lr"] = lr
+
+
+def _table_shapes(core: GenerativeModel) -> dict[str, list[int]]:
+    return {core.table_names[f]: [rows, core.config.table_dim] for f, rows in core.vocab_sizes.items()}
+
+
+def _save(root: Path, step: int, model: nn.Module, optimizer, schedule, negatives: torch.Generator,
+          ctx: DistributedContext, cfg: PretrainTrainConfig, manifest: Mapping[str, Any],
+          metrics: Mapping[str, float]) -> Path:
+    state = training_state(model, optimizer, schedule, negatives, ctx.rank)
+    epoch, position = divmod(step, manifest["steps_per_epoch"])
+    facts = {**manifest, "epoch": epoch, "batch_in_epoch": position, "metrics": dict(metrics)}
+    return save_checkpoint(root, step, state, facts, keep_last=cfg.keep_last)
+
+
+def check_resumable(path: Path, saved: Mapping[str, Any], current: Mapping[str, Any]) -> None:
+    """Refuse a checkpoint that this run cannot continue exactly; the message names what differs.
+
+    Compares the table shapes, the model config, the world size and the steps per epoch (batch size or
+    data changed) of the checkpoint's manifest (``saved``) with this run's (``current``).
+    """
+    problems = []
+    current = json.loads(json.dumps(current, default=str))  # compare as the manifest stores it (JSON)
+    saved_tables, tables = saved.get("tables", {}), current["tables"]
+    for name in sorted(set(saved_tables) | set(tables)):
+        a, b = saved_tables.get(name), tables.get(name)
+        if a != b:
+            problems.append(f"table {name}: checkpoint {_shape(a)} vs model {_shape(b)}")
+    saved_model, model = saved.get("model", {}), current["model"]
+    differing = sorted(k for k in set(saved_model) | set(model) if saved_model.get(k) != model.get(k))
+    if differing and not problems:
+        problems.append("model config differs in " + ", ".join(
+            f"{k} (checkpoint {saved_model.get(k)!r} vs now {model.get(k)!r})" for k in differing))
+    for key, what in (("world_size", "processes"), ("steps_per_epoch", "steps per epoch (batch size or data changed)")):
+        if saved.get(key) != current[key]:
+            problems.append(f"{what}: checkpoint {saved.get(key)} vs now {current[key]}")
+    if problems:
+        raise CheckpointError(f"{path}: cannot resume this run from it: " + "; ".join(problems))
+
+
+def _shape(shape: list[int] | None) -> str:
+    return "missing" if shape is None else "x".join(map(str, shape))
+
+
+def _restore(path: Path, model: nn.Module, optimizer, schedule, negatives: torch.Generator,
+             ctx: DistributedContext, manifest: Mapping[str, Any]) -> tuple[int, dict[str, float]]:
+    """Load a checkpoint written by :func:`_save` into the live objects; returns (step, metrics)."""
+    saved = read_manifest(path)
+    check_resumable(path, saved, manifest)
+    init_optimizer_state(optimizer)
+    if not _is_dmp(model):
+        for name, p in model.named_parameters():
+            if hasattr(p, "_in_backward_optimizers"):
+                init_optimizer_state(_single_in_backward_optimizer(name, p))
+    state = training_state(model, optimizer, schedule, negatives, ctx.rank)
+    load_checkpoint(path, state)
+    model.load_state_dict(state["model"])  # a no-op copy for plain tensors; re-applies sharded ones
+    optimizer.load_state_dict(state["dense_optim"])
+    schedule.load_state_dict(state["schedule"])
+    load_sparse_optimizer_state(model, state["sparse_optim"])
+    rng = state[f"rng_rank{ctx.rank}"]
+    negatives.set_state(rng["negatives"])
+    torch.set_rng_state(rng["torch"])
+    return int(saved["step"]), dict(saved.get("metrics", {}))
