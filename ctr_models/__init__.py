@@ -1,0 +1,85 @@
+"""Built-in CTR rankers, their layers and metrics.
+
+Rankers (each: a frozen config dataclass with ``tiny()``, and an ``nn.Module`` with
+``forward(batch: CTRBatch) -> logits [B, T]``, ``auxiliary_losses()`` and ``logging_metrics()``):
+
+==========================  =============================  ==============================================
+registry name               config                         module
+==========================  =============================  ==============================================
+``dcn_v2``                  :class:`DCNv2Config`           :class:`ctr_models.dcn_v2.DCNv2`
+``mmoe``                    :class:`MMoEConfig`            :class:`ctr_models.moe.MMoE`
+``multi_embedding_moe``     :class:`MultiEmbeddingMoEConfig`  :class:`ctr_models.moe.MultiEmbeddingMoE`
+``tin``                     :class:`TINConfig`             :class:`ctr_models.tin.TIN`
+``gpsd``                    :class:`GPSDRankerConfig`      :class:`ctr_models.gpsd_ranker.GPSDRanker`
+==========================  =============================  ==============================================
+
+Example:
+    >>> model = build_ranker("dcn_v2", {"cross_type": "mixture"}, vocab_sizes, ("click",))
+"""
+from __future__ import annotations
+
+import importlib
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+from ctr_models._config import config_from_dict
+from ctr_models.base import Ranker
+from ctr_models.dcn_v2 import DCNv2, DCNv2Config
+from ctr_models.features import CTRFeatures, CTRInputs, FeatureConfig, FeatureSpec, jagged_to_padded
+from ctr_models.gpsd_ranker import GPSDRanker, GPSDRankerConfig
+from ctr_models.history import HistoryConfig
+from ctr_models.metrics import auc, ctr_metrics, detect_one_epoch_drop, gauc, logloss, one_epoch_drop
+from ctr_models.moe import MMoE, MMoEConfig, MultiEmbeddingMoE, MultiEmbeddingMoEConfig, cross_expert_correlation
+from ctr_models.tin import TIN, TINConfig
+
+# name -> (module, config class name, model class name). hybrid_base.backbones is imported only when a
+# transformer is actually built, so the other rankers never depend on it.
+_RANKERS: dict[str, tuple[str, str, str]] = {
+    "dcn_v2": ("ctr_models.dcn_v2", "DCNv2Config", "DCNv2"),
+    "mmoe": ("ctr_models.moe", "MMoEConfig", "MMoE"),
+    "multi_embedding_moe": ("ctr_models.moe", "MultiEmbeddingMoEConfig", "MultiEmbeddingMoE"),
+    "tin": ("ctr_models.tin", "TINConfig", "TIN"),
+    "gpsd": ("ctr_models.gpsd_ranker", "GPSDRankerConfig", "GPSDRanker"),
+}
+RANKER_NAMES: tuple[str, ...] = tuple(_RANKERS)
+
+
+def ranker_classes(name: str) -> tuple[type, type]:
+    """``(config class, model class)`` of the registered ranker ``name``."""
+    if name not in _RANKERS:
+        raise ValueError(f"ranker: unknown name {name!r}; expected one of {list(_RANKERS)}")
+    module_name, config_cls, model_cls = _RANKERS[name]
+    module = importlib.import_module(module_name)
+    return getattr(module, config_cls), getattr(module, model_cls)
+
+
+def build_ranker(name: str, config: Any, vocab_sizes: Mapping[str, int], task_names: Sequence[str],
+                 embedding_device: torch.device | str | None = None) -> Ranker:
+    """Build a registered ranker.
+
+    Args:
+        name: one of :data:`RANKER_NAMES`.
+        config: the ranker's config dataclass, a (nested) mapping of its fields (from YAML), or ``None``
+            for the defaults. Unknown keys raise ``ValueError`` naming them.
+        vocab_sizes: feature → vocabulary size (reserved ids included), from the feature map.
+        task_names: label columns; the model returns one logit per task, in this order.
+        embedding_device: where embedding tables are created (``"meta"`` before sharding).
+
+    Example:
+        >>> build_ranker("tin", TINConfig.tiny(), {"item_id": 50, "category": 8}, ("click",))
+        TIN(...)
+    """
+    config_cls, model_cls = ranker_classes(name)
+    cfg = config_cls() if config is None else config_from_dict(config_cls, config)
+    return model_cls(cfg, vocab_sizes, task_names, embedding_device=embedding_device)
+
+
+__all__ = [
+    "RANKER_NAMES", "build_ranker", "ranker_classes", "Ranker", "CTRFeatures", "CTRInputs", "FeatureConfig",
+    "FeatureSpec", "HistoryConfig", "jagged_to_padded", "DCNv2", "DCNv2Config", "MMoE", "MMoEConfig",
+    "MultiEmbeddingMoE", "MultiEmbeddingMoEConfig", "cross_expert_correlation", "TIN", "TINConfig",
+    "GPSDRanker", "GPSDRankerConfig", "auc", "logloss", "gauc", "ctr_metrics", "one_epoch_drop",
+    "detect_one_epoch_drop",
+]

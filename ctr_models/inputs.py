@@ -1,0 +1,47 @@
+"""The flat input vector ``x0 = [e_1; …; e_F; history; dense]`` shared by DCN-v2 and the MoE rankers."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ctr_models.features import CTRFeatures, FeatureSpec
+from ctr_models.history import HistoryConfig, build_history_encoder
+from hybrid_base import CTRBatch
+
+
+class FlatInput(nn.Module):
+    """Embeds a batch and concatenates field embeddings, the encoded history and the dense features.
+
+    Args:
+        spec: feature layout.
+        history: how to encode the history (ignored when the layout has no history).
+        embedding_device: where the embedding tables are created (``"meta"`` for sharded models).
+
+    Shapes:
+        ``CTRBatch → [B, output_dim]`` with ``output_dim = F·D + H + num_dense`` (``H`` = the history
+        encoder's ``output_dim``, 0 without one).
+
+    Example:
+        >>> flat = FlatInput(spec, HistoryConfig(encoder="pooled"))
+        >>> flat(batch).shape == (batch.batch_size, flat.output_dim)
+        True
+    """
+
+    def __init__(self, spec: FeatureSpec, history: HistoryConfig,
+                 embedding_device: torch.device | str | None = None) -> None:
+        super().__init__()
+        self.features = CTRFeatures(spec, device=embedding_device)
+        self.history_encoder = build_history_encoder(history, spec.embedding_dim) if spec.has_history else None
+        if isinstance(self.history_encoder, nn.Module) and history.encoder == "target" and not spec.has_target:
+            raise ValueError("HistoryConfig.encoder: 'target' needs a candidate field that also has a history "
+                             "(e.g. item_id with hist_item_id); FeatureSpec.target_fields is empty")
+        hist_dim = self.history_encoder.output_dim if self.history_encoder is not None else 0
+        self.output_dim = spec.num_fields * spec.embedding_dim + hist_dim + spec.num_dense
+
+    def forward(self, batch: CTRBatch) -> torch.Tensor:
+        inputs = self.features(batch)
+        parts = [inputs.fields.flatten(1)]
+        if self.history_encoder is not None:
+            parts.append(self.history_encoder(inputs.history, inputs.mask, inputs.target, inputs.history_timestamps))
+        parts.append(inputs.dense)
+        return torch.cat(parts, dim=1)

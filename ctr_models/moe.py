@@ -1,0 +1,323 @@
+"""Mixture-of-experts rankers: MMoE and the multi-embedding MoE with cross-expert de-correlation.
+
+* :class:`MMoE` (Ma et al., KDD 2018): shared MLP experts ``f_i``, one softmax gate per task
+  ``g^k(x) = softmax(W_k x)`` and one tower per task: ``y_k = h^k(Σ_i g^k(x)_i f_i(x))``.
+* :class:`MultiEmbeddingMoE` (multi-embedding paradigm, Guo et al., ICML 2024; de-correlation after
+  Wang et al., arXiv 2505.17925): ``K`` experts, each with its **own embedding tables** and its own
+  interaction module (a DCN-v2 cross network followed by an MLP — the non-linearity after the interaction
+  matters, without it the sets collapse back into one big embedding), mixed by per-task gates. An auxiliary
+  *cross-expert de-correlation* loss pushes the experts to carry different information, and the
+  *cross-expert correlation* of the last batch is exposed as a metric.
+
+Cross-expert correlation (our definition; the D-MoE paper's exact formula was not available, see the
+reference notes §2c): for expert outputs ``h_k ∈ R^{B×H}`` standardise every unit over the batch,
+``z_k = (h_k − mean) / std``, and take the cross-correlation matrices ``C_jk = z_j^T z_k / B ∈ R^{H×H}``
+(Pearson correlations between every unit of expert ``j`` and every unit of expert ``k``). Then
+
+* metric ``ρ̄ = mean_{j<k} mean_{a,b} |C_jk[a,b]|`` — with ``H = 1`` this is the mean absolute Pearson
+  correlation between scalar expert outputs;
+* loss ``L_dec = mean_{j<k} mean_{a,b} C_jk[a,b]²`` (smooth), added to the BCE as ``λ · L_dec``.
+
+Pearson on a small batch is noisy: even independent experts show ``ρ̄ ≈ sqrt(2 / (π B))``; keep ``λ`` small
+(de-correlating too hard fights the BCE, which wants every expert to predict the label).
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ctr_models._config import freeze_lists, require, require_choice, require_positive_ints
+from ctr_models.base import Ranker, validate_task_names
+from ctr_models.dcn_v2 import CROSS_TYPES, build_cross_net
+from ctr_models.features import FeatureConfig, FeatureSpec
+from ctr_models.history import HistoryConfig
+from ctr_models.inputs import FlatInput
+from ctr_models.layers import MLP, TaskHeads
+from hybrid_base import CTRBatch
+
+
+def cross_expert_correlation(expert_outputs: torch.Tensor, eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+    """De-correlation loss and correlation metric of ``K`` experts on one batch (module docstring).
+
+    Args:
+        expert_outputs: ``[K, B, H]`` (or ``[K, B]`` for scalar experts).
+        eps: added to the standard deviation; a dead unit (constant over the batch) counts as uncorrelated.
+
+    Returns:
+        ``(loss, metric)`` scalars: mean squared and mean absolute cross-correlation over expert pairs
+        ``j < k``. Both are 0 for ``K < 2`` or ``B < 2``.
+
+    Example:
+        >>> x = torch.randn(1, 256, 1)
+        >>> loss, corr = cross_expert_correlation(torch.cat([x, x]))   # two identical experts
+        >>> round(float(corr), 3)
+        1.0
+    """
+    h = expert_outputs if expert_outputs.dim() == 3 else expert_outputs.unsqueeze(-1)
+    K, B, H = h.shape
+    zero = h.new_zeros(())
+    if K < 2 or B < 2:
+        return zero, zero
+    z = (h - h.mean(1, keepdim=True)) / (h.std(1, unbiased=False, keepdim=True) + eps)
+    corr = torch.einsum("ibh,jbg->ijhg", z, z) / B                   # [K, K, H, H]
+    j, k = torch.triu_indices(K, K, offset=1, device=h.device)
+    pairs = corr[j, k]                                                # [P, H, H]
+    return pairs.pow(2).mean(), pairs.abs().mean()
+
+
+def _gate_entropy(gates: torch.Tensor) -> torch.Tensor:
+    """Mean entropy (nats) of gate distributions ``[..., K]``; near 0 means the gate collapsed to one expert."""
+    return -(gates * gates.clamp(min=1e-12).log()).sum(-1).mean()
+
+
+@dataclass(frozen=True)
+class MMoEConfig:
+    """Configuration of :class:`MMoE`.
+
+    Args:
+        features: embedding/feature settings.
+        history: history encoder.
+        num_experts: shared experts (>= 1; 1 makes every gate trivial).
+        expert_hidden: hidden sizes of each expert MLP (the last one is the expert output width).
+        gate_hidden: hidden sizes of each task's gate before its softmax (``()`` = linear gate, as the paper).
+        tower_hidden: hidden sizes of each task tower.
+        dropout: dropout inside experts and towers.
+        decorrelation_weight: ``λ`` of the optional cross-expert de-correlation loss (0 disables it; the
+            correlation metric is logged either way).
+    """
+
+    features: FeatureConfig = field(default_factory=FeatureConfig)
+    history: HistoryConfig = field(default_factory=HistoryConfig)
+    num_experts: int = 4
+    expert_hidden: tuple[int, ...] = (256, 128)
+    gate_hidden: tuple[int, ...] = ()
+    tower_hidden: tuple[int, ...] = (64,)
+    dropout: float = 0.0
+    decorrelation_weight: float = 0.0
+
+    def __post_init__(self) -> None:
+        freeze_lists(self)
+        name = "MMoEConfig"
+        require(self.num_experts >= 1, name, "num_experts", f"must be >= 1, got {self.num_experts}")
+        require_positive_ints(self.expert_hidden, name, "expert_hidden", allow_empty=False)
+        require_positive_ints(self.gate_hidden, name, "gate_hidden")
+        require_positive_ints(self.tower_hidden, name, "tower_hidden")
+        require(0.0 <= self.dropout < 1.0, name, "dropout", f"must be in [0, 1), got {self.dropout}")
+        require(self.decorrelation_weight >= 0, name, "decorrelation_weight",
+                f"must be >= 0, got {self.decorrelation_weight}")
+
+    @classmethod
+    def tiny(cls) -> "MMoEConfig":
+        return cls(features=FeatureConfig.tiny(), history=HistoryConfig.tiny(), num_experts=3,
+                   expert_hidden=(32, 16), tower_hidden=(8,))
+
+
+class _MoEMixin:
+    """Per-task softmax gating and the shared auxiliary-loss / metric plumbing of the MoE rankers."""
+
+    _last_experts: torch.Tensor | None
+    _last_gates: torch.Tensor | None
+    _decorrelation_weight: float
+
+    def _remember(self, experts: torch.Tensor, gates: torch.Tensor) -> None:
+        # Keep the graph: auxiliary_losses() is called after forward, in the same step.
+        self._last_experts, self._last_gates = experts, gates
+
+    def auxiliary_losses(self) -> dict[str, torch.Tensor]:
+        """``{"decorrelation": λ · L_dec}`` of the last forward, in training mode with ``λ > 0``; else ``{}``."""
+        training = self.training  # type: ignore[attr-defined]
+        if self._decorrelation_weight <= 0 or self._last_experts is None or not training:
+            return {}
+        loss, _ = cross_expert_correlation(self._last_experts)
+        return {"decorrelation": self._decorrelation_weight * loss}
+
+    def logging_metrics(self) -> dict[str, float]:
+        if self._last_experts is None or self._last_gates is None:
+            return {}
+        with torch.no_grad():
+            _, corr = cross_expert_correlation(self._last_experts.detach())
+            out = {"moe/cross_expert_corr": float(corr)}
+            for t, name in enumerate(self.task_names):  # type: ignore[attr-defined]
+                out[f"moe/gate_entropy/{name}"] = float(_gate_entropy(self._last_gates[:, t].detach()))
+        return out
+
+
+class MMoE(_MoEMixin, Ranker):
+    """Multi-gate mixture of experts over ``x0 = [field embeddings; history; dense]``.
+
+    Args:
+        config: :class:`MMoEConfig`.
+        vocab_sizes: feature → vocabulary size (reserved ids included).
+        task_names: one tower and one gate per task, e.g. ``("click", "rating5")``.
+        embedding_device: where the tables are created.
+
+    Shapes:
+        ``forward(batch) → [B, T]``; internally experts ``[K, B, H]``, gates ``[B, T, K]``.
+
+    Example:
+        >>> model = MMoE(MMoEConfig.tiny(), vocab_sizes, ("click", "rating5"))
+        >>> logits = model(batch)                                    # [B, 2]
+        >>> loss = bce(logits, batch.labels) + sum(model.auxiliary_losses().values())
+        >>> model.logging_metrics()["moe/cross_expert_corr"]
+    """
+
+    def __init__(self, config: MMoEConfig, vocab_sizes: Mapping[str, int], task_names: Sequence[str],
+                 embedding_device: torch.device | str | None = None) -> None:
+        super().__init__()
+        self.config = config
+        self.task_names = validate_task_names(task_names, "MMoEConfig")
+        self.spec = FeatureSpec.from_vocab_sizes(vocab_sizes, config.features)
+        self.input = FlatInput(self.spec, config.history, embedding_device)
+        d = self.input.output_dim
+        self.experts = nn.ModuleList(MLP(d, config.expert_hidden, dropout=config.dropout)
+                                     for _ in range(config.num_experts))
+        self.gates = nn.ModuleList()
+        for _ in self.task_names:
+            g = MLP(d, config.gate_hidden)
+            self.gates.append(nn.Sequential(g, nn.Linear(g.out_features, config.num_experts)))
+        self.heads = TaskHeads(config.expert_hidden[-1], len(self.task_names), config.tower_hidden,
+                               config.dropout)
+        self._decorrelation_weight = config.decorrelation_weight
+        self._last_experts = self._last_gates = None
+
+    def forward(self, batch: CTRBatch) -> torch.Tensor:
+        x = self.input(batch)
+        experts = torch.stack([e(x) for e in self.experts], 0)                     # [K, B, H]
+        gates = torch.stack([torch.softmax(g(x), -1) for g in self.gates], 1)      # [B, T, K]
+        mixed = torch.einsum("btk,kbh->bth", gates, experts)                       # [B, T, H]
+        self._remember(experts, gates)
+        return self.heads(mixed, per_task_input=True)
+
+
+@dataclass(frozen=True)
+class MultiEmbeddingMoEConfig:
+    """Configuration of :class:`MultiEmbeddingMoE`.
+
+    Args:
+        features: embedding/feature settings (every expert gets its own tables of this layout).
+        history: history encoder (one per expert, on that expert's embeddings).
+        num_experts: ``K`` embedding sets / interaction experts (>= 2 for de-correlation to mean anything).
+        cross_type: interaction of each expert: DCN-v2 ``"full"``, ``"low_rank"`` or ``"mixture"``.
+        num_cross_layers: cross layers per expert.
+        low_rank: rank for low-rank crosses (``None`` = d // 4).
+        cross_num_experts: low-rank experts inside each cross network when ``cross_type="mixture"``.
+        expert_hidden: MLP after each expert's cross network (the last size is the expert output ``H``).
+        gate_hidden: hidden sizes of each task's gate; the gate reads the mean of the experts' ``x0``.
+        tower_hidden: hidden sizes of each task tower.
+        dropout: dropout in the expert MLPs and towers.
+        decorrelation_weight: ``λ`` of the cross-expert de-correlation loss.
+    """
+
+    features: FeatureConfig = field(default_factory=FeatureConfig)
+    history: HistoryConfig = field(default_factory=HistoryConfig)
+    num_experts: int = 4
+    cross_type: str = "low_rank"
+    num_cross_layers: int = 2
+    low_rank: int | None = None
+    cross_num_experts: int = 4
+    expert_hidden: tuple[int, ...] = (128, 64)
+    gate_hidden: tuple[int, ...] = ()
+    tower_hidden: tuple[int, ...] = (64,)
+    dropout: float = 0.0
+    decorrelation_weight: float = 0.01
+
+    def __post_init__(self) -> None:
+        freeze_lists(self)
+        name = "MultiEmbeddingMoEConfig"
+        require(self.num_experts >= 1, name, "num_experts", f"must be >= 1, got {self.num_experts}")
+        require_choice(self.cross_type, CROSS_TYPES, name, "cross_type")
+        require(self.num_cross_layers >= 1, name, "num_cross_layers", f"must be >= 1, got {self.num_cross_layers}")
+        require(self.low_rank is None or self.low_rank >= 1, name, "low_rank",
+                f"must be >= 1 or None, got {self.low_rank}")
+        require(self.cross_num_experts >= 1, name, "cross_num_experts",
+                f"must be >= 1, got {self.cross_num_experts}")
+        require_positive_ints(self.expert_hidden, name, "expert_hidden", allow_empty=False)
+        require_positive_ints(self.gate_hidden, name, "gate_hidden")
+        require_positive_ints(self.tower_hidden, name, "tower_hidden")
+        require(0.0 <= self.dropout < 1.0, name, "dropout", f"must be in [0, 1), got {self.dropout}")
+        require(self.decorrelation_weight >= 0, name, "decorrelation_weight",
+                f"must be >= 0, got {self.decorrelation_weight}")
+
+    @classmethod
+    def tiny(cls) -> "MultiEmbeddingMoEConfig":
+        return cls(features=FeatureConfig.tiny(), history=HistoryConfig.tiny(), num_experts=2,
+                   expert_hidden=(16,), tower_hidden=(8,))
+
+
+class InteractionExpert(nn.Module):
+    """One expert of :class:`MultiEmbeddingMoE`: its own embedding set → x0 → cross network → MLP.
+
+    Args:
+        spec: feature layout (tables are created anew: each expert owns ``t_<feature>`` tables).
+        config: the MoE config (history, cross, hidden sizes).
+        embedding_device: where the tables are created.
+
+    Shapes:
+        ``forward(batch) → (x0 [B, d], h [B, H])``.
+
+    Example:
+        >>> expert = InteractionExpert(spec, MultiEmbeddingMoEConfig.tiny())
+        >>> x0, h = expert(batch)
+    """
+
+    def __init__(self, spec: FeatureSpec, config: MultiEmbeddingMoEConfig,
+                 embedding_device: torch.device | str | None = None) -> None:
+        super().__init__()
+        self.input = FlatInput(spec, config.history, embedding_device)
+        d = self.input.output_dim
+        self.cross = build_cross_net(config.cross_type, d, config.num_cross_layers, config.low_rank,
+                                     config.cross_num_experts)
+        self.mlp = MLP(d, config.expert_hidden, dropout=config.dropout)
+
+    def forward(self, batch: CTRBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        x0 = self.input(batch)
+        return x0, self.mlp(self.cross(x0))
+
+
+class MultiEmbeddingMoE(_MoEMixin, Ranker):
+    """Multi-embedding MoE: ``K`` (embedding set, interaction) experts, per-task gates, de-correlation loss.
+
+    Args:
+        config: :class:`MultiEmbeddingMoEConfig`.
+        vocab_sizes: feature → vocabulary size.
+        task_names: label columns.
+        embedding_device: where the tables are created.
+
+    Shapes:
+        ``forward(batch) → [B, T]``. Tables live at ``experts.<k>.input.features.ec.embeddings.t_<f>``.
+
+    Example:
+        >>> model = MultiEmbeddingMoE(MultiEmbeddingMoEConfig.tiny(), vocab_sizes, ("click",))
+        >>> loss = bce(model(batch), batch.labels) + model.auxiliary_losses()["decorrelation"]
+    """
+
+    def __init__(self, config: MultiEmbeddingMoEConfig, vocab_sizes: Mapping[str, int],
+                 task_names: Sequence[str], embedding_device: torch.device | str | None = None) -> None:
+        super().__init__()
+        self.config = config
+        self.task_names = validate_task_names(task_names, "MultiEmbeddingMoEConfig")
+        self.spec = FeatureSpec.from_vocab_sizes(vocab_sizes, config.features)
+        self.experts = nn.ModuleList(InteractionExpert(self.spec, config, embedding_device)
+                                     for _ in range(config.num_experts))
+        d = self.experts[0].input.output_dim
+        self.gates = nn.ModuleList()
+        for _ in self.task_names:
+            g = MLP(d, config.gate_hidden)
+            self.gates.append(nn.Sequential(g, nn.Linear(g.out_features, config.num_experts)))
+        self.heads = TaskHeads(config.expert_hidden[-1], len(self.task_names), config.tower_hidden,
+                               config.dropout)
+        self._decorrelation_weight = config.decorrelation_weight
+        self._last_experts = self._last_gates = None
+
+    def forward(self, batch: CTRBatch) -> torch.Tensor:
+        x0s, hs = zip(*(e(batch) for e in self.experts))
+        experts = torch.stack(hs, 0)                                               # [K, B, H]
+        # The gate sees every embedding set (their mean), so no set is privileged.
+        gate_in = torch.stack(x0s, 0).mean(0)
+        gates = torch.stack([torch.softmax(g(gate_in), -1) for g in self.gates], 1)  # [B, T, K]
+        mixed = torch.einsum("btk,kbh->bth", gates, experts)
+        self._remember(experts, gates)
+        return self.heads(mixed, per_task_input=True)
