@@ -30,6 +30,22 @@ from typing import Any
 from hybrid.config import flatten
 
 PARENT_TAG = "mlflow.parentRunId"
+
+
+class TAGS:
+    """Run tag names every stage uses, so ``hybrid review`` and ``mlflow ui`` filters find them."""
+
+    stage = "stage"                  # prepare | pretrain | finetune | sweep | review | pipeline
+    strategy = "strategy"            # nt | ft | st | ft_sf | st_sf
+    model_size = "model_size"        # L4H64A4
+    dense_params = "dense_params"    # backbone parameters (GPSD's count)
+    sparse_params = "sparse_params"  # embedding-table parameters
+    seed = "seed"
+    ranker = "ranker"
+    data_hash = "data_hash"
+    git_commit = "git_commit"
+    one_epoch_drop = "one_epoch_drop"
+    pretrain_run = "pretrain_run_id"
 MAX_PARAM_LENGTH = 6000  # MLflow's limit for a param value
 
 
@@ -81,7 +97,7 @@ def hash_files(paths: Iterable[str | os.PathLike]) -> str:
 def environment_tags() -> dict[str, str]:
     import torch
 
-    tags = {"git_commit": git_commit(), "torch_version": torch.__version__}
+    tags = {TAGS.git_commit: git_commit(), "torch_version": torch.__version__}
     try:
         import torchrec
 

@@ -1,0 +1,276 @@
+"""``hybrid review``: read an experiment's runs from MLflow and show whether pretraining helped.
+
+Writes into ``--out``:
+
+- ``summary.md`` / ``summary.csv``: one row per (strategy, model size): AUC at the end of epoch 1, best AUC,
+  final AUC, final logloss, whether the one-epoch drop happened — mean ± std over seeds;
+- ``one_epoch.png``: eval AUC against training progress (fractional epochs), one line per strategy
+  (mean over seeds), epoch boundaries marked — the one-epoch picture;
+- ``scaling.png``: AUC against dense parameters on a log axis with the fitted ``AUC = a − b·N^−c`` per
+  strategy and its parameters;
+- ``report.html``: one self-contained page (plots embedded) with all of it.
+
+Everything is computed from the logged metric histories (``eval/auc``, ``eval/logloss`` with their
+``progress/epoch``) and the run tags (``strategy``, ``model_size``, ``dense_params``, ``seed``), so a
+review reproduces from the store alone. The outputs are logged as artifacts of a ``review`` run.
+"""
+from __future__ import annotations
+
+import base64
+import html
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from ctr_models.metrics import one_epoch_drop
+from hybrid.errors import HybridInputError
+from hybrid.tracking import TAGS, Tracker
+
+AUC_METRIC = "eval/auc"
+LOGLOSS_METRIC = "eval/logloss"
+EPOCH_METRIC = "progress/epoch"
+
+
+# -- reading -----------------------------------------------------------------------------------------------
+
+@dataclass
+class RunCurve:
+    """One finetune run: its identity and its eval curve (fractional epoch → AUC / logloss)."""
+
+    run_id: str
+    name: str
+    strategy: str
+    model_size: str
+    dense_params: float
+    seed: str
+    epochs: np.ndarray
+    auc: np.ndarray
+    logloss: np.ndarray
+
+
+def _history(client, run_id: str, key: str) -> dict[int, float]:
+    return {m.step: m.value for m in client.get_metric_history(run_id, key)}
+
+
+def load_curves(tracker: Tracker, stage: str = "finetune") -> list[RunCurve]:
+    """Every finished run of the experiment tagged ``stage=<stage>`` that logged ``eval/auc``."""
+    client = tracker.client
+    found = client.get_experiment_by_name(tracker.experiment)
+    if found is None:
+        raise HybridInputError(f"{tracker.tracking_uri}: no experiment named '{tracker.experiment}'")
+    runs = client.search_runs([found.experiment_id], filter_string=f"tags.{TAGS.stage} = '{stage}'",
+                              max_results=50_000)
+    curves = []
+    for run in runs:
+        if run.info.status != "FINISHED":
+            continue
+        auc = _history(client, run.info.run_id, AUC_METRIC)
+        if not auc:
+            continue
+        epoch = _history(client, run.info.run_id, EPOCH_METRIC)
+        loss = _history(client, run.info.run_id, LOGLOSS_METRIC)
+        steps = sorted(auc)
+        tags = run.data.tags
+        curves.append(RunCurve(
+            run_id=run.info.run_id, name=run.info.run_name or run.info.run_id,
+            strategy=tags.get(TAGS.strategy, "nt"), model_size=tags.get(TAGS.model_size, "-"),
+            dense_params=float(tags.get(TAGS.dense_params, "nan")), seed=tags.get(TAGS.seed, "0"),
+            epochs=np.array([epoch.get(s, np.nan) for s in steps], dtype=float),
+            auc=np.array([auc[s] for s in steps], dtype=float),
+            logloss=np.array([loss.get(s, np.nan) for s in steps], dtype=float)))
+    return curves
+
+
+# -- summarising ---------------------------------------------------------------------------------------------
+
+def summarise_run(curve: RunCurve) -> dict:
+    """The per-run figures of the strategy table."""
+    at_boundary = curve.epochs <= 1.0 + 1e-9
+    epoch1 = curve.auc[at_boundary][-1] if at_boundary.any() else np.nan
+    points = [(e, a) for e, a in zip(curve.epochs, curve.auc) if not math.isnan(e)]
+    return {
+        "run_id": curve.run_id, "strategy": curve.strategy, "model_size": curve.model_size,
+        "dense_params": curve.dense_params, "seed": curve.seed,
+        "auc_epoch1": float(epoch1), "best_auc": float(np.nanmax(curve.auc)), "final_auc": float(curve.auc[-1]),
+        "final_logloss": float(curve.logloss[-1]),
+        "one_epoch_drop": bool(one_epoch_drop(points).flagged) if points else False,
+    }
+
+
+def summary_table(curves: Sequence[RunCurve]) -> pd.DataFrame:
+    """Strategy × size table, mean ± std over seeds (std over one seed is 0)."""
+    runs = pd.DataFrame([summarise_run(c) for c in curves])
+    if runs.empty:
+        return runs
+    metrics = ["auc_epoch1", "best_auc", "final_auc", "final_logloss"]
+    grouped = runs.groupby(["strategy", "model_size"], sort=True)
+    table = grouped[metrics].agg(["mean", "std"])
+    table.columns = [f"{m}_{s}" for m, s in table.columns]
+    table = table.fillna({c: 0.0 for c in table.columns if c.endswith("_std")})
+    table["dense_params"] = grouped["dense_params"].first()
+    table["seeds"] = grouped["seed"].nunique()
+    table["one_epoch_drop"] = grouped["one_epoch_drop"].mean()   # fraction of seeds with a drop
+    return table.reset_index().sort_values(["strategy", "dense_params", "model_size"], kind="stable",
+                                           ignore_index=True)
+
+
+def to_markdown(table: pd.DataFrame) -> str:
+    header = ("| strategy | size | dense params | seeds | AUC end of epoch 1 | best AUC | final AUC | "
+              "final logloss | one-epoch drop |\n|---|---|---|---|---|---|---|---|---|\n")
+    rows = []
+    for r in table.itertuples():
+        pm = lambda m: f"{getattr(r, m + '_mean'):.4f} ± {getattr(r, m + '_std'):.4f}"  # noqa: E731
+        drop = "yes" if r.one_epoch_drop == 1 else "no" if r.one_epoch_drop == 0 else f"{r.one_epoch_drop:.0%} of seeds"
+        dense = "-" if math.isnan(r.dense_params) else f"{int(r.dense_params):,}"
+        rows.append(f"| {r.strategy} | {r.model_size} | {dense} | {r.seeds} | {pm('auc_epoch1')} | "
+                    f"{pm('best_auc')} | {pm('final_auc')} | {pm('final_logloss')} | {drop} |")
+    return header + "\n".join(rows) + "\n"
+
+
+# -- power law -----------------------------------------------------------------------------------------------
+
+@dataclass
+class PowerLaw:
+    """``AUC = a − b·N^−c``."""
+
+    a: float
+    b: float
+    c: float
+
+    def __call__(self, n):
+        return self.a - self.b * np.power(np.asarray(n, dtype=float), -self.c)
+
+    def __str__(self) -> str:
+        return f"AUC = {self.a:.4f} − {self.b:.4f}·N^−{self.c:.4f}"
+
+
+def fit_power_law(n: Sequence[float], auc: Sequence[float]) -> PowerLaw:
+    """Least-squares fit of ``AUC = a − b·N^−c`` (scipy's ``curve_fit``); needs ≥ 3 distinct sizes."""
+    from scipy.optimize import curve_fit
+
+    n = np.asarray(n, dtype=float)
+    auc = np.asarray(auc, dtype=float)
+    if len(np.unique(n)) < 3:
+        raise ValueError(f"a power-law fit needs at least 3 distinct model sizes, got {len(np.unique(n))}")
+
+    def model(x, a, b, c):
+        return a - b * np.power(x, -c)
+
+    guess = (auc.max() + 0.01, (auc.max() - auc.min() + 1e-3) * n.min() ** 0.3, 0.3)
+    params, _ = curve_fit(model, n, auc, p0=guess, bounds=([0, 0, 1e-4], [2, np.inf, 3]), maxfev=20_000)
+    return PowerLaw(*map(float, params))
+
+
+# -- plots and page ------------------------------------------------------------------------------------------
+
+def plot_one_epoch(curves: Sequence[RunCurve], path: Path) -> Path:
+    """Eval AUC vs fractional epoch, one line per (strategy, size) (mean over seeds), epochs marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    groups: dict[tuple[str, str], list[RunCurve]] = {}
+    for c in curves:
+        groups.setdefault((c.strategy, c.model_size), []).append(c)
+    max_epoch = 1.0
+    for (strategy, size), members in sorted(groups.items()):
+        grid = np.unique(np.concatenate([m.epochs for m in members]))
+        grid = grid[~np.isnan(grid)]
+        mean = np.nanmean([np.interp(grid, m.epochs, m.auc) for m in members], axis=0)
+        label = strategy if len({s for _, s in groups}) == 1 else f"{strategy} {size}"
+        ax.plot(grid, mean, marker=".", label=label)
+        max_epoch = max(max_epoch, float(grid.max()) if len(grid) else 1.0)
+    for boundary in range(1, int(math.ceil(max_epoch)) + 1):
+        ax.axvline(boundary, color="grey", linestyle=":", linewidth=1)
+    ax.set_xlabel("training progress (epochs)")
+    ax.set_ylabel("eval AUC")
+    ax.set_title("Eval AUC during training (dotted: epoch boundaries)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_scaling(table: pd.DataFrame, path: Path) -> tuple[Path, dict[str, PowerLaw]]:
+    """Best AUC vs dense parameters (log axis), one series per strategy, with its power-law fit."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fits: dict[str, PowerLaw] = {}
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for strategy, rows in table.dropna(subset=["dense_params"]).groupby("strategy"):
+        rows = rows.sort_values("dense_params")
+        n, auc, err = rows["dense_params"].to_numpy(), rows["best_auc_mean"].to_numpy(), rows["best_auc_std"].to_numpy()
+        line = ax.errorbar(n, auc, yerr=err, marker="o", linestyle="none", capsize=3, label=strategy)
+        try:
+            fit = fit_power_law(n, auc)
+        except (ValueError, RuntimeError):
+            continue
+        fits[strategy] = fit
+        xs = np.geomspace(n.min(), n.max(), 100)
+        ax.plot(xs, fit(xs), color=line[0].get_color(), linewidth=1, label=f"{strategy}: {fit}")
+    ax.set_xscale("log")
+    ax.set_xlabel("dense (backbone) parameters N")
+    ax.set_ylabel("best eval AUC")
+    ax.set_title("Scaling: AUC = a − b·N^−c")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path, fits
+
+
+def write_html(path: Path, experiment: str, table_md: str, table: pd.DataFrame, images: Sequence[Path],
+               fits: dict[str, PowerLaw]) -> Path:
+    """One self-contained page: the table, the fits and the plots (embedded as data URIs)."""
+    figures = "\n".join(
+        f'<figure><img alt="{html.escape(p.stem)}" src="data:image/png;base64,'
+        f'{base64.b64encode(p.read_bytes()).decode()}"><figcaption>{html.escape(p.stem)}</figcaption></figure>'
+        for p in images)
+    fit_items = "".join(f"<li>{html.escape(s)}: {html.escape(str(f))}</li>" for s, f in fits.items()) or \
+        "<li>no fit (fewer than 3 model sizes per strategy)</li>"
+    page = f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>hybrid review: {html.escape(experiment)}</title>
+<style>body{{font-family:sans-serif;margin:2em;max-width:1100px}}table{{border-collapse:collapse}}
+td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}img{{max-width:100%}}</style></head>
+<body><h1>Experiment <code>{html.escape(experiment)}</code></h1>
+<h2>Strategies × sizes (mean ± std over seeds)</h2>
+{table.to_html(index=False, float_format=lambda v: f"{v:.4f}", border=0)}
+<h2>Power-law fits</h2><ul>{fit_items}</ul>
+<h2>Plots</h2>{figures}
+<details><summary>Markdown table</summary><pre>{html.escape(table_md)}</pre></details>
+</body></html>"""
+    path.write_text(page)
+    return path
+
+
+# -- the command ---------------------------------------------------------------------------------------------
+
+def run_review(tracker: Tracker, out: Path, stage: str = "finetune") -> dict:
+    """Read, summarise, plot, write, log as artifacts of a ``review`` run; returns the paths and fits."""
+    curves = load_curves(tracker, stage=stage)
+    if not curves:
+        raise HybridInputError(f"experiment '{tracker.experiment}' at {tracker.tracking_uri} has no finished "
+                               f"'{stage}' runs with '{AUC_METRIC}' to review")
+    out.mkdir(parents=True, exist_ok=True)
+    table = summary_table(curves)
+    table_md = to_markdown(table)
+    (out / "summary.md").write_text(table_md)
+    table.to_csv(out / "summary.csv", index=False)
+    images = [plot_one_epoch(curves, out / "one_epoch.png")]
+    scaling, fits = plot_scaling(table, out / "scaling.png")
+    images.append(scaling)
+    page = write_html(out / "report.html", tracker.experiment, table_md, table, images, fits)
+    with tracker.run("review", tags={TAGS.stage: "review"}) as run:
+        tracker.log_params(run, {"runs_reviewed": len(curves), "stage": stage})
+        tracker.log_artifact(run, out, artifact_path="review")
+    return {"table": table, "markdown": table_md, "fits": fits, "html": page, "runs": len(curves)}
