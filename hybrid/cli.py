@@ -66,6 +66,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config(pre)
     _add_common(pre)
 
+    review = commands.add_parser("review", help="tables, plots and an HTML page from an experiment's runs")
+    review.add_argument("--experiment", required=True, help="MLflow experiment name")
+    review.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, "
+                                               "else sqlite:///<out>/mlflow.db)")
+    review.add_argument("--out", default="runs/review", help="output directory (default: runs/review)")
+    _add_common(review)
+
     quick = commands.add_parser("quickstart", help="the whole story on real ML-100K")
     quick.add_argument("--out", default="runs/quickstart", help="output directory (default: runs/quickstart)")
     quick.add_argument("--tracking-uri", help="MLflow tracking URI")
@@ -120,6 +127,20 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_review(args: argparse.Namespace) -> int:
+    from hybrid.review import run_review
+    from hybrid.tracking import Tracker, resolve_tracking_uri
+
+    out = Path(args.out)
+    tracker = Tracker(resolve_tracking_uri(args.tracking_uri, out), args.experiment)
+    result = run_review(tracker, out)
+    print(result["markdown"])
+    for strategy, fit in result["fits"].items():
+        print(f"power law ({strategy}): {fit}")
+    print(f"reviewed {result['runs']} runs; report: {result['html']}")
+    return 0
+
+
 def _cmd_quickstart(args: argparse.Namespace) -> int:
     from hybrid.quickstart import run_quickstart
 
@@ -138,7 +159,7 @@ def _print_stats(stats: dict) -> None:
 
 
 COMMANDS = {("data", "fetch"): _cmd_fetch, ("data", "prepare"): _cmd_prepare, ("pretrain", None): _cmd_pretrain,
-            ("quickstart", None): _cmd_quickstart}
+            ("review", None): _cmd_review, ("quickstart", None): _cmd_quickstart}
 
 
 def _quiet_third_party_logs() -> None:
