@@ -189,15 +189,16 @@ def run_pretrain(cfg: PretrainConfig, resume: bool = False, parent_run: str | No
     ctx = init_distributed()
     own_group = ctx.is_distributed and not had_group  # a group we started is ours to end
     try:
-        if ctx.rank == 0:
-            out.mkdir(parents=True, exist_ok=True)
-            (out / "config.yaml").write_text(to_yaml(cfg))
-            fm.save(out / "feature_map.json")
+        # every check before the first write: a refused run leaves ``out`` as it was
         if last is not None:
             check_feature_map(last, read_manifest(last), fm, model_cfg.features, cfg.data)
         if cfg.train.batch_size % ctx.world_size:
             raise HybridInputError(f"train.batch_size ({cfg.train.batch_size}) must be divisible by the "
                                    f"{ctx.world_size} processes")
+        if ctx.rank == 0:
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "config.yaml").write_text(to_yaml(cfg))
+            fm.save(out / "feature_map.json")
 
         features = list(model_cfg.features)
         train_loader = make_loader(

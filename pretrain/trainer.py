@@ -267,7 +267,8 @@ def train(
                     steps_per_epoch=steps_per_epoch, train_config=dataclasses.asdict(cfg))
     last = latest_checkpoint(checkpoint_dir) if (resume and checkpoint_dir is not None) else None
     if last is not None:
-        step, metrics = _restore(last, model, optimizer, schedule, negatives, ctx, manifest)
+        check_resumable(last, read_manifest(last), manifest)
+        step, metrics = restore_training_state(last, model, optimizer, schedule, negatives, rank=ctx.rank)
 
     evaluations: list[tuple[int, dict[str, float]]] = []
     saved: Path | None = last
@@ -428,8 +429,9 @@ def evaluate(model: nn.Module, eval_loader: Iterable[SequenceBatch], *, ctx: Dis
 
     Every rank iterates the whole ``eval_loader``; rank ``r`` scores batches ``r, r + W, ...`` and the
     sums are all-reduced. Sharded lookups are collective, so a rank with fewer batches repeats one and
-    discards the result (every rank issues the same number of lookups). The loss uses its own seeded
-    generator, so evaluating never changes the training RNG.
+    discards the result (every rank issues the same number of lookups). The loss draws its negatives from
+    its own generator, seeded per batch, so evaluating never changes the training RNG and gives the same
+    numbers on any number of ranks.
 
     Returns:
         ``{"eval/hr_at_k", "eval/ndcg_at_k", "eval/loss", "eval/item_loss", ["eval/category_loss"],
@@ -438,13 +440,15 @@ def evaluate(model: nn.Module, eval_loader: Iterable[SequenceBatch], *, ctx: Dis
     ctx = ctx or DistributedContext()
     core = unwrap(model)
     core.eval()
-    generator = torch.Generator(device=ctx.device).manual_seed(seed + _EVAL_SEED_OFFSET)
+    generator = torch.Generator(device=ctx.device)
     table = core.item_table()  # once per pass: every batch ranks against the same [V, E] rows
     sums: dict[str, float] = {}
 
-    def score(batch: SequenceBatch, keep: bool) -> None:
+    def score(index: int, batch: SequenceBatch, keep: bool) -> None:
         batch = batch.to(ctx.device)
         scores = core.retrieval_metrics(batch, k, item_table=table)
+        # negatives seeded by the batch's index: the loss does not depend on which rank scores which batch
+        generator.manual_seed(seed + _EVAL_SEED_OFFSET + index)
         losses = core.loss(batch, item_counts=item_counts, generator=generator)
         if not keep:
             return  # a filler round: only here to keep the collective lookups in step
@@ -460,10 +464,10 @@ def evaluate(model: nn.Module, eval_loader: Iterable[SequenceBatch], *, ctx: Dis
         first = batch if first is None else first
         seen += 1
         if i % ctx.world_size == ctx.rank:
-            score(batch, keep=True)
+            score(i, batch, keep=True)
             mine += 1
     for _ in range(math.ceil(seen / ctx.world_size) - mine):
-        score(first, keep=False)
+        score(0, first, keep=False)
     # a fixed list of names: every rank must all-reduce the same tensor, even one that scored nothing
     names = ["targets", f"hr_at_{k}", f"ndcg_at_{k}", "loss", "item_loss"]
     if core.config.objective.category_loss_weight > 0:
@@ -635,23 +639,31 @@ def _shape(shape: list[int] | None) -> str:
     return "missing" if shape is None else "x".join(map(str, shape))
 
 
-def _restore(path: Path, model: nn.Module, optimizer, schedule, negatives: torch.Generator,
-             ctx: DistributedContext, manifest: Mapping[str, Any]) -> tuple[int, dict[str, float]]:
-    """Load a checkpoint written by :func:`_save` into the live objects; returns (step, metrics)."""
+def restore_training_state(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer, schedule: Any,
+                           negatives: torch.Generator, *, rank: int = 0) -> tuple[int, dict[str, float]]:
+    """Load a checkpoint written by :func:`train` into live objects, in place.
+
+    Fills the model (resharding as needed), the dense optimizer and schedule, the tables' optimizer and
+    this rank's RNG states (``negatives`` and torch's global RNG).
+
+    Returns:
+        ``(step, metrics)`` from the manifest.
+    """
+    path = Path(path)
     saved = read_manifest(path)
-    check_resumable(path, saved, manifest)
+    # DCP fills existing tensors, so lazily-built optimizer state (Adam moments) must exist first
     init_optimizer_state(optimizer)
     if not _is_dmp(model):
         for name, p in model.named_parameters():
             if hasattr(p, "_in_backward_optimizers"):
                 init_optimizer_state(_single_in_backward_optimizer(name, p))
-    state = training_state(model, optimizer, schedule, negatives, ctx.rank)
+    state = training_state(model, optimizer, schedule, negatives, rank)
     load_checkpoint(path, state)
     model.load_state_dict(state["model"])  # a no-op copy for plain tensors; re-applies sharded ones
     optimizer.load_state_dict(state["dense_optim"])
     schedule.load_state_dict(state["schedule"])
     load_sparse_optimizer_state(model, state["sparse_optim"])
-    rng = state[f"rng_rank{ctx.rank}"]
+    rng = state[f"rng_rank{rank}"]
     negatives.set_state(rng["negatives"])
     torch.set_rng_state(rng["torch"])
     return int(saved["step"]), dict(saved.get("metrics", {}))

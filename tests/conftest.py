@@ -32,3 +32,26 @@ def prepared_last_item(ml100k):
 @pytest.fixture(scope="session")
 def prepared_ratings(ml100k):
     return prepare(ml100k, ProtocolConfig(protocol="ratings"))
+
+
+@pytest.fixture(scope="session")
+def prepared_last_item_dir(prepared_last_item, tmp_path_factory):
+    """``prepared_last_item`` written as a prepared directory (what ``hybrid pretrain`` reads)."""
+    from dataclasses import replace
+
+    from hybrid.data.store import save_prepared
+
+    # a copy of stats: saving adds the data hash, and the shared fixture stays as the protocol left it
+    copy = replace(prepared_last_item, stats=dict(prepared_last_item.stats))
+    return save_prepared(copy, tmp_path_factory.mktemp("prepared") / "last-item")
+
+
+@pytest.fixture(scope="session")
+def prepared_ratings_dir(prepared_ratings, tmp_path_factory):
+    """``prepared_ratings`` written as a prepared directory."""
+    from dataclasses import replace
+
+    from hybrid.data.store import save_prepared
+
+    copy = replace(prepared_ratings, stats=dict(prepared_ratings.stats))
+    return save_prepared(copy, tmp_path_factory.mktemp("prepared") / "ratings")
