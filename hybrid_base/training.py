@@ -201,3 +201,41 @@ def shard_model(model: nn.Module, ctx: DistributedContext,
                            "with WORLD_SIZE set (a 1-rank group is fine)")
     plan = planner.collective_plan(model, sharders, group)
     return DistributedModelParallel(model, device=ctx.device, plan=plan, sharders=sharders)
+
+
+def is_dmp(model: nn.Module) -> bool:
+    """True when ``model`` is a TorchRec ``DistributedModelParallel``."""
+    from torchrec.distributed.model_parallel import DistributedModelParallel
+
+    return isinstance(model, DistributedModelParallel)
+
+
+def unwrap_dmp(model: nn.Module) -> nn.Module:
+    """The module inside a ``DistributedModelParallel`` (or ``model`` itself).
+
+    Trainers call this inner module directly (``core(batch)``, ``core.loss(batch)``): its sharded tables
+    still run their collective lookups, but the DDP wrapper DMP puts around the dense modules is bypassed,
+    so dense gradients must then be averaged with :func:`average_dense_gradients`.
+    """
+    return model.module if is_dmp(model) else model
+
+
+def average_dense_gradients(params: list[nn.Parameter], world_size: int) -> None:
+    """Average dense gradients across ranks with one all-reduce of one flat buffer.
+
+    Args:
+        params: the dense parameters (:func:`dense_parameters`), in the same order on every rank. A
+            parameter without a gradient on this rank contributes zeros (every rank must send the same
+            buffer size).
+        world_size: number of ranks.
+    """
+    import torch.distributed as dist
+
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= world_size
+    offset = 0
+    for p, g in zip(params, grads):
+        p.grad = flat[offset:offset + g.numel()].view_as(g)
+        offset += g.numel()

@@ -1,0 +1,85 @@
+"""Throughput and running train losses between two log points, shared by the trainers.
+
+A trainer adds every step's losses and how much real work the step did (samples for a CTR ranker, non-padding
+events for the generative model); at a log step :meth:`ThroughputWindow.flush` returns the mean losses
+(``train/<name>``) and the work per second of all ranks together (``perf/<unit>_per_s``). Time spent in
+evaluation or checkpointing is excluded with :meth:`ThroughputWindow.paused`.
+
+Example:
+    >>> window = ThroughputWindow(unit="samples")
+    >>> for batch in loader:
+    ...     losses = train_step(batch)                 # {"loss": tensor, "bce": tensor}
+    ...     window.add(losses, batch.batch_size)
+    ...     if step % 50 == 0:
+    ...         log(window.flush())                    # {"train/loss": ..., "perf/samples_per_s": ...}
+    ...     with window.paused():
+    ...         evaluate(...)
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator, Mapping
+
+import torch
+
+
+class ThroughputWindow:
+    """Running sums of train losses and work done since the last :meth:`flush`.
+
+    Args:
+        unit: what ``count`` in :meth:`add` counts; names the metric ``perf/<unit>_per_s``.
+        clock: seconds source (``time.perf_counter``; replaceable in tests).
+    """
+
+    def __init__(self, unit: str = "samples", clock=time.perf_counter) -> None:
+        self.unit = unit
+        self._clock = clock
+        self.sums: dict[str, float] = {}
+        self.steps = 0
+        self.count = 0
+        self.seconds = 0.0
+        self.started = clock()
+
+    def add(self, losses: Mapping[str, torch.Tensor | float], count: int) -> None:
+        """Record one step: its losses (scalars; tensors are detached) and its amount of work."""
+        for name, value in losses.items():
+            v = float(value.detach()) if isinstance(value, torch.Tensor) else float(value)
+            self.sums[name] = self.sums.get(name, 0.0) + v
+        self.steps += 1
+        self.count += int(count)
+
+    def restart_clock(self) -> None:
+        self.started = self._clock()
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Time spent inside (evaluation, checkpoints) is not training time."""
+        self.seconds += self._clock() - self.started
+        try:
+            yield
+        finally:
+            self.restart_clock()
+
+    def flush(self, world_size: int = 1) -> dict[str, float]:
+        """Mean losses over the window's steps (averaged over ranks) and the work/s of all ranks together.
+
+        Args:
+            world_size: ranks to all-reduce over (every rank must call ``flush`` at the same step when > 1).
+
+        Returns:
+            ``{"train/<name>": mean, ..., "perf/<unit>_per_s": rate}``; the window is then reset.
+        """
+        self.seconds += self._clock() - self.started
+        names = sorted(self.sums)
+        totals = torch.tensor([self.sums[n] for n in names] + [float(self.count)], dtype=torch.float64)
+        if world_size > 1:
+            import torch.distributed as dist
+
+            dist.all_reduce(totals)  # losses summed over ranks, work of all ranks
+            totals[:-1] /= world_size
+        out = {f"train/{n}": float(totals[i]) / max(1, self.steps) for i, n in enumerate(names)}
+        out[f"perf/{self.unit}_per_s"] = float(totals[-1]) / max(self.seconds, 1e-9)
+        self.sums, self.steps, self.count, self.seconds = {}, 0, 0, 0.0
+        self.restart_clock()
+        return out
