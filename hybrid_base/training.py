@@ -184,6 +184,9 @@ def shard_model(model: nn.Module, ctx: DistributedContext,
         ctx: from :func:`init_distributed` (works with ``world_size == 1`` too: a 1-rank plan).
         sharding_types: table name → ``row_wise`` / ``table_wise`` / ``column_wise`` constraint, e.g.
             ``{"t_item_id": "row_wise"}`` for the large item table.
+
+    A table without an in-backward optimizer (a frozen one: :func:`apply_sparse_optimizer` skips
+    ``requires_grad=False``) is *not* updated: see :func:`untrained_table_fused_params`.
     """
     import torch.distributed as dist
     from torchrec.distributed.embedding import EmbeddingCollectionSharder
@@ -194,13 +197,31 @@ def shard_model(model: nn.Module, ctx: DistributedContext,
     constraints = {name: ParameterConstraints(sharding_types=[kind]) for name, kind in (sharding_types or {}).items()}
     topology = Topology(world_size=ctx.world_size, compute_device=ctx.device.type)
     planner = EmbeddingShardingPlanner(topology=topology, constraints=constraints)
-    sharders = [EmbeddingCollectionSharder(), EmbeddingBagCollectionSharder()]
+    fused = untrained_table_fused_params()
+    sharders = [EmbeddingCollectionSharder(fused_params=fused), EmbeddingBagCollectionSharder(fused_params=fused)]
     group = dist.GroupMember.WORLD if dist.is_initialized() else None
     if group is None:
         raise RuntimeError("shard_model needs a process group: run under torchrun or call init_distributed() "
                            "with WORLD_SIZE set (a 1-rank group is fine)")
     plan = planner.collective_plan(model, sharders, group)
     return DistributedModelParallel(model, device=ctx.device, plan=plan, sharders=sharders)
+
+
+def untrained_table_fused_params() -> dict:
+    """Sharder-level fused params that leave a table with no in-backward optimizer untouched.
+
+    Why: DMP shards every table into FBGEMM kernels whose update is fused into the backward pass. A table
+    whose parameter carries no in-backward optimizer (a frozen one) does not fall out of that path: it gets
+    the sharder's default fused params, and FBGEMM's own default is SGD with lr 0.01, so a "frozen" table
+    would be trained (measured: it moves after one step). CPU FBGEMM has no update-free optimizer
+    (``OptimType.NONE`` is CUDA-only) and the dense kernel is only offered data-parallel, so the default
+    becomes exact SGD with learning rate 0: ``w - 0·g == w`` bit for bit. Tables that do carry an
+    optimizer override both keys with their own (per-parameter fused params win over the sharder's).
+    Schedulers that scale learning rates (LambdaLR) keep 0 at 0.
+    """
+    from fbgemm_gpu.split_embedding_configs import EmbOptimType
+
+    return {"optimizer": EmbOptimType.EXACT_SGD, "learning_rate": 0.0}
 
 
 def is_dmp(model: nn.Module) -> bool:

@@ -27,6 +27,7 @@ import pandas as pd
 
 from hybrid.errors import HybridInputError
 from hybrid_base.ids import NUM_RESERVED_IDS, OOV_ID, PAD_ID
+from hybrid_base.vocab import align_tokens
 
 FORMAT_VERSION = 1
 
@@ -157,11 +158,8 @@ class FeatureMap:
             >>> b.align(a, "item_id").tolist()   # b's ids 2..4 are x, z, y
             [0, 1, 3, -1, 2]
         """
-        target_vocab = self[feature]
-        source_vocab = source[source_feature or feature]
-        positions = source_vocab._index.get_indexer(pd.Index(target_vocab.tokens, dtype=object))
-        mapped = np.where(positions < 0, -1, positions + NUM_RESERVED_IDS)
-        return np.concatenate([np.arange(NUM_RESERVED_IDS), mapped]).astype(np.int64)
+        # the logic lives in hybrid_base.vocab so the transfer adapters (which cannot import hybrid) share it
+        return align_tokens(self[feature].tokens, source[source_feature or feature]._index)
 
     # -- persistence -------------------------------------------------------------------------------------
     def to_dict(self) -> dict:
