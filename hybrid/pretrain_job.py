@@ -164,7 +164,7 @@ def run_pretrain(cfg: PretrainConfig, resume: bool = False, parent_run: str | No
 
     Returns:
         ``{"metrics": {...}, "baseline": {...}, "checkpoint": str, "step": int, "epoch": float,
-        "seconds": float}``.
+        "seconds_per_step": median over log windows (evaluation excluded), "seconds": wall time}``.
 
     Raises:
         HybridInputError: bad config or data, a checkpoint that does not match (one line, names what differs).
@@ -237,6 +237,7 @@ def run_pretrain(cfg: PretrainConfig, resume: bool = False, parent_run: str | No
             summary = {"metrics": result.metrics, "baseline": baseline,
                        "checkpoint": str(result.checkpoint) if result.checkpoint else None,
                        "step": result.step, "epoch": result.epoch,
+                       "seconds_per_step": float(np.median(result.step_seconds)) if result.step_seconds else None,
                        "seconds": round(time.perf_counter() - started, 2)}
             if ctx.rank == 0:
                 (out / "result.json").write_text(json.dumps(summary, indent=2))

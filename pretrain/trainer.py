@@ -142,6 +142,8 @@ class PretrainResult:
         epoch: fractional epoch reached.
         checkpoint: the final checkpoint directory (``None`` without a checkpoint directory).
         evaluations: every evaluation of this process's run, as ``(step, metrics)``.
+        step_seconds: mean wall time of a training step in each log window of this process's run
+            (evaluation and checkpoint time excluded); their median is a robust time per step.
     """
 
     metrics: dict[str, float]
@@ -149,6 +151,7 @@ class PretrainResult:
     epoch: float
     checkpoint: Path | None
     evaluations: list[tuple[int, dict[str, float]]] = field(default_factory=list)
+    step_seconds: list[float] = field(default_factory=list)
 
 
 # ---------------------------------------------------------------------------------------------- the model
@@ -271,6 +274,7 @@ def train(
         step, metrics = restore_training_state(last, model, optimizer, schedule, negatives, rank=ctx.rank)
 
     evaluations: list[tuple[int, dict[str, float]]] = []
+    step_seconds: list[float] = []
     saved: Path | None = last
     window = _Window()
     bar = tqdm(total=total_steps, initial=step, disable=not (rank0 and cfg.progress), desc="pretrain",
@@ -300,6 +304,7 @@ def train(
             done = step >= total_steps
             frac_epoch = step / steps_per_epoch
             if step % cfg.log_every == 0 or done:
+                step_seconds.append(window.seconds_per_step())
                 train_metrics = window.flush(ctx)
                 train_metrics["train/lr"] = optimizer.param_groups[0]["lr"]
                 metrics.update(train_metrics)
@@ -322,7 +327,7 @@ def train(
                 break
     bar.close()
     return PretrainResult(metrics=metrics, step=step, epoch=step / steps_per_epoch, checkpoint=saved,
-                          evaluations=evaluations)
+                          evaluations=evaluations, step_seconds=step_seconds)
 
 
 def _epoch_batches(loader: DataLoader, epoch: int, skip: int) -> Iterable[SequenceBatch]:
@@ -392,6 +397,10 @@ class _Window:
             self.sums[name] = self.sums.get(name, 0.0) + float(value.detach())
         self.steps += 1
         self.events += events
+
+    def seconds_per_step(self) -> float:
+        """Mean training time of the window's steps so far."""
+        return (self.seconds + time.perf_counter() - self.started) / max(1, self.steps)
 
     def restart_clock(self) -> None:
         self.started = time.perf_counter()

@@ -304,3 +304,12 @@ def test_sharded_two_processes_agree_with_unsharded(prepared_last_item, prepared
     again = evaluate(plain, eval_loader)
     for name in ("eval/hr_at_10", "eval/ndcg_at_10", "eval/loss", "eval/category_loss"):
         assert again[name] == pytest.approx(s[name], rel=1e-5), name  # float summation order only
+
+
+def test_pretrain_never_imports_hybrid():
+    """DESIGN's import arrows: ``pretrain`` may use ``hybrid_base``, never ``hybrid``."""
+    code = "import sys, pretrain; print(sorted(m for m in sys.modules if m == 'hybrid' or m.startswith('hybrid.')))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(REPO)}, cwd=REPO)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "[]"
