@@ -4,6 +4,7 @@
     hybrid data prepare --dataset NAME --path DIR --protocol last-item|ratings --out DIR [--config F] [--set k=v]
     hybrid pretrain --config FILE [--set k=v ...] [--resume] [--tracking-uri URI]
     torchrun --nproc_per_node=N -m hybrid pretrain --config FILE ...     (sharded)
+    hybrid finetune --config FILE [--set k=v ...] [--tracking-uri URI]
     hybrid quickstart [--out DIR]
 
 Bad input prints one line naming the file / row / column / key and exits with code 2; ``--debug`` shows
@@ -66,6 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config(pre)
     _add_common(pre)
 
+    fine = commands.add_parser("finetune", help="train a CTR ranker on prepared CTR samples")
+    _add_config(fine)
+    _add_common(fine)
+
     review = commands.add_parser("review", help="tables, plots and an HTML page from an experiment's runs")
     review.add_argument("--experiment", required=True, help="MLflow experiment name")
     review.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, "
@@ -127,6 +132,27 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_finetune(args: argparse.Namespace) -> int:
+    from hybrid.config import load_config
+    from hybrid.finetune_job import FinetuneConfig, run_finetune
+    from hybrid.tracking import is_rank_zero
+
+    overrides = list(args.overrides)
+    for key, value in (("tracking.tracking_uri", args.tracking_uri), ("tracking.experiment", args.experiment)):
+        if value is not None:
+            overrides.append(f"{key}={json.dumps(value)}")
+    cfg = load_config(FinetuneConfig, args.config, overrides)
+    result = run_finetune(cfg)
+    if is_rank_zero():
+        print(f"fine-tuned {cfg.ranker.name} for {result['steps']} steps ({result['epochs']:.2f} epochs) in "
+              f"{result['seconds']:.1f} s: AUC end of epoch 1 {result['auc_epoch1']:.4f}, best "
+              f"{result['best_auc']:.4f} (epoch {result['best_epoch']:.2f}), final {result['final_auc']:.4f}, "
+              f"logloss {result['final_logloss']:.4f}, gAUC {result['final_gauc']:.4f}, one-epoch drop: "
+              f"{'yes' if result['one_epoch_drop'] else 'no'}")
+        print(f"best checkpoint: {result['best_checkpoint']}")
+    return 0
+
+
 def _cmd_review(args: argparse.Namespace) -> int:
     from hybrid.review import run_review
     from hybrid.tracking import Tracker, resolve_tracking_uri
@@ -159,6 +185,7 @@ def _print_stats(stats: dict) -> None:
 
 
 COMMANDS = {("data", "fetch"): _cmd_fetch, ("data", "prepare"): _cmd_prepare, ("pretrain", None): _cmd_pretrain,
+            ("finetune", None): _cmd_finetune,
             ("review", None): _cmd_review, ("quickstart", None): _cmd_quickstart}
 
 

@@ -59,6 +59,20 @@ def load_config(cls: type[T], path: str | os.PathLike | None = None, overrides: 
     return _build(cls, raw, prefix="", source=source)
 
 
+def from_mapping(cls: type[T], raw: Mapping[str, Any] | None, prefix: str = "", source: str = "<config>") -> T:
+    """Build ``cls`` from an in-memory mapping with the checks of :func:`load_config` (strict keys, types).
+
+    For a config section whose dataclass is chosen at run time (e.g. a ranker's own config under
+    ``ranker.config``). ``prefix`` is prepended to key names in messages, ``source`` starts them.
+
+    Example:
+        >>> from_mapping(Train, {"epoch": 5}, prefix="train.", source="cfg.yaml")
+        Traceback (most recent call last):
+        hybrid.errors.HybridInputError: cfg.yaml: unknown key 'train.epoch' (did you mean 'train.epochs'?)
+    """
+    return _build(cls, raw, prefix=prefix, source=source)
+
+
 def to_dict(cfg: Any) -> Any:
     """A plain dict/list tree of a config (what :func:`to_yaml` writes and MLflow logs as params)."""
     if dataclasses.is_dataclass(cfg):

@@ -1,0 +1,157 @@
+"""Q (no transfer): quality of every built-in ranker on ml-1m-partial, means ± std over seeds.
+
+For DCN-v2, MMoE, the multi-embedding MoE and TIN on protocol B (``ratings``) and the GPSD sequence
+ranker on protocol A (``last-item``), each for every seed: eval AUC at the end of epoch 1, the best AUC, the
+AUC after the last epoch, logloss and gAUC (after the last epoch), and whether the one-epoch drop happened.
+Every run is a plain :func:`hybrid.finetune_job.run_finetune` of the example config
+``configs/finetune_ml1m_<protocol>_<ranker>.yaml`` (only data, out, seed and tracking are overridden), nested
+under one parent MLflow run, so ``hybrid review`` and ``mlflow ui`` read the same runs.
+
+Usage::
+
+    python bench/ctr_quality.py --ratings runs/ml1m/ratings --last-item runs/ml1m/last-item \\
+        --tracking-uri sqlite:///runs/bench/mlflow.db [--seeds 0 1 2] [--rankers dcn_v2 tin] [--workers 2]
+
+Each worker process uses ``--threads`` torch threads (default 1: on a small shared machine several
+threads per process oversubscribe the cores and run several times slower). Results are written after every
+run (``--out``, default ``bench/results/ctr_quality.json``), so an interrupted grid keeps what it finished.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import multiprocessing as mp
+import os
+import platform
+import statistics
+import sys
+import time
+from datetime import date
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+#: ranker → (protocol, example config)
+GRID = {
+    "dcn_v2": ("ratings", "configs/finetune_ml1m_ratings_dcn_v2.yaml"),
+    "mmoe": ("ratings", "configs/finetune_ml1m_ratings_mmoe.yaml"),
+    "multi_embedding_moe": ("ratings", "configs/finetune_ml1m_ratings_multi_embedding_moe.yaml"),
+    "tin": ("ratings", "configs/finetune_ml1m_ratings_tin.yaml"),
+    "gpsd": ("last-item", "configs/finetune_ml1m_last_item_gpsd.yaml"),
+}
+FIGURES = ("auc_epoch1", "best_auc", "final_auc", "final_logloss", "final_gauc")
+
+
+def _init_worker(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def run_one(job: dict) -> dict:
+    """One fine-tuning run (in a worker process); returns its summary plus what identifies it."""
+    from hybrid.config import load_config
+    from hybrid.finetune_job import FinetuneConfig, run_finetune
+
+    overrides = [f"data={json.dumps(job['data'])}", f"out={json.dumps(job['out'])}", f"train.seed={job['seed']}",
+                 "train.progress=false", f"tracking.tracking_uri={json.dumps(job['tracking_uri'])}",
+                 f"tracking.experiment={json.dumps(job['experiment'])}", *job["overrides"]]
+    cfg = load_config(FinetuneConfig, REPO / job["config"], overrides)
+    started = time.perf_counter()
+    summary = run_finetune(cfg, parent_run=job["parent"])
+    return {"ranker": job["ranker"], "protocol": job["protocol"], "seed": job["seed"],
+            "wall_s": round(time.perf_counter() - started, 1), **summary}
+
+
+def aggregate(runs: list[dict]) -> list[dict]:
+    """Mean ± std over seeds per ranker (population std of the finished seeds; 0 for one seed)."""
+    rows = []
+    for ranker in GRID:
+        mine = [r for r in runs if r["ranker"] == ranker]
+        if not mine:
+            continue
+        row = {"ranker": ranker, "protocol": mine[0]["protocol"], "seeds": len(mine)}
+        for key in FIGURES:
+            values = [r[key] for r in mine if r[key] is not None and not math.isnan(r[key])]
+            row[key] = statistics.fmean(values) if values else float("nan")
+            row[f"{key}_std"] = statistics.pstdev(values) if len(values) > 1 else 0.0
+        row["one_epoch_drop"] = sum(bool(r["one_epoch_drop"]) for r in mine)
+        row["best_epoch"] = statistics.fmean(r["best_epoch"] for r in mine)
+        row["wall_s"] = statistics.fmean(r["wall_s"] for r in mine)
+        rows.append(row)
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    def pm(row: dict, key: str) -> str:
+        return f"{row[key]:.4f} ± {row[key + '_std']:.4f}"
+
+    lines = ["| ranker | protocol | AUC end of epoch 1 | best AUC (mean epoch) | AUC after last epoch | logloss | gAUC "
+             "| one-epoch drop | s / run |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['ranker']} | {r['protocol']} | {pm(r, 'auc_epoch1')} | {pm(r, 'best_auc')} "
+                     f"({r['best_epoch']:.2f}) | {pm(r, 'final_auc')} | {pm(r, 'final_logloss')} | "
+                     f"{pm(r, 'final_gauc')} | {r['one_epoch_drop']}/{r['seeds']} seeds | {r['wall_s']:.0f} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--ratings", default="runs/ml1m/ratings", help="prepared protocol-B (ratings) directory")
+    parser.add_argument("--last-item", default="runs/ml1m/last-item", help="prepared protocol-A directory")
+    parser.add_argument("--rankers", nargs="+", default=list(GRID), choices=list(GRID))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="extra config override for every run, e.g. train.epochs=2")
+    parser.add_argument("--tracking-uri", required=True, help="MLflow store, e.g. sqlite:///runs/bench/mlflow.db")
+    parser.add_argument("--experiment", default="ctr-quality")
+    parser.add_argument("--runs-dir", default="runs/bench/ctr_quality", help="where each run's out dir goes")
+    parser.add_argument("--out", default=str(REPO / "bench/results/ctr_quality.json"))
+    parser.add_argument("--workers", type=int, default=1, help="runs in parallel (processes)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per worker")
+    args = parser.parse_args(argv)
+
+    from hybrid.tracking import Tracker
+
+    started = time.perf_counter()
+    tracker = Tracker(args.tracking_uri, args.experiment)
+    runs_dir = Path(args.runs_dir) / time.strftime("%Y%m%d-%H%M%S")
+    with tracker.run("ctr-quality-grid", tags={"stage": "pipeline"}) as parent:
+        jobs = []
+        for seed in args.seeds:               # seeds outermost: a cut-short grid has every ranker at least once
+            for ranker in args.rankers:
+                protocol, config = GRID[ranker]
+                jobs.append({"ranker": ranker, "protocol": protocol, "config": config, "seed": seed,
+                             "data": args.ratings if protocol == "ratings" else args.last_item,
+                             "out": str(runs_dir / f"{ranker}-seed{seed}"), "tracking_uri": args.tracking_uri,
+                             "experiment": args.experiment, "parent": parent, "overrides": args.overrides})
+        runs: list[dict] = []
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        context = mp.get_context("spawn")
+        with context.Pool(args.workers, initializer=_init_worker, initargs=(args.threads,)) as pool:
+            for result in pool.imap_unordered(run_one, jobs):
+                runs.append(result)
+                print(f"[{time.perf_counter() - started:7.0f} s] {result['ranker']} seed {result['seed']}: "
+                      f"AUC@1 {result['auc_epoch1']:.4f} best {result['best_auc']:.4f} final "
+                      f"{result['final_auc']:.4f} logloss {result['final_logloss']:.4f} gAUC "
+                      f"{result['final_gauc']:.4f} drop {result['one_epoch_drop']} ({result['wall_s']:.0f} s)",
+                      flush=True)
+                rows = aggregate(runs)
+                report = {"date": date.today().isoformat(), "machine": f"{os.cpu_count()}-core CPU "
+                          f"({platform.processor() or platform.machine()})", "workers": args.workers,
+                          "threads_per_worker": args.threads, "seeds": args.seeds, "overrides": args.overrides,
+                          "grid_seconds": round(time.perf_counter() - started, 1), "table": rows,
+                          "runs": [{k: v for k, v in r.items() if k != "curve"} | {"curve": r["curve"]}
+                                   for r in runs]}
+                out.write_text(json.dumps(report, indent=2, default=str))
+    print()
+    print(table(aggregate(runs)))
+    print(f"\ngrid: {len(runs)} runs in {time.perf_counter() - started:.0f} s; written to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

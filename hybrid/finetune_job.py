@@ -1,0 +1,334 @@
+"""The fine-tuning stage: prepared data → CTR ranker → best/last checkpoints, logged to MLflow.
+
+``hybrid finetune --config cfg.yaml`` (one process) and ``torchrun --nproc_per_node=N -m hybrid finetune
+...`` (sharded) both call :func:`run_finetune`. It is the glue between the data pipeline
+(:mod:`hybrid.data`), the training loop (:mod:`ctr_models.trainer`, which knows nothing of ``hybrid``) and
+MLflow (:mod:`hybrid.tracking`).
+
+The model is built in one place (:func:`build_model`); a ``prepare_model`` hook then sees it before any
+optimizer exists — the seam for transfer strategies, which load pretrained weights and freeze tables there,
+so a frozen table never gets an in-backward optimizer.
+
+Output layout under ``cfg.out``::
+
+    checkpoints/best/step-00000600/   DCP + manifest.json (config, ranker, feature map, tables, metrics)
+    checkpoints/last/step-00001134/
+    config.yaml                       the resolved config
+    feature_map.json                  the feature map the tables are indexed by
+    result.json                       summary figures, eval curve, checkpoint paths
+
+Example:
+    >>> cfg = load_config(FinetuneConfig, "configs/finetune_ml1m_ratings_dcn_v2.yaml")
+    >>> summary = run_finetune(cfg)
+    >>> summary["auc_epoch1"], summary["best_auc"], summary["one_epoch_drop"]
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ctr_models import Ranker, build_ranker, ranker_classes
+from ctr_models.trainer import (
+    BEST,
+    LAST,
+    CTRTrainConfig,
+    parameter_counts,
+    prepare_for_training,
+    train,
+    unwrap,
+)
+from hybrid.config import from_mapping, to_dict, to_yaml
+from hybrid.data.batching import CANDIDATE_FIELDS, SEQUENCE_FEATURES, CTRBatchConverter, make_loader
+from hybrid.data.feature_map import FeatureMap
+from hybrid.data.protocols import USER_FIELDS
+from hybrid.data.store import data_hash, load_prepared
+from hybrid.errors import HybridInputError
+from hybrid.prepare import TrackingConfig, make_tracker
+from hybrid_base.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, read_manifest
+from hybrid_base.training import init_distributed, seed_everything
+
+CHECKPOINTS = "checkpoints"
+#: Features a CTR batch can carry (``CTRBatchConverter``): user fields, candidate fields, the genres bag and
+#: the history sequences. A feature-map key outside this set is never in a batch, so no table is built for it.
+CTR_FEATURES = ("user_id", *USER_FIELDS, *CANDIDATE_FIELDS, "genres", *SEQUENCE_FEATURES)
+
+#: ``prepare_model(model, feature_map)``: called on the freshly built ranker before optimizers are attached
+#: (load / freeze weights here); may return a JSON-able report, logged as ``transfer_report.json``.
+PrepareModel = Callable[[Ranker, FeatureMap], "Mapping[str, Any] | None"]
+
+
+@dataclass
+class RankerSpec:
+    """The ranker section of a fine-tuning config.
+
+    Args:
+        name: a registered ranker: ``dcn_v2``, ``mmoe``, ``multi_embedding_moe``, ``tin`` or ``gpsd``.
+        config: that ranker's config as a nested mapping (``DCNv2Config`` fields for ``dcn_v2``...), checked
+            key by key; unset fields keep the ranker's defaults. ``features.max_len`` follows
+            ``train.max_history`` (the history window is set once).
+
+    Example:
+        >>> RankerSpec("dcn_v2", {"cross_type": "mixture", "features": {"embedding_dim": 16}})
+    """
+
+    name: str = "dcn_v2"
+    config: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.resolve()  # a typo fails when the config is loaded, not after the data is read
+
+    def resolve(self, max_history: int | None = None) -> Any:
+        """The ranker's config dataclass, with ``features.max_len = max_history`` when given.
+
+        Raises:
+            ValueError: unknown ranker, unknown key (named with its full path), bad value, or a
+                ``features.max_len`` that contradicts ``max_history``.
+        """
+        try:
+            config_cls, _ = ranker_classes(self.name)
+        except ValueError:
+            from ctr_models import RANKER_NAMES
+
+            raise ValueError(f"name: unknown ranker {self.name!r}; expected one of {list(RANKER_NAMES)}") from None
+        raw = dict(self.config)
+        if max_history is not None:
+            features = dict(raw.get("features") or {})
+            if features.get("max_len", max_history) != max_history:
+                raise ValueError(f"ranker.config.features.max_len ({features['max_len']}) differs from "
+                                 f"train.max_history ({max_history}); set the history window once, with "
+                                 "train.max_history")
+            raw["features"] = {**features, "max_len": max_history}
+        try:
+            return from_mapping(config_cls, raw, prefix="ranker.config.", source="ranker")
+        except HybridInputError as err:  # re-raised as ValueError: the config loader adds the file name
+            raise ValueError(str(err).removeprefix("ranker: ")) from None
+
+
+@dataclass
+class FinetuneConfig:
+    """``hybrid finetune``: prepared data → CTR ranker → ``out``.
+
+    Args:
+        data: a prepared data directory (``hybrid data prepare --out ...``).
+        ranker: which ranker and its config (:class:`RankerSpec`).
+        task_names: label columns to train, in order; the first is the primary task (``eval/auc``, best
+            checkpoint). ``ratings`` data has ``click`` and ``rating5``.
+        train: the loop (:class:`~ctr_models.trainer.CTRTrainConfig`).
+        out: output directory (checkpoints, resolved config, feature map, default MLflow store).
+        tracking: MLflow settings.
+    """
+
+    data: str = ""
+    ranker: RankerSpec = field(default_factory=RankerSpec)
+    task_names: list[str] = field(default_factory=lambda: ["click"])
+    train: CTRTrainConfig = field(default_factory=CTRTrainConfig)
+    out: str = "runs/finetune"
+    tracking: TrackingConfig = field(default_factory=lambda: TrackingConfig(experiment="finetune"))
+
+    def __post_init__(self) -> None:
+        if not self.task_names or len(set(self.task_names)) != len(self.task_names):
+            raise ValueError(f"task_names must be distinct label columns, at least one; got {self.task_names}")
+        self.ranker_config()
+
+    def ranker_config(self) -> Any:
+        """The resolved ranker config dataclass (history window = ``train.max_history``)."""
+        return self.ranker.resolve(self.train.max_history)
+
+
+def ctr_vocab_sizes(fm: FeatureMap) -> dict[str, int]:
+    """Vocabulary sizes of the feature-map keys a CTR batch can carry (:data:`CTR_FEATURES`)."""
+    return {k: v for k, v in fm.vocab_sizes().items() if k in CTR_FEATURES}
+
+
+def build_model(cfg: FinetuneConfig, feature_map: FeatureMap, *,
+                embedding_device: torch.device | str | None = None) -> Ranker:
+    """The ranker of ``cfg`` over ``feature_map``'s vocabularies, initialised from ``cfg.train.seed``.
+
+    Args:
+        cfg: the job config (ranker, task names, seed, history window).
+        feature_map: the prepared data's (or a checkpoint's) feature map.
+        embedding_device: where the tables are created (``"meta"`` before sharding).
+
+    Raises:
+        HybridInputError: a config the ranker refuses (e.g. a field the data does not have).
+
+    Example:
+        >>> model = build_model(cfg, load_prepared("runs/ml1m/ratings").feature_map)
+        >>> model.spec.kjt_keys          # the KJT keys its batches must carry
+    """
+    config = cfg.ranker_config()
+    seed_everything(cfg.train.seed)
+    try:
+        return build_ranker(cfg.ranker.name, config, ctr_vocab_sizes(feature_map), cfg.task_names,
+                            embedding_device=embedding_device)
+    except ValueError as err:
+        raise HybridInputError(f"ranker ({cfg.ranker.name}): {err}") from None
+
+
+def run_finetune(cfg: FinetuneConfig, parent_run: str | None = None, prepare_model: PrepareModel | None = None,
+                 strategy: str = "nt") -> dict[str, Any]:
+    """Train the ranker of ``cfg`` (sharded under ``torchrun``); log to MLflow on rank 0.
+
+    Args:
+        cfg: the job config.
+        parent_run: MLflow run id to nest this stage under.
+        prepare_model: ``prepare_model(model, feature_map)`` runs on the built (unsharded, CPU) ranker before
+            the tables get their in-backward optimizer and before sharding: load pretrained weights and set
+            ``requires_grad=False`` on frozen tables there (a frozen table then gets no optimizer). A
+            returned mapping is saved as ``transfer_report.json`` (out dir and MLflow artifact).
+        strategy: transfer strategy recorded in the ``strategy`` tag (``nt`` = no transfer).
+
+    Returns:
+        ``auc_epoch1``, ``best_auc``, ``best_epoch``, ``best_step``, ``best_logloss``, ``best_gauc``,
+        ``final_auc``, ``final_logloss``, ``final_gauc``, ``one_epoch_drop`` (bool),
+        ``one_epoch_auc_drop``, ``steps``, ``epochs`` (see ``CTRTrainResult.summary``), plus ``curve``
+        (``[[epoch, auc], ...]``), ``best_checkpoint``, ``last_checkpoint``, ``run_id``, ``seconds``.
+
+    Raises:
+        HybridInputError: bad config or data (one line naming the key, column or file).
+    """
+    started = time.perf_counter()
+    if not cfg.data:
+        raise HybridInputError("data: set the prepared data directory (data: runs/ml1m/ratings)")
+    prepared = load_prepared(cfg.data)
+    fm = prepared.feature_map
+    out = Path(cfg.out)
+    root = out / CHECKPOINTS
+    for kind in (BEST, LAST):
+        if latest_checkpoint(root / kind) is not None:
+            raise HybridInputError(f"{root / kind}: already holds a fine-tuned checkpoint; choose another out "
+                                   "(a finished run is never overwritten)")
+
+    import torch.distributed as dist
+
+    had_group = dist.is_initialized()
+    ctx = init_distributed()
+    own_group = ctx.is_distributed and not had_group  # a group we started is ours to end
+    try:
+        if cfg.train.batch_size % ctx.world_size:
+            raise HybridInputError(f"train.batch_size ({cfg.train.batch_size}) must be divisible by the "
+                                   f"{ctx.world_size} processes")
+        # Built on CPU on every rank (same seed, same values) even when sharded: prepare_model sees real
+        # tables it can load into, and shard_model carries non-meta table values into the shards.
+        model = build_model(cfg, fm)
+        counts = parameter_counts(model)
+        report = prepare_model(model, fm) if prepare_model is not None else None
+        model = prepare_for_training(model, cfg.train.optim, ctx=ctx)
+        core = unwrap(model)
+
+        # Batches carry exactly the keys the ranker reads; a missing label column is a one-line error.
+        fields = list(core.spec.kjt_keys)
+        tasks = tuple(cfg.task_names)
+        window = cfg.train.max_history
+        train_loader = make_loader(
+            CTRBatchConverter(prepared, "ctr_train", max_history=window, fields=fields, task_names=tasks),
+            batch_size=cfg.train.batch_size // ctx.world_size, shuffle=True, seed=cfg.train.seed,
+            num_replicas=ctx.world_size, rank=ctx.rank)
+        eval_loader = make_loader(
+            CTRBatchConverter(prepared, "ctr_test", max_history=window, fields=fields, task_names=tasks),
+            batch_size=cfg.train.eval_batch_size, shuffle=False)  # whole split on every rank
+
+        if ctx.rank == 0:
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "config.yaml").write_text(to_yaml(cfg))
+            fm.save(out / "feature_map.json")
+            if report is not None:
+                (out / "transfer_report.json").write_text(json.dumps(report, indent=2, default=str))
+
+        dhash = prepared.stats.get("data_hash") or data_hash(cfg.data)
+        tags = {"stage": "finetune", "ranker": cfg.ranker.name, "strategy": strategy, "seed": cfg.train.seed,
+                "dense_params": counts["dense"], "sparse_params": counts["sparse"], "data_hash": dhash,
+                "protocol": prepared.stats.get("protocol", "unknown"), "tasks": ",".join(tasks),
+                "world_size": ctx.world_size}
+        backbone = _backbone_config(core.config)
+        if backbone is not None:
+            tags["model_size"] = backbone.size_name
+
+        tracker = make_tracker(cfg.tracking, out)
+        run_name = f"finetune-{cfg.ranker.name}-{strategy}-seed{cfg.train.seed}"
+        with tracker.run(run_name, parent=parent_run, tags=tags) as run:
+            tracker.log_params(run, {**to_dict(cfg), "resolved_ranker": dataclasses.asdict(core.config)})
+            if report is not None:
+                tracker.log_json(run, report, "transfer_report.json")
+
+            def log_metrics(metrics: dict[str, float], step: int, epoch: float) -> None:
+                tracker.log_metrics(run, metrics, step=step, epoch=epoch)
+
+            manifest = {"config": to_dict(cfg), "ranker_name": cfg.ranker.name, "feature_map": fm.to_dict(),
+                        "data_hash": dhash, "strategy": strategy, "mlflow_run_id": run}
+            result = train(model, train_loader, eval_loader, cfg.train, ctx=ctx, checkpoint_dir=root,
+                           manifest=manifest, log_metrics=log_metrics)
+            summary = result.summary()
+            drop = result.one_epoch
+            tracker.set_tags(run, {"one_epoch_drop": "true" if drop.flagged else "false"})
+            final = {"one_epoch/drop": float(drop.flagged), **{f"summary/{k}": v for k, v in summary.items()
+                                                                  if k not in ("one_epoch_drop", "steps", "epochs")}}
+            if not math.isnan(drop.drop):
+                final["one_epoch/drop_size"] = drop.drop
+            tracker.log_metrics(run, {k: float(v) for k, v in final.items() if not math.isnan(float(v))},
+                                step=result.step, epoch=result.epoch)
+            summary.update(curve=[list(p) for p in result.curve()], run_id=run,
+                           best_checkpoint=str(result.best_checkpoint) if result.best_checkpoint else None,
+                           last_checkpoint=str(result.last_checkpoint) if result.last_checkpoint else None,
+                           seconds=round(time.perf_counter() - started, 2))
+            if ctx.rank == 0:
+                (out / "result.json").write_text(json.dumps(summary, indent=2))
+            tracker.log_json(run, summary, "finetune_result.json")
+        return summary
+    except CheckpointError as err:  # an unreadable / mismatched checkpoint is bad input: one line, exit 2
+        raise HybridInputError(str(err)) from None
+    finally:
+        if own_group and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _backbone_config(config: Any) -> Any:
+    """The transformer backbone config of a ranker config (GPSD ranker, transformer history), or None."""
+    backbone = getattr(config, "backbone", None)
+    if backbone is None:
+        backbone = getattr(getattr(config, "history", None), "backbone", None)
+    return backbone if hasattr(backbone, "size_name") else None
+
+
+def load_finetuned(checkpoint: str | Path) -> tuple[Ranker, dict[str, Any]]:
+    """Rebuild the ranker saved in a fine-tuning checkpoint (unsharded, on CPU) and load its weights.
+
+    Args:
+        checkpoint: a checkpoint directory (``<out>/checkpoints/best/step-…``) or a ``best`` / ``last``
+            root (its newest complete checkpoint is used).
+
+    Returns:
+        ``(model in eval mode, manifest)``; ``manifest["feature_map"]`` is the feature map of its ids.
+
+    Example:
+        >>> model, manifest = load_finetuned("runs/ml1m/finetune-dcn_v2/checkpoints/best")
+        >>> manifest["metrics"]["eval/auc"]
+    """
+    path = Path(checkpoint)
+    if not (path / "manifest.json").is_file():
+        newest = latest_checkpoint(path)
+        if newest is None:
+            raise HybridInputError(f"{path}: no complete fine-tuning checkpoint here")
+        path = newest
+    manifest = read_manifest(path)
+    try:
+        fm = FeatureMap.from_dict(manifest["feature_map"], source=f"{path}/manifest.json")
+        model = build_ranker(manifest["ranker_name"], manifest["ranker_config"], ctr_vocab_sizes(fm),
+                             manifest["task_names"])
+    except (KeyError, ValueError) as err:
+        raise HybridInputError(f"{path}: not a fine-tuning checkpoint this version can rebuild ({err})") from None
+    state = {"model": model.state_dict()}
+    try:
+        load_checkpoint(path, state)
+    except CheckpointError as err:
+        raise HybridInputError(str(err)) from None
+    model.load_state_dict(state["model"])
+    return model.eval(), manifest
