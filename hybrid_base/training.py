@@ -185,8 +185,16 @@ def shard_model(model: nn.Module, ctx: DistributedContext,
         sharding_types: table name → ``row_wise`` / ``table_wise`` / ``column_wise`` constraint, e.g.
             ``{"t_item_id": "row_wise"}`` for the large item table.
 
-    A table without an in-backward optimizer (a frozen one: :func:`apply_sparse_optimizer` skips
-    ``requires_grad=False``) is *not* updated: see :func:`untrained_table_fused_params`.
+    Two guarantees beyond TorchRec's defaults (both matter for transferred, frozen tables):
+
+    * a table without an in-backward optimizer (a frozen one: :func:`apply_sparse_optimizer` skips
+      ``requires_grad=False``) is *not* updated (:func:`untrained_table_fused_params`), and a frozen table
+      is never planned ``data_parallel`` (that kernel is a dense parameter the dense optimizer would step);
+    * tables that already hold values (built on CPU, or loaded by a transfer) keep them. TorchRec copies an
+      ``EmbeddingCollection``'s values into its shards unless it was built on ``meta``, but re-initialises
+      an ``EmbeddingBagCollection`` on CPU; so every non-meta table is loaded into the sharded model after
+      wrapping (replicated tables from rank 0, so the replicas agree). Tables built on ``meta`` are left
+      to the shards' own initialisation.
     """
     import torch.distributed as dist
     from torchrec.distributed.embedding import EmbeddingCollectionSharder
@@ -194,7 +202,18 @@ def shard_model(model: nn.Module, ctx: DistributedContext,
     from torchrec.distributed.model_parallel import DistributedModelParallel
     from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
 
+    from hybrid_base.tables import is_table_key
+
     constraints = {name: ParameterConstraints(sharding_types=[kind]) for name, kind in (sharding_types or {}).items()}
+    for name in _frozen_table_names(model):
+        kind = (sharding_types or {}).get(name)
+        if kind == "data_parallel":
+            raise ValueError(f"table {name} is frozen (requires_grad=False) but sharding_types asks for data_parallel, "
+                             "whose dense kernel the dense optimizer would train; use table_wise or row_wise")
+        if kind is None:
+            constraints[name] = ParameterConstraints(sharding_types=["table_wise", "row_wise"])
+    preset = {key: value for key, value in model.state_dict().items()
+              if is_table_key(key) and isinstance(value, torch.Tensor) and not value.is_meta}
     topology = Topology(world_size=ctx.world_size, compute_device=ctx.device.type)
     planner = EmbeddingShardingPlanner(topology=topology, constraints=constraints)
     fused = untrained_table_fused_params()
@@ -204,7 +223,33 @@ def shard_model(model: nn.Module, ctx: DistributedContext,
         raise RuntimeError("shard_model needs a process group: run under torchrun or call init_distributed() "
                            "with WORLD_SIZE set (a 1-rank group is fine)")
     plan = planner.collective_plan(model, sharders, group)
-    return DistributedModelParallel(model, device=ctx.device, plan=plan, sharders=sharders)
+    dmp = DistributedModelParallel(model, device=ctx.device, plan=plan, sharders=sharders)
+    if preset:
+        _restore_table_values(dmp, preset)
+    return dmp
+
+
+def _frozen_table_names(model: nn.Module) -> set[str]:
+    from hybrid_base.tables import table_parameters
+
+    return {name for _, name, weight in table_parameters(model) if not weight.requires_grad}
+
+
+@torch.no_grad()
+def _restore_table_values(dmp: nn.Module, preset: Mapping[str, torch.Tensor]) -> None:
+    """Write full (unsharded) table values into a freshly sharded model; replicated tables from rank 0."""
+    import torch.distributed as dist
+
+    from hybrid_base.tables import copy_full_into
+
+    state = dmp.state_dict()
+    for key, full in preset.items():
+        target = state.get(key)
+        if target is None:
+            continue
+        copy_full_into(target, full)  # each rank writes the rows/columns it holds
+        if type(target) is torch.Tensor and dist.is_initialized():
+            dist.broadcast(target, src=0)  # a replicated (data_parallel) table: every rank takes rank 0's values
 
 
 def untrained_table_fused_params() -> dict:

@@ -1,0 +1,36 @@
+"""Transfer of generatively pretrained weights into CTR models (GPSD's NT / FT / ST / FT&SF / ST&SF).
+
+One config, one call, one report — PEFT-style::
+
+    from adapters import TransferConfig, apply_transfer
+
+    report = apply_transfer(model, TransferConfig(strategy="st_sf", checkpoint="runs/pretrain/checkpoints"),
+                            target_feature_map)
+    print(report)                                  # what was loaded / initialised / frozen / skipped
+    model = prepare_for_training(model, optim)     # optimizers (trainable tables only), then sharding
+
+Targets: the built-in rankers (tables found by name; FT also moves every ``hybrid_base`` backbone — the
+GPSD ranker's, a transformer history encoder's) and any model of your own built on TorchRec
+``EmbeddingCollection`` / ``EmbeddingBagCollection`` (sharded under DMP or not) or ``nn.Embedding``
+tables, through ``table_map``. Rows are aligned by raw value through the two feature maps, never by
+position. Imports ``pretrain``-free pieces of ``hybrid_base`` and torch/torchrec only (never ``hybrid``).
+"""
+from adapters.config import NEW_ROW_POLICIES, PROJECTIONS, Strategy, TableTarget, TransferConfig, TransferError
+from adapters.report import ModuleEntry, TableEntry, TransferReport
+from adapters.source import PretrainedCheckpoint
+from adapters.transfer import apply_transfer, project
+
+__all__ = [
+    "NEW_ROW_POLICIES",
+    "PROJECTIONS",
+    "ModuleEntry",
+    "PretrainedCheckpoint",
+    "Strategy",
+    "TableEntry",
+    "TableTarget",
+    "TransferConfig",
+    "TransferError",
+    "TransferReport",
+    "apply_transfer",
+    "project",
+]

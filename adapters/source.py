@@ -1,0 +1,149 @@
+"""The pretraining checkpoint as a transfer source: what it holds, and loading just the parts asked for.
+
+A pretraining checkpoint (``pretrain.trainer``) is a DCP directory whose state holds the generative model
+under the key ``model`` — ``model.embeddings.embeddings.t_<feature>.weight`` (tables, possibly written as
+row-wise ``ShardedTensor``), ``model.backbone.*``, ``model.input_proj.weight`` — beside optimizer and RNG
+state we never read; its ``manifest.json`` holds the feature map the tables are indexed by, the model
+config and the pretraining MLflow run id. DCP stores tensors by global layout, so reading them into
+plain full tensors works whatever the number of ranks that wrote them (the resharding the adapters rely on).
+
+Example:
+    >>> source = PretrainedCheckpoint.open("runs/pretrain/checkpoints")        # the LATEST one
+    >>> source.tables                           # {'t_item_id': (1684, 64), 't_category': (21, 64), ...}
+    >>> tensors = source.load(["model.embeddings.embeddings.t_item_id.weight"])
+"""
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from adapters.config import TransferError
+from hybrid_base.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, read_manifest
+
+MODEL_KEY = "model"
+TABLE_PREFIX = f"{MODEL_KEY}.embeddings.embeddings."
+BACKBONE_PREFIX = f"{MODEL_KEY}.backbone."
+INPUT_PROJ_KEY = f"{MODEL_KEY}.input_proj.weight"
+
+
+def table_key(table: str) -> str:
+    """DCP key of a pretrained table: ``t_item_id`` → ``model.embeddings.embeddings.t_item_id.weight``."""
+    return f"{TABLE_PREFIX}{table}.weight"
+
+
+def table_feature(table: str) -> str:
+    """The feature a pretrained table embeds (``t_item_id`` → ``item_id``)."""
+    return table[2:] if table.startswith("t_") else table
+
+
+@dataclass
+class PretrainedCheckpoint:
+    """A readable pretraining checkpoint.
+
+    Args:
+        path: the checkpoint directory (holds ``manifest.json`` and the DCP files).
+        manifest: its manifest.
+        shapes: every tensor key of the DCP state → global shape.
+    """
+
+    path: Path
+    manifest: dict[str, Any]
+    shapes: dict[str, tuple[int, ...]] = field(repr=False)
+
+    @classmethod
+    def open(cls, path: str | Path) -> "PretrainedCheckpoint":
+        """Open a checkpoint directory, or the newest complete one under a checkpoint root (``LATEST``).
+
+        Raises:
+            TransferError: no checkpoint there, or not a pretraining checkpoint (names the path).
+        """
+        path = Path(path)
+        if not (path / "manifest.json").is_file():
+            latest = latest_checkpoint(path) if path.is_dir() else None
+            if latest is None:
+                raise TransferError(f"{path}: not a pretraining checkpoint (no manifest.json, and no LATEST "
+                                    "pointer to a complete checkpoint)")
+            path = latest
+        try:
+            manifest = read_manifest(path)
+            from torch.distributed.checkpoint import FileSystemReader
+            from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+            metadata = FileSystemReader(str(path)).read_metadata().state_dict_metadata
+        except (CheckpointError, OSError, ValueError) as err:
+            raise TransferError(f"{path}: unreadable checkpoint ({err})") from None
+        shapes = {k: tuple(v.size) for k, v in metadata.items() if isinstance(v, TensorStorageMetadata)}
+        source = cls(path=path, manifest=manifest, shapes=shapes)
+        if not source.tables:
+            raise TransferError(f"{path}: holds no pretrained tables (no '{TABLE_PREFIX}t_<feature>.weight' "
+                                "keys); is it a pretraining checkpoint?")
+        return source
+
+    @property
+    def tables(self) -> dict[str, tuple[int, int]]:
+        """Pretrained table name → ``(rows, dim)``."""
+        out = {}
+        for key, shape in self.shapes.items():
+            if key.startswith(TABLE_PREFIX) and key.endswith(".weight"):
+                out[key[len(TABLE_PREFIX):-len(".weight")]] = shape
+        return dict(sorted(out.items()))
+
+    @property
+    def backbone_shapes(self) -> dict[str, tuple[int, ...]]:
+        """``backbone.*`` parameter name (relative to the backbone) → shape."""
+        return {k[len(BACKBONE_PREFIX):]: s for k, s in self.shapes.items() if k.startswith(BACKBONE_PREFIX)}
+
+    @property
+    def input_proj_shape(self) -> tuple[int, ...] | None:
+        return self.shapes.get(INPUT_PROJ_KEY)
+
+    @property
+    def feature_map(self) -> dict[str, Any] | None:
+        """The feature map (dict form) the pretrained tables are indexed by, if the manifest has one."""
+        return self.manifest.get("feature_map")
+
+    @property
+    def run_id(self) -> str | None:
+        """The MLflow run id of the pretraining run, if it was logged."""
+        run = self.manifest.get("mlflow_run_id")
+        return str(run) if run else None
+
+    @property
+    def backbone_config(self) -> dict[str, Any] | None:
+        model = self.manifest.get("model")
+        return model.get("backbone") if isinstance(model, Mapping) else None
+
+    def load(self, keys: Iterable[str]) -> dict[str, torch.Tensor]:
+        """Read the tensors ``keys`` (full, unsharded, CPU) in one DCP call.
+
+        Under a process group every rank must call it with the same keys (DCP's load is collective);
+        each rank gets the full tensors.
+        """
+        keys = sorted(set(keys))
+        missing = [k for k in keys if k not in self.shapes]
+        if missing:
+            raise TransferError(f"{self.path}: the checkpoint has no {', '.join(missing)}")
+        if not keys:
+            return {}
+        nested: dict[str, Any] = {}
+        flat: dict[str, torch.Tensor] = {}
+        for key in keys:
+            tensor = torch.empty(self.shapes[key])
+            flat[key] = tensor
+            node = nested
+            head, _, rest = key.partition(".")
+            # DCP flattens one level of nesting per dict; the model state is one dict under "model"
+            node.setdefault(head, {})[rest] = tensor
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\.distributed\.checkpoint")
+            load_checkpoint(self.path, nested)
+        return flat
+
+    def describe(self) -> str:
+        tables = ", ".join(f"{t} {r}x{d}" for t, (r, d) in self.tables.items())
+        return f"{self.path} ({tables}; {len(self.backbone_shapes)} backbone tensors)"
