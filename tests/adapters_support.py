@@ -1,0 +1,89 @@
+"""Builders shared by the adapter tests: small feature maps with overlapping raw ids, a pretraining
+checkpoint written the way ``pretrain.trainer`` writes it (state under ``model``, feature map in the
+manifest), and the raw-id ground truth computed without the code under test."""
+from __future__ import annotations
+
+import contextlib
+import copy
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from hybrid.data.feature_map import FeatureMap
+from hybrid_base.checkpoint import save_checkpoint
+from pretrain import GenerativeModel, GenerativeModelConfig
+
+SHARED = {"hist_item_id": "item_id", "hist_category": "category", "hist_action": "action"}
+CATEGORIES = ["Drama", "Comedy", "Action", "Horror", "War"]
+
+
+def feature_map(items: list[str], seed: int, categories=CATEGORIES, users: int = 30) -> FeatureMap:
+    """A feature map over ``items`` whose id order depends on ``seed`` (frequencies are drawn)."""
+    rng = np.random.default_rng(seed)
+    cols = {"item_id": pd.Series(rng.choice(items, 40 * len(items))),
+            "category": pd.Series(rng.choice(categories, 200)),
+            "action": pd.Series(rng.choice(["1", "2", "3", "4", "5"], 200)),
+            "user_id": pd.Series(rng.choice([f"u{k}" for k in range(users)], 300))}
+    return FeatureMap.fit(cols, shared=SHARED)
+
+
+def source_and_target_maps() -> tuple[FeatureMap, FeatureMap]:
+    """Pretraining map over items i0..i39, target map over i10..i59 (30 shared raw ids, 20 new)."""
+    return feature_map([f"i{k}" for k in range(40)], 0), feature_map([f"i{k}" for k in range(10, 60)], 1)
+
+
+def write_pretrain_checkpoint(root: Path, fm: FeatureMap, config: GenerativeModelConfig | None = None,
+                              seed: int = 0, run_id: str = "pretrain-run-0") -> tuple[Path, GenerativeModel]:
+    """A GenerativeModel with random weights saved like the trainer saves it; returns (dir, model)."""
+    config = config or GenerativeModelConfig.tiny()
+    torch.manual_seed(seed)
+    model = GenerativeModel(config, fm.vocab_sizes())
+    with torch.no_grad():  # make every parameter distinct from any fresh init (norm weights start at 1)
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    tables = {f"t_{f}": [n, config.table_dim] for f, n in model.vocab_sizes.items()}
+    path = save_checkpoint(root, 7, {"model": model.state_dict()},
+                           {"feature_map": fm.to_dict(), "model": config.to_dict(), "tables": tables,
+                            "mlflow_run_id": run_id, "world_size": 1})
+    return path, model
+
+
+def raw_alignment(target: FeatureMap, source: FeatureMap, feature: str) -> dict[int, int]:
+    """target id → source id of the same raw value, by dict lookup over the tokens (known values only)."""
+    src = {tok: i + 2 for i, tok in enumerate(source[feature].tokens)}
+    return {i + 2: src[tok] for i, tok in enumerate(target[feature].tokens) if tok in src}
+
+
+def snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+@contextlib.contextmanager
+def one_rank_group():
+    """A 1-rank gloo process group for in-process DMP, torn down afterwards (only if we started it)."""
+    import torch.distributed as dist
+
+    from hybrid_base.training import init_distributed
+
+    started = not dist.is_initialized()
+    ctx = init_distributed(single_process_group=True)
+    try:
+        yield ctx
+    finally:
+        if started and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def local_table(state_value: torch.Tensor) -> torch.Tensor:
+    """The full table of a 1-rank sharded model (its only shard), or the tensor itself."""
+    if hasattr(state_value, "local_shards"):
+        shards = state_value.local_shards()
+        assert len(shards) == 1 and list(shards[0].metadata.shard_offsets) == [0, 0]
+        return shards[0].tensor.detach().clone()
+    return state_value.detach().clone()
+
+
+def deepcopy(model):
+    return copy.deepcopy(model)
