@@ -24,7 +24,7 @@ from __future__ import annotations
 import difflib
 import enum
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -169,7 +169,8 @@ class TransferConfig:
         table_map = None
         if self.table_map is not None:
             table_map = {k: [{"path": t.path, "feature": t.feature} for t in v] for k, v in self.table_map.items()}
-        return {"strategy": self.strategy.value, "checkpoint": None if self.checkpoint is None else str(self.checkpoint),
+        checkpoint = None if self.checkpoint is None else str(self.checkpoint)
+        return {"strategy": self.strategy.value, "checkpoint": checkpoint,
                 "table_map": table_map, "tables": list(self.tables) if self.tables is not None else None,
                 "new_rows": self.new_rows, "projection": self.projection,
                 "backbone_paths": list(self.backbone_paths) if self.backbone_paths is not None else None,

@@ -257,7 +257,8 @@ def _unknown(inner: nn.Module, spec: str, source_table: str, what: str) -> str:
     close = difflib.get_close_matches(spec, candidates, n=3, cutoff=0.4)
     hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
     known = f" Tables in the model: {', '.join(candidates[:12])}" + (" ..." if len(candidates) > 12 else "")
-    return f"table_map['{source_table}'] = '{spec}': {what}{hint}.{known if candidates else ' The model has no embedding tables.'}"
+    tail = known if candidates else " The model has no embedding tables."
+    return f"table_map['{source_table}'] = '{spec}': {what}{hint}.{tail}"
 
 
 def backbone_modules(inner: nn.Module) -> list[str]:

@@ -304,7 +304,8 @@ def _check_module(what: str, source: Mapping[str, tuple], target: Mapping[str, t
               for k in sorted(set(source) & set(target)) if tuple(source[k]) != tuple(target[k])]
     if missing or unexpected or differ:
         cfg = checkpoint.backbone_config or {}
-        pretrained = f"{cfg.get('kind', '?')} L{cfg.get('num_layers', '?')}H{cfg.get('dim', '?')}A{cfg.get('num_heads', '?')}"
+        size = f"L{cfg.get('num_layers', '?')}H{cfg.get('dim', '?')}A{cfg.get('num_heads', '?')}"
+        pretrained = f"{cfg.get('kind', '?')} {size}"
         parts = []
         if differ:
             parts.append("shapes differ: " + "; ".join(differ[:6]) + (" ..." if len(differ) > 6 else ""))

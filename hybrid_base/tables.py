@@ -66,7 +66,7 @@ def copy_full_into(target: torch.Tensor, full: torch.Tensor, rows: torch.Tensor 
         rows: optional bool ``[R]``: write only these rows (the others keep their values).
     """
     if global_shape(target) != tuple(full.shape):
-        raise ValueError(f"table of shape {tuple(global_shape(target))} cannot take values of shape {tuple(full.shape)}")
+        raise ValueError(f"table of shape {global_shape(target)} cannot take values of shape {tuple(full.shape)}")
     for block, (r0, c0) in local_blocks(target):
         if block.numel() == 0:
             continue

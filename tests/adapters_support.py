@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pytest
 import torch
 
 from hybrid.data.feature_map import FeatureMap
@@ -87,3 +88,13 @@ def local_table(state_value: torch.Tensor) -> torch.Tensor:
 
 def deepcopy(model):
     return copy.deepcopy(model)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread (as the trainer tests): on a shared 2-core machine a second busy process slows
+    2-thread OpenMP kernels down by orders of magnitude (measured: 3 pretraining steps 11 s → 0.3 s)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

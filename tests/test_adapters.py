@@ -16,6 +16,7 @@ from torch import nn
 from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
 
 from adapters import Strategy, TableTarget, TransferConfig, TransferError, TransferReport, apply_transfer, project
+from adapters_support import one_thread  # noqa: F401 (autouse fixture)
 from adapters_support import raw_alignment, snapshot, source_and_target_maps, write_pretrain_checkpoint
 from ctr_models import DCNv2Config, FeatureConfig, GPSDRankerConfig, HistoryConfig, build_ranker
 from hybrid_base.backbones import BackboneConfig
@@ -78,7 +79,8 @@ def test_each_strategy_loads_exactly_the_intended_parameters(maps, pretrained, s
         if s.moves_tables:
             entry = next(e for e in report.tables if e.target == f"features.ec:{table}")
             rows = after[key].shape[0]
-            assert (entry.status, entry.rows_aligned, entry.rows_new) == ("loaded", len(mapping), rows - 1 - len(mapping))
+            new = rows - 1 - len(mapping)  # every row but padding and the matched ones (OOV included)
+            assert (entry.status, entry.rows_aligned, entry.rows_new) == ("loaded", len(mapping), new)
     assert len(raw_alignment(tgt_fm, src_fm, "item_id")) == 30  # the maps share 30 of 50 items
     for key in after:
         if key.startswith("backbone."):
@@ -146,7 +148,8 @@ def test_ft_moves_the_transformer_history_encoder_and_every_expert_gets_its_tabl
     for k in range(2):
         table = moe.experts[k].input.features.ec.embeddings["t_item_id"].weight
         assert not table.requires_grad
-        assert all(torch.equal(table[t], source["embeddings.embeddings.t_item_id.weight"][s]) for t, s in mapping.items())
+        pretrained_rows = source["embeddings.embeddings.t_item_id.weight"]
+        assert all(torch.equal(table[t], pretrained_rows[s]) for t, s in mapping.items())
     assert ("t_category", "not in TransferConfig.tables") in report.skipped
 
 
@@ -248,7 +251,8 @@ def test_projection_only_when_asked(maps, pretrained):
 def test_clear_errors_name_tables_modules_and_shapes(maps, pretrained, tmp_path):
     src_fm, tgt_fm = maps
     path, _ = pretrained
-    with pytest.raises(TransferError, match=r"unknown transfer strategy 'sft'; expected one of nt, ft, st, ft_sf, st_sf"):
+    with pytest.raises(TransferError, match=r"unknown transfer strategy 'sft'; expected one of nt, ft, st, ft_sf, "
+                                            r"st_sf"):
         TransferConfig("sft", path)
     assert TransferConfig("FT&SF", path).strategy is Strategy.FT_SF
     with pytest.raises(TransferError, match="strategy ST&SF needs a pretraining checkpoint"):
@@ -281,7 +285,8 @@ def test_clear_errors_name_tables_modules_and_shapes(maps, pretrained, tmp_path)
     with pytest.raises(TransferError, match=r"backbone 'backbone' does not match the pretrained backbone \(llama "
                                             r"L2H16A2\): .*not in the model: layers\.1\."):
         apply_transfer(gpsd(tgt_fm, num_layers=1), TransferConfig("ft", path), tgt_fm)
-    with pytest.raises(TransferError, match=r"shapes differ: layers\.0\.feed_forward\.w1\.weight: checkpoint \[64, 16\] vs model \[48, 16\]"):
+    with pytest.raises(TransferError, match=r"shapes differ: layers\.0\.feed_forward\.w1\.weight: checkpoint "
+                                            r"\[64, 16\] vs model \[48, 16\]"):
         apply_transfer(gpsd(tgt_fm, ffn_multiple_of=16), TransferConfig("ft", path), tgt_fm)
 
 
