@@ -98,3 +98,30 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def random_ctr_batch(vocab_sizes: dict[str, int], batch_size: int, generator: torch.Generator,
+                     max_hist: int = 6):
+    """A CTRBatch with the keys the GPSD ranker reads (candidate item/category, item/category/action
+    histories), ids drawn inside ``vocab_sizes`` (known ids, >= 2), random labels."""
+    from torchrec import KeyedJaggedTensor
+
+    from hybrid_base import CTRBatch
+
+    g, B = generator, batch_size
+
+    def ids(feature: str, n: int) -> torch.Tensor:
+        return torch.randint(2, vocab_sizes[feature], (n,), generator=g)
+
+    lengths = torch.randint(1, max_hist + 1, (B,), generator=g)
+    n = int(lengths.sum())
+    ones = torch.ones(B, dtype=torch.long)
+    kjt = KeyedJaggedTensor.from_lengths_sync(
+        keys=["item_id", "category", "hist_item_id", "hist_category", "hist_action"],
+        values=torch.cat([ids("item_id", B), ids("category", B), ids("item_id", n), ids("category", n),
+                          ids("action", n)]),
+        lengths=torch.cat([ones, ones, lengths, lengths, lengths]))
+    t0 = torch.full((B,), 1_700_000_000)
+    return CTRBatch(sparse=kjt, dense=torch.zeros(B, 0), labels=torch.randint(0, 2, (B, 1), generator=g).float(),
+                    timestamps=t0, hist_timestamps=torch.arange(n) + 1_600_000_000, user_index=torch.arange(B),
+                    task_names=("click",))
