@@ -71,6 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config(fine)
     _add_common(fine)
 
+    sweep = commands.add_parser("sweep", help="sizes x strategies x seeds as nested MLflow runs")
+    _add_config(sweep)
+    _add_common(sweep)
+
     review = commands.add_parser("review", help="tables, plots and an HTML page from an experiment's runs")
     review.add_argument("--experiment", required=True, help="MLflow experiment name")
     review.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, "
@@ -153,6 +157,25 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    from hybrid.config import load_config
+    from hybrid.sweep import SweepConfig, run_sweep
+
+    overrides = list(args.overrides)
+    for key, value in (("tracking.tracking_uri", args.tracking_uri), ("tracking.experiment", args.experiment)):
+        if value is not None:
+            overrides.append(f"{key}={json.dumps(value)}")
+    cfg = load_config(SweepConfig, args.config, overrides)
+    result = run_sweep(cfg)
+    print(f"sweep: {len(result['done'])} points run, {len(result['skipped'])} already finished, "
+          f"{len(result['failed'])} failed")
+    for point, error in result["failed"].items():
+        print(f"  failed {point}: {error}")
+    print(f"review it: hybrid review --experiment {cfg.tracking.experiment}"
+          + (f" --tracking-uri {cfg.tracking.tracking_uri}" if cfg.tracking.tracking_uri else ""))
+    return 0
+
+
 def _cmd_review(args: argparse.Namespace) -> int:
     from hybrid.review import run_review
     from hybrid.tracking import Tracker, resolve_tracking_uri
@@ -186,7 +209,7 @@ def _print_stats(stats: dict) -> None:
 
 COMMANDS = {("data", "fetch"): _cmd_fetch, ("data", "prepare"): _cmd_prepare, ("pretrain", None): _cmd_pretrain,
             ("finetune", None): _cmd_finetune,
-            ("review", None): _cmd_review, ("quickstart", None): _cmd_quickstart}
+            ("sweep", None): _cmd_sweep, ("review", None): _cmd_review, ("quickstart", None): _cmd_quickstart}
 
 
 def _quiet_third_party_logs() -> None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import base64
 import html
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -150,7 +151,7 @@ class PowerLaw:
 
 def fit_power_law(n: Sequence[float], auc: Sequence[float]) -> PowerLaw:
     """Least-squares fit of ``AUC = a − b·N^−c`` (scipy's ``curve_fit``); needs ≥ 3 distinct sizes."""
-    from scipy.optimize import curve_fit
+    from scipy.optimize import OptimizeWarning, curve_fit
 
     n = np.asarray(n, dtype=float)
     auc = np.asarray(auc, dtype=float)
@@ -161,7 +162,9 @@ def fit_power_law(n: Sequence[float], auc: Sequence[float]) -> PowerLaw:
         return a - b * np.power(x, -c)
 
     guess = (auc.max() + 0.01, (auc.max() - auc.min() + 1e-3) * n.min() ** 0.3, 0.3)
-    params, _ = curve_fit(model, n, auc, p0=guess, bounds=([0, 0, 1e-4], [2, np.inf, 3]), maxfev=20_000)
+    with warnings.catch_warnings():  # 3 points fit 3 parameters exactly: no covariance, and that is fine
+        warnings.simplefilter("ignore", OptimizeWarning)
+        params, _ = curve_fit(model, n, auc, p0=guess, bounds=([0, 0, 1e-4], [2, np.inf, 3]), maxfev=20_000)
     return PowerLaw(*map(float, params))
 
 

@@ -1,0 +1,42 @@
+"""Glue between the fine-tuning stage and the adapters: a strategy + a pretraining checkpoint → the
+``prepare_model`` hook that :func:`hybrid.finetune_job.run_finetune` calls on the freshly built ranker
+(before its tables get optimizers and before sharding, so sparse-frozen tables get none).
+
+Used by ``hybrid finetune --init CKPT --strategy ...`` and by ``hybrid sweep``.
+
+Example:
+    >>> hook = transfer_hook("st_sf", "runs/pretrain/checkpoints")
+    >>> run_finetune(cfg, prepare_model=hook, strategy="st_sf")
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from adapters import Strategy, TransferConfig, TransferError, apply_transfer
+from hybrid.errors import HybridInputError
+
+STRATEGIES = tuple(s.value for s in Strategy)
+
+
+def transfer_config(strategy: str, checkpoint: str | None, options: Mapping[str, Any] | None = None) -> TransferConfig:
+    """A :class:`~adapters.TransferConfig`; bad strategy / options become one-line input errors."""
+    try:
+        return TransferConfig.from_dict({"strategy": strategy, "checkpoint": checkpoint, **(options or {})})
+    except TransferError as err:
+        raise HybridInputError(str(err)) from None
+
+
+def transfer_hook(strategy: str, checkpoint: str | None, options: Mapping[str, Any] | None = None):
+    """``prepare_model(model, feature_map)`` applying the transfer; returns the report as a dict."""
+    config = transfer_config(strategy, checkpoint, options)
+
+    def prepare_model(model, feature_map) -> dict[str, Any]:
+        try:
+            report = apply_transfer(model, config, feature_map)
+        except TransferError as err:
+            raise HybridInputError(str(err)) from None
+        print(report, flush=True)
+        return report.to_dict()
+
+    return prepare_model
