@@ -190,7 +190,8 @@ class TransferReport:
             detail = m.reason if m.status != LOADED else f"{m.tensors} tensors"
             out.append((m.status, source, target, detail, "", "yes" if m.target else ""))
         if self.other_params:
-            out.append((OWN_INIT, "-", f"all other parameters {self.other_params:,}", "heads, towers, ...", "", "yes"))
+            out.append((OWN_INIT, "-", f"all other parameters {self.other_params:,}", "not listed above", "",
+                        "yes"))
         return out
 
     def __str__(self) -> str:

@@ -149,9 +149,10 @@ def apply_transfer(
         if strategy.freezes_tables:
             plan.slot.freeze()
             entry.frozen = True
-            if entry.rows_new:
-                report.notes.append(f"{plan.slot.name}: {entry.rows_new} row(s) unknown to the pretraining map "
-                                    f"stay at their '{config.new_rows}' init while the table is frozen")
+            unseen = entry.rows_new - (1 if plan.reserved_ids else 0)  # not counting the OOV row
+            if unseen > 0:
+                report.notes.append(f"{plan.slot.name}: {unseen} value(s) the pretraining never saw stay at their "
+                                    f"'{config.new_rows}' init while the table is frozen")
         report.tables.append(entry)
     for mplan in module_plans:
         module = _submodule(inner, mplan.target)

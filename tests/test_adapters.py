@@ -332,5 +332,7 @@ def test_report_round_trips_and_logs_as_json(maps, pretrained):
     assert metrics["transfer/rows_new/features.ec/t_item_id"] == 21  # 20 new items + the OOV row
     lines = str(report).splitlines()
     assert lines[0].startswith("Transfer FT&SF from ") and "(pretrain run pretrain-run-0)" in lines[0]
-    assert lines[-4].startswith("trainable params: ") and "|| trainable%: " in lines[-4]
-    assert lines[-1].startswith("note: features.ec:t_item_id: 21 row(s) unknown to the pretraining map")
+    assert len(report.notes) == 1  # category and action have no unseen values (only their OOV rows)
+    assert lines[-2].startswith("trainable params: ") and "|| trainable%: " in lines[-2]
+    assert lines[-1] == ("note: features.ec:t_item_id: 20 value(s) the pretraining never saw stay at their 'mean' "
+                         "init while the table is frozen")
