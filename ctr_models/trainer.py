@@ -243,9 +243,11 @@ def prepare_for_training(model: Ranker, optim: OptimConfig, *, ctx: DistributedC
         ``model`` itself, or the ``DistributedModelParallel`` wrapping it.
     """
     ctx = ctx or DistributedContext()
+    if not ctx.is_distributed:
+        model = model.to(ctx.device)  # first: the optimizers then hold the parameters where they will live
     apply_sparse_optimizer(embedding_modules(model), optim)  # DMP reads these settings and fuses the update
     if not ctx.is_distributed:
-        return model.to(ctx.device)
+        return model
     return shard_model(model, ctx, sharding_types if sharding_types is not None else DEFAULT_SHARDING)
 
 
@@ -474,7 +476,9 @@ def predict(model: nn.Module, loader: Iterable[CTRBatch], *,
     labels, logits, users = [], [], []
     first, seen, mine = None, 0, 0
     for i, batch in enumerate(loader):
-        first = batch if first is None else first
+        if first is None:
+            check_task_names(batch, core)
+            first = batch
         seen += 1
         if i % ctx.world_size != ctx.rank:
             continue
