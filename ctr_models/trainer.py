@@ -213,15 +213,20 @@ def embedding_modules(model: nn.Module) -> list[nn.Module]:
 
 
 def parameter_counts(model: nn.Module) -> dict[str, int]:
-    """``{"dense": ..., "sparse": ...}``: parameters outside / inside the embedding tables.
+    """``{"dense", "sparse", "backbone"}`` parameter counts of a ranker.
 
-    Works on a model whose tables are on the ``meta`` device (only shapes are read). Call it before
-    sharding (``DistributedModelParallel`` replaces the table modules).
+    ``dense``: every parameter outside the embedding tables; ``sparse``: the tables; ``backbone``: GPSD's
+    "dense parameters" of the transformer backbone(s) (blocks + final norm, as the pretraining model
+    counts them; 0 for a ranker without one) — the ``N`` of the scaling law. Works on a model whose tables
+    are on the ``meta`` device (only shapes are read); call it before sharding (DMP replaces the tables).
     """
     table_params = {id(p) for m in embedding_modules(model) for p in m.parameters()}
-    counts = {"dense": 0, "sparse": 0}
+    counts = {"dense": 0, "sparse": 0, "backbone": 0}
     for p in model.parameters():
         counts["sparse" if id(p) in table_params else "dense"] += p.numel()
+    for name, module in model.named_modules():
+        if name.rsplit(".", 1)[-1] == "backbone" and hasattr(module, "dense_parameter_count"):
+            counts["backbone"] += module.dense_parameter_count()
     return counts
 
 

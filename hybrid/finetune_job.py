@@ -244,8 +244,11 @@ def run_finetune(cfg: FinetuneConfig, parent_run: str | None = None, prepare_mod
                 (out / "transfer_report.json").write_text(json.dumps(report, indent=2, default=str))
 
         dhash = prepared.stats.get("data_hash") or data_hash(cfg.data)
+        # dense_params is GPSD's count (the backbone's) when the ranker has a transformer backbone — the N
+        # of the scaling fit, as the pretraining stage tags it — else every non-table parameter.
         tags = {"stage": "finetune", "ranker": cfg.ranker.name, "strategy": strategy, "seed": cfg.train.seed,
-                "dense_params": counts["dense"], "sparse_params": counts["sparse"], "data_hash": dhash,
+                "dense_params": counts["backbone"] or counts["dense"], "dense_params_total": counts["dense"],
+                "sparse_params": counts["sparse"], "data_hash": dhash,
                 "protocol": prepared.stats.get("protocol", "unknown"), "tasks": ",".join(tasks),
                 "world_size": ctx.world_size}
         backbone = _backbone_config(core.config)

@@ -223,6 +223,17 @@ def test_frozen_table_gets_no_optimizer_and_stays_bit_identical(small_ratings):
     assert not torch.equal(model.input.features.ec.embeddings["t_user_id"].weight, user_before)
 
 
+def test_parameter_counts_split_tables_dense_and_backbone(prepared_ratings):
+    dcn, gpsd = make_model(prepared_ratings, "dcn_v2"), make_model(prepared_ratings, "gpsd")
+    for model in (dcn, gpsd):
+        counts = parameter_counts(model)
+        tables = sum(p.numel() for n, p in model.named_parameters() if ".embeddings.t_" in n
+                     or ".embedding_bags.t_" in n)
+        assert counts["sparse"] == tables and counts["dense"] + tables == sum(p.numel() for p in model.parameters())
+    assert parameter_counts(dcn)["backbone"] == 0
+    assert parameter_counts(gpsd)["backbone"] == gpsd.backbone.dense_parameter_count() > 0  # GPSD's N
+
+
 # --------------------------------------------------------------------------------------------- sharded
 
 @pytest.mark.slow
