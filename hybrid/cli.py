@@ -5,6 +5,7 @@
     hybrid pretrain --config FILE [--set k=v ...] [--resume] [--tracking-uri URI]
     torchrun --nproc_per_node=N -m hybrid pretrain --config FILE ...     (sharded)
     hybrid finetune --config FILE [--set k=v ...] [--tracking-uri URI]
+        [--init PRETRAIN_CHECKPOINT --strategy nt|ft|st|ft_sf|st_sf [--transfer key=value ...]]
     hybrid quickstart [--out DIR]
 
 Bad input prints one line naming the file / row / column / key and exits with code 2; ``--debug`` shows
@@ -19,6 +20,8 @@ import sys
 import time
 import warnings
 from pathlib import Path
+
+import yaml
 
 from hybrid.errors import HybridInputError
 
@@ -68,6 +71,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(pre)
 
     fine = commands.add_parser("finetune", help="train a CTR ranker on prepared CTR samples")
+    fine.add_argument("--init", metavar="PRETRAIN_CHECKPOINT",
+                      help="transfer from this pretraining checkpoint (a step-... directory or its checkpoints root)")
+    fine.add_argument("--strategy", help="transfer strategy: nt | ft | st | ft_sf | st_sf (GPSD's NT, FT, ST, FT&SF, "
+                                         "ST&SF; default: st_sf with --init, nt without)")
+    fine.add_argument("--transfer", dest="transfer_options", action="append", default=[], metavar="KEY=VALUE",
+                      help="a TransferConfig option, e.g. --transfer new_rows=mean --transfer 'tables=[t_item_id]'")
     _add_config(fine)
     _add_common(fine)
 
@@ -146,7 +155,8 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
         if value is not None:
             overrides.append(f"{key}={json.dumps(value)}")
     cfg = load_config(FinetuneConfig, args.config, overrides)
-    result = run_finetune(cfg)
+    strategy, hook = _transfer(args)
+    result = run_finetune(cfg, prepare_model=hook, strategy=strategy)
     if is_rank_zero():
         print(f"fine-tuned {cfg.ranker.name} for {result['steps']} steps ({result['epochs']:.2f} epochs) in "
               f"{result['seconds']:.1f} s: AUC end of epoch 1 {result['auc_epoch1']:.4f}, best "
@@ -155,6 +165,27 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
               f"{'yes' if result['one_epoch_drop'] else 'no'}")
         print(f"best checkpoint: {result['best_checkpoint']}")
     return 0
+
+
+def _transfer(args: argparse.Namespace):
+    """``(strategy, prepare_model hook or None)`` of ``--init`` / ``--strategy`` / ``--transfer``."""
+    if args.init is None and args.strategy is None and not args.transfer_options:
+        return "nt", None
+    from hybrid.transfer_job import transfer_config, transfer_hook
+
+    options = {}
+    for item in args.transfer_options:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise HybridInputError(f"--transfer {item!r}: expected KEY=VALUE, e.g. new_rows=mean")
+        options[key.strip()] = yaml.safe_load(value)
+    strategy = args.strategy or ("st_sf" if args.init else "nt")
+    if args.init is None and strategy.strip().lower() != "nt":
+        transfer_config(strategy, "-", options)  # an unknown strategy name is reported first
+        raise HybridInputError(f"--strategy {strategy} needs --init PRETRAIN_CHECKPOINT (a `hybrid pretrain` "
+                               "checkpoint)")
+    config = transfer_config(strategy, args.init, options)
+    return config.strategy.value, transfer_hook(config.strategy.value, args.init, options)
 
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
