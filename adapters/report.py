@@ -6,11 +6,11 @@
 Example (``print(report)``)::
 
     Transfer ST&SF from runs/pretrain/checkpoints/step-00000400 (pretrain run 3f2a9c...)
-      status     source               target                               rows aligned/new  new rows  trainable
-      loaded     t_item_id 1684x16    features.ec:t_item_id 1618x16        1616 / 1          keep      frozen
-      skipped    t_action 7x16        -                                    no table named 't_action' in the model
-      own init   -                    features.ec:t_user_id 945x16                                     yes
-      own init   backbone.* (20)      backbone 6,912 params                strategy ST moves no backbone   yes
+      status    source             target                        rows aligned/new  new rows  trainable  why
+      loaded    t_item_id 1684x16  features.ec:t_item_id 1618x16  1616 / 1          keep      frozen
+      skipped   t_action 7x16      -                                                                     no table named 't_action' in the model
+      own init  -                  features.ec:t_user_id 945x16                                yes        not in the transfer
+      own init  backbone.*         backbone 6,912 params                                       yes        ST&SF moves no backbone
     trainable params: 45,678 || frozen params: 27,000 || all params: 72,678 || trainable%: 62.85
 """
 from __future__ import annotations
@@ -170,28 +170,26 @@ class TransferReport:
     # -- printing ------------------------------------------------------------------------------------------
     def rows(self) -> list[tuple[str, ...]]:
         """The printed table's rows (header first)."""
-        out = [("status", "source", "target", "rows aligned/new", "new rows", "trainable")]
+        out = [("status", "source", "target", "rows aligned/new", "new rows", "trainable", "why")]
         for e in self.tables:
             source = f"{e.source} {_shape(e.source_shape)}".strip() or "-"
             target = f"{e.target} {_shape(e.target_shape)}".strip() or "-"
+            trainable = "frozen" if e.frozen else "yes"
             if e.status == LOADED:
-                rows = f"{e.rows_aligned} / {e.rows_new}"
-                policy = e.new_rows or ""
-                if e.projection:
-                    policy += f", {e.projection} projection"
-                out.append((e.status, source, target, rows, policy, "frozen" if e.frozen else "yes"))
+                policy = (e.new_rows or "") + (f", {e.projection} projection" if e.projection else "")
+                out.append((e.status, source, target, f"{e.rows_aligned} / {e.rows_new}", policy, trainable, ""))
             elif e.status == SKIPPED:
-                out.append((e.status, source, target, e.reason, "", ""))
+                out.append((e.status, source, target, "", "", "", e.reason))
             else:
-                out.append((e.status, source, target, e.reason, "", "frozen" if e.frozen else "yes"))
+                out.append((e.status, source, target, "", "", trainable, e.reason))
         for m in self.modules:
             source = f"{m.source} ({m.tensors})" if m.tensors else m.source
             target = f"{m.target} {m.params:,} params" if m.target else "-"
-            detail = m.reason if m.status != LOADED else f"{m.tensors} tensors"
-            out.append((m.status, source, target, detail, "", "yes" if m.target else ""))
+            out.append((m.status, source, target, "", "", "yes" if m.target else "",
+                        m.reason if m.status != LOADED else ""))
         if self.other_params:
-            out.append((OWN_INIT, "-", f"all other parameters {self.other_params:,}", "not listed above", "",
-                        "yes"))
+            out.append((OWN_INIT, "-", f"all other parameters {self.other_params:,}", "", "", "yes",
+                        "not listed above"))
         return out
 
     def __str__(self) -> str:
