@@ -143,6 +143,8 @@ class TransferConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "strategy", Strategy.parse(self.strategy))
+        if self.checkpoint is not None:
+            object.__setattr__(self, "checkpoint", str(self.checkpoint))  # one form, so configs compare equal
         if self.new_rows not in NEW_ROW_POLICIES:
             raise TransferError(f"TransferConfig.new_rows: unknown policy {self.new_rows!r}; expected one of "
                                 f"{', '.join(NEW_ROW_POLICIES)}")

@@ -15,7 +15,10 @@ Example (``print(report)``)::
 """
 from __future__ import annotations
 
+import json
+import os
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 from adapters.config import Strategy
@@ -96,6 +99,7 @@ class TransferReport:
         sharded: the target was a ``DistributedModelParallel``.
         notes: anything else worth knowing (e.g. frozen tables that hold new rows).
         other_params: parameters no entry covers (heads, towers, gates...): they keep their own init.
+        config: the :class:`~adapters.config.TransferConfig` applied, as a dict (what reproduces the transfer).
     """
 
     strategy: Strategy
@@ -108,6 +112,7 @@ class TransferReport:
     sharded: bool = False
     notes: list[str] = field(default_factory=list)
     other_params: int = 0
+    config: dict[str, Any] | None = None
 
     # -- views ---------------------------------------------------------------------------------------------
     @property
@@ -153,7 +158,7 @@ class TransferReport:
         return {"strategy": self.strategy.value, "checkpoint": self.checkpoint,
                 "pretrain_run_id": self.pretrain_run_id, "sharded": self.sharded,
                 "trainable_params": self.trainable_params, "frozen_params": self.frozen_params,
-                "other_params": self.other_params,
+                "other_params": self.other_params, "config": self.config,
                 "tables": [asdict(e) for e in self.tables], "modules": [asdict(e) for e in self.modules],
                 "notes": list(self.notes)}
 
@@ -165,7 +170,19 @@ class TransferReport:
                    frozen_params=int(data.get("frozen_params", 0)),
                    tables=[TableEntry(**e) for e in data.get("tables", [])],
                    modules=[ModuleEntry(**e) for e in data.get("modules", [])], notes=list(data.get("notes", [])),
-                   other_params=int(data.get("other_params", 0)))
+                   other_params=int(data.get("other_params", 0)), config=data.get("config"))
+
+    def save(self, path: str | Path) -> Path:
+        """Write :meth:`to_dict` as JSON (atomically: a crash never leaves half a file)."""
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(self.to_dict(), indent=2))
+        os.replace(tmp, path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "TransferReport":
+        return cls.from_dict(json.loads(Path(path).read_text()))
 
     # -- printing ------------------------------------------------------------------------------------------
     def rows(self) -> list[tuple[str, ...]]:

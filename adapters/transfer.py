@@ -105,7 +105,7 @@ def apply_transfer(
         raise TransferError(f"apply_transfer: config must be a TransferConfig, got {type(config).__name__}")
     inner = inner_module(model)
     strategy = config.strategy
-    report = TransferReport(strategy=strategy, sharded=is_dmp(model))
+    report = TransferReport(strategy=strategy, sharded=is_dmp(model), config=config.to_dict())
     if strategy is Strategy.NT:
         _own_init_entries(model, inner, report, set(), "NT: no transfer")
         for path in backbone_modules(inner):

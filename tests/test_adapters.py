@@ -319,13 +319,15 @@ def test_tables_on_meta_are_materialised_then_loaded(maps, pretrained):
     assert float(table[new].abs().max()) <= bound and float(table[new].abs().max()) > 0
 
 
-def test_report_round_trips_and_logs_as_json(maps, pretrained):
+def test_report_round_trips_and_logs_as_json(maps, pretrained, tmp_path):
     _, tgt_fm = maps
     path, _ = pretrained
     report = apply_transfer(gpsd(tgt_fm), TransferConfig("ft_sf", path, new_rows="mean"), tgt_fm)
     data = json.loads(json.dumps(report.to_dict()))
     again = TransferReport.from_dict(data)
     assert again == report and str(again) == str(report)
+    assert TransferReport.load(report.save(tmp_path / "report.json")) == report
+    assert TransferConfig.from_dict(report.config) == TransferConfig("ft_sf", path, new_rows="mean")
     metrics = report.metrics()
     assert metrics["transfer/tables_frozen"] == 3 and metrics["transfer/modules_loaded"] == 1
     assert metrics["transfer/rows_aligned/features.ec/t_item_id"] == 30
