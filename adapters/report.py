@@ -154,13 +154,26 @@ class TransferReport:
         return out
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-able (the MLflow artifact); :meth:`from_dict` inverts it."""
+        """JSON-able (the MLflow artifact); :meth:`from_dict` inverts it.
+
+        Beside the entries it holds ``metrics`` (:meth:`metrics`) and ``tags`` (``strategy``,
+        ``pretrain_run_id``, ``pretrain_checkpoint``), so a job that only sees the dict can log them.
+        """
         return {"strategy": self.strategy.value, "checkpoint": self.checkpoint,
                 "pretrain_run_id": self.pretrain_run_id, "sharded": self.sharded,
                 "trainable_params": self.trainable_params, "frozen_params": self.frozen_params,
                 "other_params": self.other_params, "config": self.config,
                 "tables": [asdict(e) for e in self.tables], "modules": [asdict(e) for e in self.modules],
-                "notes": list(self.notes)}
+                "notes": list(self.notes), "metrics": self.metrics(), "tags": self.tags()}
+
+    def tags(self) -> dict[str, str]:
+        """MLflow tags linking a fine-tuning run to its source: strategy, pretraining run id and checkpoint."""
+        out = {"strategy": self.strategy.value}
+        if self.pretrain_run_id:
+            out["pretrain_run_id"] = self.pretrain_run_id
+        if self.checkpoint:
+            out["pretrain_checkpoint"] = self.checkpoint
+        return out
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "TransferReport":
