@@ -338,3 +338,21 @@ def test_report_round_trips_and_logs_as_json(maps, pretrained, tmp_path):
     assert lines[-2].startswith("trainable params: ") and "|| trainable%: " in lines[-2]
     assert lines[-1] == ("note: features.ec:t_item_id: 20 value(s) the pretraining never saw stay at their 'mean' "
                          "init while the table is frozen")
+
+
+def test_ft_moves_the_input_projection_when_tables_are_narrower_than_the_backbone(maps, tmp_path):
+    from pretrain import GenerativeModelConfig
+
+    src_fm, tgt_fm = maps
+    narrow = GenerativeModelConfig(backbone=BackboneConfig.tiny(), embedding_dim=8,
+                                   features=("item_id", "category", "action"))
+    path, pre = write_pretrain_checkpoint(tmp_path, src_fm, narrow)
+    torch.manual_seed(1)
+    config = GPSDRankerConfig(features=FeatureConfig(embedding_dim=8, max_len=8), backbone=BackboneConfig.tiny())
+    model = build_ranker("gpsd", config, tgt_fm.vocab_sizes(), ("click",))
+    report = apply_transfer(model, TransferConfig("ft", path), tgt_fm)
+    assert report.loaded_modules == ["backbone", "input_proj"]
+    assert torch.equal(model.input_proj.weight, pre.input_proj.weight)
+    # a target whose tables are as wide as its backbone has no projection to fill: the tables refuse first
+    with pytest.raises(TransferError, match=r"pretrained \[\d+, 8\] vs target features\.ec:t_\w+ \[\d+, 16\]"):
+        apply_transfer(gpsd(tgt_fm), TransferConfig("ft", path), tgt_fm)
