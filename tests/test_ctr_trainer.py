@@ -49,7 +49,8 @@ FAST = OptimConfig(lr=3e-3, warmup_steps=0, schedule="constant", sparse_optimize
 
 def make_model(prepared, name="dcn_v2", tasks=("click",), seed=0):
     torch.manual_seed(seed)
-    config = {**SMALL[name], "features": {**SMALL[name]["features"], "max_len": H}}
+    # fbgemm jagged→padded: the same values as the default gather, several times faster backward on CPU
+    config = {**SMALL[name], "features": {**SMALL[name]["features"], "max_len": H, "pad_impl": "fbgemm"}}
     return build_ranker(name, config, prepared.feature_map.vocab_sizes(), tasks)
 
 
