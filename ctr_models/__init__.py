@@ -32,6 +32,7 @@ from ctr_models.gpsd_ranker import GPSDRanker, GPSDRankerConfig
 from ctr_models.history import HistoryConfig
 from ctr_models.metrics import auc, ctr_metrics, detect_one_epoch_drop, gauc, logloss, one_epoch_drop
 from ctr_models.moe import MMoE, MMoEConfig, MultiEmbeddingMoE, MultiEmbeddingMoEConfig, cross_expert_correlation
+from ctr_models.multimodal import MNSE, MultimodalConfig, MultimodalFeatures, SimTier, mk_mmd
 from ctr_models.tin import TIN, TINConfig
 
 # name -> (module, config class name, model class name). hybrid_base.backbones is imported only when a
@@ -56,7 +57,8 @@ def ranker_classes(name: str) -> tuple[type, type]:
 
 
 def build_ranker(name: str, config: Any, vocab_sizes: Mapping[str, int], task_names: Sequence[str],
-                 embedding_device: torch.device | str | None = None) -> Ranker:
+                 embedding_device: torch.device | str | None = None,
+                 item_vectors: torch.Tensor | None = None) -> Ranker:
     """Build a registered ranker.
 
     Args:
@@ -66,6 +68,9 @@ def build_ranker(name: str, config: Any, vocab_sizes: Mapping[str, int], task_na
         vocab_sizes: feature → vocabulary size (reserved ids included), from the feature map.
         task_names: label columns; the model returns one logit per task, in this order.
         embedding_device: where embedding tables are created (``"meta"`` before sharding).
+        item_vectors: ``[V, d]`` item-vector matrix aligned to the ``item_id`` vocabulary
+            (``hybrid.data.item_vectors``), for a config whose ``multimodal`` section switches a feature on
+            (DCN-v2, MMoE, multi-embedding MoE, TIN); ``None`` otherwise.
 
     Example:
         >>> build_ranker("tin", TINConfig.tiny(), {"item_id": 50, "category": 8}, ("click",))
@@ -73,7 +78,11 @@ def build_ranker(name: str, config: Any, vocab_sizes: Mapping[str, int], task_na
     """
     config_cls, model_cls = ranker_classes(name)
     cfg = config_cls() if config is None else config_from_dict(config_cls, config)
-    return model_cls(cfg, vocab_sizes, task_names, embedding_device=embedding_device)
+    if item_vectors is None:
+        return model_cls(cfg, vocab_sizes, task_names, embedding_device=embedding_device)
+    if not hasattr(cfg, "multimodal"):
+        raise ValueError(f"build_ranker: ranker {name!r} has no multimodal features; item_vectors must be None")
+    return model_cls(cfg, vocab_sizes, task_names, embedding_device=embedding_device, item_vectors=item_vectors)
 
 
 __all__ = [
@@ -81,5 +90,5 @@ __all__ = [
     "FeatureSpec", "HistoryConfig", "jagged_to_padded", "DCNv2", "DCNv2Config", "MMoE", "MMoEConfig",
     "MultiEmbeddingMoE", "MultiEmbeddingMoEConfig", "cross_expert_correlation", "TIN", "TINConfig",
     "GPSDRanker", "GPSDRankerConfig", "auc", "logloss", "gauc", "ctr_metrics", "one_epoch_drop",
-    "detect_one_epoch_drop",
+    "detect_one_epoch_drop", "MultimodalConfig", "MultimodalFeatures", "SimTier", "MNSE", "mk_mmd",
 ]

@@ -39,15 +39,21 @@ class Ranker(nn.Module):
       the BCE by the trainer (e.g. ``{"decorrelation": λ·L}``); empty by default.
     * :meth:`logging_metrics` — detached diagnostics of the last forward for MLflow
       (e.g. ``{"moe/cross_expert_corr": 0.12}``); empty by default.
+
+    A ranker with multimodal features keeps them in ``self.multimodal``
+    (:class:`ctr_models.multimodal.MultimodalFeatures`, or ``None``); their loss (``mkmmd``) and metrics
+    (``mm/...``) are included here, so subclasses that override these methods merge with ``super()``.
     """
 
     task_names: tuple[str, ...]
 
     def auxiliary_losses(self) -> dict[str, torch.Tensor]:
-        return {}
+        multimodal = getattr(self, "multimodal", None)
+        return multimodal.auxiliary_losses() if multimodal is not None else {}
 
     def logging_metrics(self) -> dict[str, float]:
-        return {}
+        multimodal = getattr(self, "multimodal", None)
+        return multimodal.logging_metrics() if multimodal is not None else {}
 
     def forward(self, batch: CTRBatch) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError

@@ -25,6 +25,7 @@ from ctr_models.features import FeatureConfig, FeatureSpec
 from ctr_models.history import HistoryConfig
 from ctr_models.inputs import FlatInput
 from ctr_models.layers import MLP, TaskHeads
+from ctr_models.multimodal import MultimodalConfig, build_multimodal
 from hybrid_base import CTRBatch
 
 CROSS_TYPES = ("full", "low_rank", "mixture")
@@ -48,6 +49,7 @@ class DCNv2Config:
         deep_hidden: hidden sizes of the deep network (``()`` = cross network only).
         tower_hidden: hidden sizes of each task's tower on top (``()`` = one linear layer per task).
         dropout: dropout in the deep network and towers.
+        multimodal: SimTier / MNSE / MK-MMD over item vectors (appended to ``x0``; all off by default).
     """
 
     features: FeatureConfig = field(default_factory=FeatureConfig)
@@ -60,6 +62,7 @@ class DCNv2Config:
     deep_hidden: tuple[int, ...] = (256, 128)
     tower_hidden: tuple[int, ...] = ()
     dropout: float = 0.0
+    multimodal: MultimodalConfig = field(default_factory=MultimodalConfig)
 
     def __post_init__(self) -> None:
         freeze_lists(self)
@@ -107,6 +110,8 @@ class DCNv2(Ranker):
         vocab_sizes: feature → vocabulary size (reserved ids included), from the feature map.
         task_names: label columns, e.g. ``("click",)``; one logit each.
         embedding_device: where the tables are created (``"meta"`` before sharding).
+        item_vectors: ``[V, d]`` item-vector matrix (row = ``item_id``), required when
+            ``config.multimodal`` switches a feature on; kept as a non-trainable buffer.
 
     Shapes:
         ``forward(batch) → [B, T]`` logits.
@@ -118,12 +123,15 @@ class DCNv2(Ranker):
     """
 
     def __init__(self, config: DCNv2Config, vocab_sizes: Mapping[str, int], task_names: Sequence[str],
-                 embedding_device: torch.device | str | None = None) -> None:
+                 embedding_device: torch.device | str | None = None,
+                 item_vectors: torch.Tensor | None = None) -> None:
         super().__init__()
         self.config = config
         self.task_names = validate_task_names(task_names, "DCNv2Config")
         self.spec = FeatureSpec.from_vocab_sizes(vocab_sizes, config.features)
-        self.input = FlatInput(self.spec, config.history, embedding_device)
+        self.multimodal = build_multimodal(config.multimodal, item_vectors, self.spec, "DCNv2Config")
+        self.input = FlatInput(self.spec, config.history, embedding_device,
+                               extra_dim=self.multimodal.output_dim if self.multimodal is not None else 0)
         d = self.input.output_dim
         self.cross = build_cross_net(config.cross_type, d, config.num_cross_layers, config.low_rank,
                                      config.num_experts)
@@ -133,7 +141,11 @@ class DCNv2(Ranker):
         self.heads = TaskHeads(head_in, len(self.task_names), config.tower_hidden, config.dropout)
 
     def forward(self, batch: CTRBatch) -> torch.Tensor:
-        x0 = self.input(batch)
+        if self.multimodal is None:
+            x0 = self.input(batch)
+        else:
+            inputs = self.input.features(batch)
+            x0 = self.input.flatten(inputs, self.multimodal(batch, inputs))
         if self.config.structure == "stacked":
             h = self.deep(self.cross(x0))
         else:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ctr_models.features import CTRFeatures, FeatureSpec
+from ctr_models.features import CTRFeatures, CTRInputs, FeatureSpec
 from ctr_models.history import HistoryConfig, build_history_encoder
 from hybrid_base import CTRBatch
 
@@ -16,10 +16,12 @@ class FlatInput(nn.Module):
         spec: feature layout.
         history: how to encode the history (ignored when the layout has no history).
         embedding_device: where the embedding tables are created (``"meta"`` for sharded models).
+        extra_dim: width of the extra per-sample features a ranker appends (the multimodal features,
+            ``ctr_models.multimodal``); 0 = none.
 
     Shapes:
-        ``CTRBatch → [B, output_dim]`` with ``output_dim = F·D + H + num_dense`` (``H`` = the history
-        encoder's ``output_dim``, 0 without one).
+        ``CTRBatch (, extra [B, extra_dim]) → [B, output_dim]`` with ``output_dim = F·D + H + extra_dim +
+        num_dense`` (``H`` = the history encoder's ``output_dim``, 0 without one).
 
     Example:
         >>> flat = FlatInput(spec, HistoryConfig(encoder="pooled"))
@@ -28,7 +30,7 @@ class FlatInput(nn.Module):
     """
 
     def __init__(self, spec: FeatureSpec, history: HistoryConfig,
-                 embedding_device: torch.device | str | None = None) -> None:
+                 embedding_device: torch.device | str | None = None, extra_dim: int = 0) -> None:
         super().__init__()
         self.features = CTRFeatures(spec, device=embedding_device)
         self.history_encoder = build_history_encoder(history, spec.embedding_dim) if spec.has_history else None
@@ -36,12 +38,21 @@ class FlatInput(nn.Module):
             raise ValueError("HistoryConfig.encoder: 'target' needs a candidate field that also has a history "
                              "(e.g. item_id with hist_item_id); FeatureSpec.target_fields is empty")
         hist_dim = self.history_encoder.output_dim if self.history_encoder is not None else 0
-        self.output_dim = spec.num_fields * spec.embedding_dim + hist_dim + spec.num_dense
+        self.extra_dim = extra_dim
+        self.output_dim = spec.num_fields * spec.embedding_dim + hist_dim + extra_dim + spec.num_dense
 
-    def forward(self, batch: CTRBatch) -> torch.Tensor:
-        inputs = self.features(batch)
+    def forward(self, batch: CTRBatch, extra: torch.Tensor | None = None) -> torch.Tensor:
+        return self.flatten(self.features(batch), extra)
+
+    def flatten(self, inputs: CTRInputs, extra: torch.Tensor | None = None) -> torch.Tensor:
+        """``x0`` from already embedded inputs (a ranker that also needs ``inputs`` calls the two steps)."""
+        if (extra.shape[1] if extra is not None else 0) != self.extra_dim:
+            raise ValueError(f"FlatInput: expected extra features of width {self.extra_dim}, got "
+                             f"{None if extra is None else list(extra.shape)}")
         parts = [inputs.fields.flatten(1)]
         if self.history_encoder is not None:
             parts.append(self.history_encoder(inputs.history, inputs.mask, inputs.target, inputs.history_timestamps))
+        if extra is not None:
+            parts.append(extra)
         parts.append(inputs.dense)
         return torch.cat(parts, dim=1)

@@ -36,6 +36,7 @@ from ctr_models.features import FeatureConfig, FeatureSpec
 from ctr_models.history import HistoryConfig
 from ctr_models.inputs import FlatInput
 from ctr_models.layers import MLP, TaskHeads
+from ctr_models.multimodal import MultimodalConfig, build_multimodal
 from hybrid_base import CTRBatch
 
 
@@ -87,6 +88,7 @@ class MMoEConfig:
         dropout: dropout inside experts and towers.
         decorrelation_weight: ``λ`` of the optional cross-expert de-correlation loss (0 disables it; the
             correlation metric is logged either way).
+        multimodal: SimTier / MNSE / MK-MMD over item vectors (appended to ``x0``; off by default).
     """
 
     features: FeatureConfig = field(default_factory=FeatureConfig)
@@ -97,6 +99,7 @@ class MMoEConfig:
     tower_hidden: tuple[int, ...] = (64,)
     dropout: float = 0.0
     decorrelation_weight: float = 0.0
+    multimodal: MultimodalConfig = field(default_factory=MultimodalConfig)
 
     def __post_init__(self) -> None:
         freeze_lists(self)
@@ -128,18 +131,20 @@ class _MoEMixin:
 
     def auxiliary_losses(self) -> dict[str, torch.Tensor]:
         """``{"decorrelation": λ · L_dec}`` of the last forward, in training mode with ``λ > 0``; else ``{}``."""
+        out = super().auxiliary_losses()  # type: ignore[misc]  (the multimodal loss, see Ranker)
         training = self.training  # type: ignore[attr-defined]
         if self._decorrelation_weight <= 0 or self._last_experts is None or not training:
-            return {}
+            return out
         loss, _ = cross_expert_correlation(self._last_experts)
-        return {"decorrelation": self._decorrelation_weight * loss}
+        return {**out, "decorrelation": self._decorrelation_weight * loss}
 
     def logging_metrics(self) -> dict[str, float]:
+        out = super().logging_metrics()  # type: ignore[misc]
         if self._last_experts is None or self._last_gates is None:
-            return {}
+            return out
         with torch.no_grad():
             _, corr = cross_expert_correlation(self._last_experts.detach())
-            out = {"moe/cross_expert_corr": float(corr)}
+            out["moe/cross_expert_corr"] = float(corr)
             for t, name in enumerate(self.task_names):  # type: ignore[attr-defined]
                 out[f"moe/gate_entropy/{name}"] = float(_gate_entropy(self._last_gates[:, t].detach()))
         return out
@@ -165,12 +170,15 @@ class MMoE(_MoEMixin, Ranker):
     """
 
     def __init__(self, config: MMoEConfig, vocab_sizes: Mapping[str, int], task_names: Sequence[str],
-                 embedding_device: torch.device | str | None = None) -> None:
+                 embedding_device: torch.device | str | None = None,
+                 item_vectors: torch.Tensor | None = None) -> None:
         super().__init__()
         self.config = config
         self.task_names = validate_task_names(task_names, "MMoEConfig")
         self.spec = FeatureSpec.from_vocab_sizes(vocab_sizes, config.features)
-        self.input = FlatInput(self.spec, config.history, embedding_device)
+        self.multimodal = build_multimodal(config.multimodal, item_vectors, self.spec, "MMoEConfig")
+        self.input = FlatInput(self.spec, config.history, embedding_device,
+                               extra_dim=self.multimodal.output_dim if self.multimodal is not None else 0)
         d = self.input.output_dim
         self.experts = nn.ModuleList(MLP(d, config.expert_hidden, dropout=config.dropout)
                                      for _ in range(config.num_experts))
@@ -184,7 +192,11 @@ class MMoE(_MoEMixin, Ranker):
         self._last_experts = self._last_gates = None
 
     def forward(self, batch: CTRBatch) -> torch.Tensor:
-        x = self.input(batch)
+        if self.multimodal is None:
+            x = self.input(batch)
+        else:
+            inputs = self.input.features(batch)
+            x = self.input.flatten(inputs, self.multimodal(batch, inputs))
         experts = torch.stack([e(x) for e in self.experts], 0)                     # [K, B, H]
         gates = torch.stack([torch.softmax(g(x), -1) for g in self.gates], 1)      # [B, T, K]
         mixed = torch.einsum("btk,kbh->bth", gates, experts)                       # [B, T, H]
@@ -209,6 +221,8 @@ class MultiEmbeddingMoEConfig:
         tower_hidden: hidden sizes of each task tower.
         dropout: dropout in the expert MLPs and towers.
         decorrelation_weight: ``λ`` of the cross-expert de-correlation loss.
+        multimodal: SimTier / MNSE / MK-MMD over item vectors, computed once and appended to every
+            expert's ``x0``; MK-MMD aligns the projected vectors with every expert's item table (mean).
     """
 
     features: FeatureConfig = field(default_factory=FeatureConfig)
@@ -223,6 +237,7 @@ class MultiEmbeddingMoEConfig:
     tower_hidden: tuple[int, ...] = (64,)
     dropout: float = 0.0
     decorrelation_weight: float = 0.01
+    multimodal: MultimodalConfig = field(default_factory=MultimodalConfig)
 
     def __post_init__(self) -> None:
         freeze_lists(self)
@@ -264,9 +279,9 @@ class InteractionExpert(nn.Module):
     """
 
     def __init__(self, spec: FeatureSpec, config: MultiEmbeddingMoEConfig,
-                 embedding_device: torch.device | str | None = None) -> None:
+                 embedding_device: torch.device | str | None = None, extra_dim: int = 0) -> None:
         super().__init__()
-        self.input = FlatInput(spec, config.history, embedding_device)
+        self.input = FlatInput(spec, config.history, embedding_device, extra_dim=extra_dim)
         d = self.input.output_dim
         self.cross = build_cross_net(config.cross_type, d, config.num_cross_layers, config.low_rank,
                                      config.cross_num_experts)
@@ -274,7 +289,11 @@ class InteractionExpert(nn.Module):
 
     def forward(self, batch: CTRBatch) -> tuple[torch.Tensor, torch.Tensor]:
         x0 = self.input(batch)
-        return x0, self.mlp(self.cross(x0))
+        return x0, self.interact(x0)
+
+    def interact(self, x0: torch.Tensor) -> torch.Tensor:
+        """``x0 [B, d] → h [B, H]`` (cross network, then MLP)."""
+        return self.mlp(self.cross(x0))
 
 
 class MultiEmbeddingMoE(_MoEMixin, Ranker):
@@ -295,12 +314,15 @@ class MultiEmbeddingMoE(_MoEMixin, Ranker):
     """
 
     def __init__(self, config: MultiEmbeddingMoEConfig, vocab_sizes: Mapping[str, int],
-                 task_names: Sequence[str], embedding_device: torch.device | str | None = None) -> None:
+                 task_names: Sequence[str], embedding_device: torch.device | str | None = None,
+                 item_vectors: torch.Tensor | None = None) -> None:
         super().__init__()
         self.config = config
         self.task_names = validate_task_names(task_names, "MultiEmbeddingMoEConfig")
         self.spec = FeatureSpec.from_vocab_sizes(vocab_sizes, config.features)
-        self.experts = nn.ModuleList(InteractionExpert(self.spec, config, embedding_device)
+        self.multimodal = build_multimodal(config.multimodal, item_vectors, self.spec, "MultiEmbeddingMoEConfig")
+        extra_dim = self.multimodal.output_dim if self.multimodal is not None else 0
+        self.experts = nn.ModuleList(InteractionExpert(self.spec, config, embedding_device, extra_dim)
                                      for _ in range(config.num_experts))
         d = self.experts[0].input.output_dim
         self.gates = nn.ModuleList()
@@ -313,7 +335,14 @@ class MultiEmbeddingMoE(_MoEMixin, Ranker):
         self._last_experts = self._last_gates = None
 
     def forward(self, batch: CTRBatch) -> torch.Tensor:
-        x0s, hs = zip(*(e(batch) for e in self.experts))
+        if self.multimodal is None:
+            x0s, hs = zip(*(e(batch) for e in self.experts))
+        else:
+            # The multimodal features are computed once; MK-MMD sees every expert's item embeddings.
+            inputs = [e.input.features(batch) for e in self.experts]
+            extra = self.multimodal(batch, inputs)
+            x0s = tuple(e.input.flatten(x, extra) for e, x in zip(self.experts, inputs))
+            hs = tuple(e.interact(x0) for e, x0 in zip(self.experts, x0s))
         experts = torch.stack(hs, 0)                                               # [K, B, H]
         # The gate sees every embedding set (their mean), so no set is privileged.
         gate_in = torch.stack(x0s, 0).mean(0)

@@ -40,6 +40,7 @@ from ctr_models._config import freeze_lists, require, require_choice, require_po
 from ctr_models.base import Ranker, validate_task_names
 from ctr_models.features import CTRFeatures, FeatureConfig, FeatureSpec
 from ctr_models.layers import MLP, TaskHeads, masked_softmax
+from ctr_models.multimodal import MultimodalConfig, build_multimodal
 from hybrid_base import CTRBatch
 
 TEMPORAL_ENCODINGS = ("position", "time", "both", "none")
@@ -164,6 +165,7 @@ class TINConfig:
         mlp_hidden: hidden sizes of the prediction MLP (the official code uses 80-40).
         tower_hidden: hidden sizes of each task's tower.
         dropout: dropout in the MLP.
+        multimodal: SimTier / MNSE / MK-MMD over item vectors (appended to the MLP input; off by default).
     """
 
     features: FeatureConfig = field(default_factory=FeatureConfig)
@@ -174,6 +176,7 @@ class TINConfig:
     mlp_hidden: tuple[int, ...] = (200, 80)
     tower_hidden: tuple[int, ...] = ()
     dropout: float = 0.0
+    multimodal: MultimodalConfig = field(default_factory=MultimodalConfig)
 
     def __post_init__(self) -> None:
         freeze_lists(self)
@@ -199,6 +202,8 @@ class TIN(Ranker):
         vocab_sizes: feature → vocabulary size.
         task_names: label columns.
         embedding_device: where the tables are created.
+        item_vectors: ``[V, d]`` item-vector matrix (row = ``item_id``), required when
+            ``config.multimodal`` switches a feature on; kept as a non-trainable buffer.
 
     Shapes:
         ``forward(batch) → [B, T]``; the attention of the last forward is in ``last_attention [B, max_len]``.
@@ -210,7 +215,8 @@ class TIN(Ranker):
     """
 
     def __init__(self, config: TINConfig, vocab_sizes: Mapping[str, int], task_names: Sequence[str],
-                 embedding_device: torch.device | str | None = None) -> None:
+                 embedding_device: torch.device | str | None = None,
+                 item_vectors: torch.Tensor | None = None) -> None:
         super().__init__()
         self.config = config
         self.task_names = validate_task_names(task_names, "TINConfig")
@@ -223,7 +229,9 @@ class TIN(Ranker):
         self.temporal = TargetAwareTemporalEncoding(D, self.spec.max_len, config.temporal_encoding,
                                                     config.num_time_buckets, config.time_unit_seconds,
                                                     config.time_log_base)
-        in_dim = self.spec.num_fields * D + 2 * D + self.spec.num_dense
+        self.multimodal = build_multimodal(config.multimodal, item_vectors, self.spec, "TINConfig")
+        mm_dim = self.multimodal.output_dim if self.multimodal is not None else 0
+        in_dim = self.spec.num_fields * D + 2 * D + mm_dim + self.spec.num_dense
         self.mlp = MLP(in_dim, config.mlp_hidden, dropout=config.dropout)
         self.heads = TaskHeads(self.mlp.out_features, len(self.task_names), config.tower_hidden, config.dropout)
         self.last_attention: torch.Tensor | None = None
@@ -233,5 +241,8 @@ class TIN(Ranker):
         e, v = self.temporal(x.history, x.target, x.lengths, x.history_timestamps, x.timestamps)
         u_tin, pooled, alpha = target_aware_attention(e, v, x.mask)
         self.last_attention = alpha.detach()
-        h = torch.cat([x.fields.flatten(1), pooled, u_tin, x.dense], dim=1)
+        parts = [x.fields.flatten(1), pooled, u_tin]
+        if self.multimodal is not None:
+            parts.append(self.multimodal(batch, x))
+        h = torch.cat(parts + [x.dense], dim=1)
         return self.heads(self.mlp(h))

@@ -48,6 +48,7 @@ from ctr_models.trainer import (
 from hybrid.config import from_mapping, to_dict, to_yaml
 from hybrid.data.batching import CANDIDATE_FIELDS, SEQUENCE_FEATURES, CTRBatchConverter, make_loader
 from hybrid.data.feature_map import FeatureMap
+from hybrid.data.item_vectors import ItemVectorsConfig, items_of_prepared, load_item_vectors
 from hybrid.data.protocols import USER_FIELDS
 from hybrid.data.store import data_hash, load_prepared
 from hybrid.errors import HybridInputError
@@ -124,6 +125,8 @@ class FinetuneConfig:
         train: the loop (:class:`~ctr_models.trainer.CTRTrainConfig`).
         out: output directory (checkpoints, resolved config, feature map, default MLflow store).
         tracking: MLflow settings.
+        item_vectors: source of the item vectors for the ranker's multimodal features
+            (``ranker.config.multimodal``): ``file`` or ``text`` (:mod:`hybrid.data.item_vectors`); ``none`` by default.
     """
 
     data: str = ""
@@ -132,6 +135,7 @@ class FinetuneConfig:
     train: CTRTrainConfig = field(default_factory=CTRTrainConfig)
     out: str = "runs/finetune"
     tracking: TrackingConfig = field(default_factory=lambda: TrackingConfig(experiment="finetune"))
+    item_vectors: ItemVectorsConfig = field(default_factory=ItemVectorsConfig)
 
     def __post_init__(self) -> None:
         if not self.task_names or len(set(self.task_names)) != len(self.task_names):
@@ -149,13 +153,15 @@ def ctr_vocab_sizes(fm: FeatureMap) -> dict[str, int]:
 
 
 def build_model(cfg: FinetuneConfig, feature_map: FeatureMap, *,
-                embedding_device: torch.device | str | None = None) -> Ranker:
+                embedding_device: torch.device | str | None = None,
+                item_vectors: torch.Tensor | None = None) -> Ranker:
     """The ranker of ``cfg`` over ``feature_map``'s vocabularies, initialised from ``cfg.train.seed``.
 
     Args:
         cfg: the job config (ranker, task names, seed, history window).
         feature_map: the prepared data's (or a checkpoint's) feature map.
         embedding_device: where the tables are created (``"meta"`` before sharding).
+        item_vectors: ``[V, d]`` item vectors for the multimodal features (:func:`job_item_vectors`).
 
     Raises:
         HybridInputError: a config the ranker refuses (e.g. a field the data does not have).
@@ -168,9 +174,18 @@ def build_model(cfg: FinetuneConfig, feature_map: FeatureMap, *,
     seed_everything(cfg.train.seed)
     try:
         return build_ranker(cfg.ranker.name, config, ctr_vocab_sizes(feature_map), cfg.task_names,
-                            embedding_device=embedding_device)
+                            embedding_device=embedding_device, item_vectors=item_vectors)
     except ValueError as err:
         raise HybridInputError(f"ranker ({cfg.ranker.name}): {err}") from None
+
+
+def job_item_vectors(cfg: FinetuneConfig, feature_map: FeatureMap) -> torch.Tensor | None:
+    """The ``[V, d]`` item vectors of ``cfg.item_vectors`` aligned to ``feature_map`` (``None`` for ``none``);
+    ``text`` takes the item text from the dataset named in the prepared directory's ``config.yaml``."""
+    if cfg.item_vectors.source == "none":
+        return None
+    items = items_of_prepared(cfg.data) if cfg.item_vectors.source == "text" else None
+    return load_item_vectors(cfg.item_vectors, feature_map, items).vectors
 
 
 def run_finetune(cfg: FinetuneConfig, parent_run: str | None = None, prepare_model: PrepareModel | None = None,
@@ -218,7 +233,8 @@ def run_finetune(cfg: FinetuneConfig, parent_run: str | None = None, prepare_mod
                                    f"{ctx.world_size} processes")
         # Built on CPU on every rank (same seed, same values) even when sharded: prepare_model sees real
         # tables it can load into, and shard_model carries non-meta table values into the shards.
-        model = build_model(cfg, fm)
+        item_vectors = job_item_vectors(cfg, fm)
+        model = build_model(cfg, fm, item_vectors=item_vectors)
         counts = parameter_counts(model)
         report = prepare_model(model, fm) if prepare_model is not None else None
         model = prepare_for_training(model, cfg.train.optim, ctx=ctx)
@@ -266,7 +282,10 @@ def run_finetune(cfg: FinetuneConfig, parent_run: str | None = None, prepare_mod
                 tracker.log_metrics(run, metrics, step=step, epoch=epoch)
 
             manifest = {"config": to_dict(cfg), "ranker_name": cfg.ranker.name, "feature_map": fm.to_dict(),
-                        "data_hash": dhash, "strategy": strategy, "mlflow_run_id": run}
+                        "data_hash": dhash, "strategy": strategy, "mlflow_run_id": run,
+                        # load_finetuned rebuilds the ranker with a placeholder of this shape; the vectors
+                        # themselves are the ranker's buffer, restored with the weights.
+                        "item_vectors_shape": list(item_vectors.shape) if item_vectors is not None else None}
             result = train(model, train_loader, eval_loader, cfg.train, ctx=ctx, checkpoint_dir=root,
                            manifest=manifest, log_metrics=log_metrics)
             summary = result.summary()
@@ -324,8 +343,9 @@ def load_finetuned(checkpoint: str | Path) -> tuple[Ranker, dict[str, Any]]:
     manifest = read_manifest(path)
     try:
         fm = FeatureMap.from_dict(manifest["feature_map"], source=f"{path}/manifest.json")
+        shape = manifest.get("item_vectors_shape")
         model = build_ranker(manifest["ranker_name"], manifest["ranker_config"], ctr_vocab_sizes(fm),
-                             manifest["task_names"])
+                             manifest["task_names"], item_vectors=torch.zeros(shape) if shape else None)
     except (KeyError, ValueError) as err:
         raise HybridInputError(f"{path}: not a fine-tuning checkpoint this version can rebuild ({err})") from None
     state = {"model": model.state_dict()}
