@@ -198,7 +198,9 @@ def run_finetune(cfg: FinetuneConfig, parent_run: str | None = None, prepare_mod
         prepare_model: ``prepare_model(model, feature_map)`` runs on the built (unsharded, CPU) ranker before
             the tables get their in-backward optimizer and before sharding: load pretrained weights and set
             ``requires_grad=False`` on frozen tables there (a frozen table then gets no optimizer). A
-            returned mapping is saved as ``transfer_report.json`` (out dir and MLflow artifact).
+            returned mapping is saved as ``transfer_report.json`` (out dir and MLflow artifact); its
+            ``tags`` (e.g. ``pretrain_run_id``), ``config`` (logged as ``transfer.*`` params) and ``metrics``
+            (e.g. ``transfer/frozen_params``) are logged with the run.
         strategy: transfer strategy recorded in the ``strategy`` tag (``nt`` = no transfer).
 
     Returns:
@@ -270,6 +272,9 @@ def run_finetune(cfg: FinetuneConfig, parent_run: str | None = None, prepare_mod
         backbone = _backbone_config(core.config)
         if backbone is not None:
             tags["model_size"] = backbone.size_name
+        if report is not None:
+            # a transfer report (adapters.TransferReport.to_dict) links the run to its pretraining run
+            tags.update({k: v for k, v in (report.get("tags") or {}).items() if k not in tags})
 
         tracker = make_tracker(cfg.tracking, out)
         run_name = f"finetune-{cfg.ranker.name}-{strategy}-seed{cfg.train.seed}"
@@ -277,6 +282,11 @@ def run_finetune(cfg: FinetuneConfig, parent_run: str | None = None, prepare_mod
             tracker.log_params(run, {**to_dict(cfg), "resolved_ranker": dataclasses.asdict(core.config)})
             if report is not None:
                 tracker.log_json(run, report, "transfer_report.json")
+                # what was loaded / frozen, as params (the transfer config) and metrics (counts) beside the JSON
+                if report.get("config"):
+                    tracker.log_params(run, {"transfer": report["config"]})
+                if report.get("metrics"):
+                    tracker.log_metrics(run, report["metrics"], step=0)
 
             def log_metrics(metrics: dict[str, float], step: int, epoch: float) -> None:
                 tracker.log_metrics(run, metrics, step=step, epoch=epoch)

@@ -1,0 +1,69 @@
+"""``hybrid finetune --init CKPT --strategy S`` end to end on real ML-100K with a SQLite MLflow store: the run
+records the strategy, links the pretraining run (its id from the checkpoint manifest), logs the transfer
+report as a JSON artifact and its counts as params/metrics; bad strategies and mismatched tables are
+one-line errors (exit 2)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from adapters import TransferReport
+from adapters_support import one_thread  # noqa: F401 (autouse fixture)
+from hybrid.cli import EXIT_BAD_INPUT, main
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _bad(argv: list[str], capsys) -> str:
+    rc = main(argv)
+    err = capsys.readouterr().err
+    assert rc == EXIT_BAD_INPUT, err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err
+    return err
+
+
+@pytest.mark.slow
+def test_finetune_init_strategy_transfers_and_records_it(prepared_ratings_dir, tmp_path, capsys):
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    common = ["--tracking-uri", store, "--experiment", "transfer"]
+    data = f"data={prepared_ratings_dir}"
+    assert main(["pretrain", "--config", str(REPO / "configs/pretrain_tiny.yaml"), "--set", data,
+                 "--set", f"out={tmp_path / 'pre'}", "--set", "train.epochs=1", "--set", "train.eval_every=0",
+                 *common]) == 0
+    finetune = ["finetune", "--config", str(REPO / "configs/finetune_tiny.yaml"), "--set", data,
+                "--set", "train.epochs=1", "--set", "train.eval_every=0", *common]
+    capsys.readouterr()
+
+    # errors first (nothing is trained): bad strategy, a strategy without --init, tables of another width
+    err = _bad([*finetune, "--set", f"out={tmp_path / 'x'}", "--strategy", "sfst"], capsys)
+    assert "unknown transfer strategy 'sfst'" in err
+    err = _bad([*finetune, "--set", f"out={tmp_path / 'x'}", "--strategy", "ft"], capsys)
+    assert "--strategy ft needs --init PRETRAIN_CHECKPOINT" in err
+    err = _bad([*finetune, "--set", f"out={tmp_path / 'x'}", "--init", str(tmp_path / "pre" / "checkpoints")], capsys)
+    assert "table t_action: pretrained [7, 16] vs target input.features.ec:t_action [7, 8]" in err
+
+    out = tmp_path / "ft"
+    assert main([*finetune, "--set", f"out={out}", "--set", "ranker.config.features.embedding_dim=16",
+                 "--init", str(tmp_path / "pre" / "checkpoints"), "--strategy", "ST&SF",
+                 "--transfer", "new_rows=mean"]) == 0
+    printed = capsys.readouterr().out
+    assert "Transfer ST&SF from " in printed and "fine-tuned dcn_v2" in printed
+
+    client = MlflowClient(store)
+    experiment = client.get_experiment_by_name("transfer")
+    runs = {r.data.tags["stage"]: r for r in client.search_runs([experiment.experiment_id])}
+    pre, ft = runs["pretrain"], runs["finetune"]
+    assert ft.data.tags["strategy"] == "st_sf"
+    assert ft.data.tags["pretrain_run_id"] == pre.info.run_id
+    assert ft.data.tags["pretrain_checkpoint"].endswith("checkpoints/step-00000024")
+    assert "transfer_report.json" in [a.path for a in client.list_artifacts(ft.info.run_id)]
+    report = TransferReport.load(client.download_artifacts(ft.info.run_id, "transfer_report.json", str(tmp_path)))
+    assert report == TransferReport.from_dict(json.loads((out / "transfer_report.json").read_text()))
+    assert sorted(report.frozen_tables) == ["input.features.ec:t_action", "input.features.ec:t_category",
+                                            "input.features.ec:t_item_id"]
+    assert ft.data.params["transfer.new_rows"] == "mean" and ft.data.params["transfer.strategy"] == "st_sf"
+    assert ft.data.metrics["transfer/frozen_params"] == report.frozen_params > 0
+    assert ft.data.metrics["transfer/rows_aligned/input.features.ec/t_item_id"] == 1616
