@@ -13,7 +13,11 @@ Targets: the built-in rankers (tables found by name; FT also moves every ``hybri
 GPSD ranker's, a transformer history encoder's) and any model of your own built on TorchRec
 ``EmbeddingCollection`` / ``EmbeddingBagCollection`` (sharded under DMP or not) or ``nn.Embedding``
 tables, through ``table_map``. Rows are aligned by raw value through the two feature maps, never by
-position. Imports ``pretrain``-free pieces of ``hybrid_base`` and torch/torchrec only (never ``hybrid``).
+position. Imports ``hybrid_base``, torch and torchrec only (never ``hybrid``): feature maps come in as
+``FeatureMap`` objects or their dict form, and the raw-id alignment is ``hybrid_base.vocab``'s.
+
+Order matters for freezing: ``apply_transfer`` → optimizers (trainable tables only) → sharding with
+``hybrid_base.training.shard_model`` (tables without an optimizer get a learning-rate-0 fused kernel).
 """
 from adapters.config import NEW_ROW_POLICIES, PROJECTIONS, Strategy, TableTarget, TransferConfig, TransferError
 from adapters.report import ModuleEntry, TableEntry, TransferReport
