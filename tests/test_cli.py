@@ -101,19 +101,3 @@ def test_python_dash_m_entry_point(tmp_path):
                            "--out", str(tmp_path / "o")], capture_output=True, text=True, env=env, cwd=tmp_path)
     assert done.returncode == EXIT_BAD_INPUT
     assert done.stderr.strip().splitlines()[-1].startswith("error: ") and "Traceback" not in done.stderr
-
-
-def test_quickstart_on_real_ml100k(tmp_path, ml100k_dir, capsys, monkeypatch):
-    from hybrid import quickstart
-
-    monkeypatch.setattr(quickstart, "fetch_movielens_100k", lambda out: ml100k_dir)   # already fetched
-    rc = main(["quickstart", "--out", str(tmp_path / "qs"), "--tracking-uri", _store(tmp_path)])
-    assert rc == 0
-    assert "MLflow store:" in capsys.readouterr().out
-    client = MlflowClient(_store(tmp_path))
-    runs = client.search_runs([client.get_experiment_by_name(quickstart.EXPERIMENT).experiment_id])
-    names = {r.info.run_name: r for r in runs}
-    assert set(names) == {"quickstart", "prepare-last-item", "prepare-ratings"}
-    parent = names["quickstart"].info.run_id
-    assert names["prepare-ratings"].data.tags["mlflow.parentRunId"] == parent
-    assert names["prepare-last-item"].data.metrics["data/events"] == 100_000

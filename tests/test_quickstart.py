@@ -1,0 +1,32 @@
+"""The README's first command, end to end on real ML-100K with a reduced budget: every stage runs, nests
+under one parent run, and the review report is written."""
+import pytest
+from mlflow import MlflowClient
+
+from hybrid import quickstart
+
+
+@pytest.mark.slow
+def test_quickstart_whole_story(tmp_path, ml100k_dir, monkeypatch, capsys):
+    monkeypatch.setattr(quickstart, "fetch_movielens_100k", lambda out: ml100k_dir)   # fetched by the fixture
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    results = quickstart.run_quickstart(
+        tmp_path / "qs", tracking_uri=store,
+        overrides={"pretrain": ["train.epochs=1", "train.eval_every=0"],
+                   "finetune": ["train.epochs=2", "train.eval_every=80"]})
+    printed = capsys.readouterr().out
+    assert "[5/5] reviewing the runs" in printed and "report:" in printed
+    assert set(results["finetune"]) == {"nt", "st_sf"}
+    assert (tmp_path / "qs" / "review" / "report.html").is_file()
+    client = MlflowClient(store)
+    runs = client.search_runs([client.get_experiment_by_name(quickstart.EXPERIMENT).experiment_id])
+    by_stage = {}
+    for run in runs:
+        by_stage.setdefault(run.data.tags.get("stage"), []).append(run)
+    assert {k: len(v) for k, v in by_stage.items()} == {"pipeline": 1, "prepare": 2, "pretrain": 1, "finetune": 2,
+                                                         "review": 1}
+    parent = by_stage["pipeline"][0].info.run_id
+    for stage in ("prepare", "pretrain", "finetune"):
+        assert all(r.data.tags["mlflow.parentRunId"] == parent for r in by_stage[stage])
+    st_sf = [r for r in by_stage["finetune"] if r.data.tags["strategy"] == "st_sf"][0]
+    assert "transfer_report.json" in {a.path for a in client.list_artifacts(st_sf.info.run_id)}
