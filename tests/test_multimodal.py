@@ -109,6 +109,27 @@ def test_simtier_counts_match_numpy_with_padding_truncation_and_missing_vectors(
     assert out.shape == (len(cands), N) and mm.output_dim == N
 
 
+def test_cosine_table_and_vector_gather_agree_and_the_table_follows_the_buffer():
+    rng = np.random.default_rng(1)
+    vectors = torch.from_numpy(rng.normal(size=(40, 7)).astype(np.float32))
+    vectors[[0, 1, 5]] = 0.0
+    spec = FeatureSpec.from_vocab_sizes({"item_id": 40}, FeatureConfig(embedding_dim=4, max_len=6))
+    mm = MultimodalFeatures(MultimodalConfig(simtier=True), vectors, spec)
+    cand = torch.tensor([2, 5, 7])
+    hist = torch.tensor([[3, 4, 5, 0, 0, 0], [2, 3, 0, 0, 0, 0], [1, 8, 9, 10, 11, 12]])
+    mask = hist != 0
+    cos, valid = mm.cosines(cand, hist, mask)                       # table path (40 rows)
+    ref_cos, ref_valid = candidate_history_cosine(vectors[cand], vectors[hist], mask)
+    assert torch.equal(valid, ref_valid)
+    torch.testing.assert_close(cos, ref_cos)
+    with torch.no_grad():
+        mm.item_vectors.mul_(-1.0)                                  # in place, as a checkpoint load does
+    torch.testing.assert_close(mm.cosines(cand, hist, mask)[0], ref_cos)   # cosines of -v, -u are the same
+    with torch.no_grad():
+        mm.item_vectors[7] = -mm.item_vectors[7]
+    torch.testing.assert_close(mm.cosines(cand, hist, mask)[0][2], -ref_cos[2])
+
+
 def test_simtier_functions_directly():
     # cos = -1 → tier 0, 1 (and float error above it) → the top tier, nothing dropped
     assert similarity_tiers(torch.tensor([-1.0, -1.0001, -0.05, 0.0, 0.95, 1.0, 1.0 + 1e-6]), 20).tolist() == \
