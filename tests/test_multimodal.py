@@ -353,7 +353,7 @@ def test_each_ranker_trains_with_each_feature_on_ml100k(ranker, feature, title_v
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     model.train()
     losses = []
-    for step in range(12):
+    for step in range(8):
         batch = batches[step % len(batches)]
         logits = model(batch)
         bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, batch.labels)
@@ -368,12 +368,12 @@ def test_each_ranker_trains_with_each_feature_on_ml100k(ranker, feature, title_v
                      "mkmmd": mm.projection.layers[0].weight.grad if mm.projection is not None else None}
             assert grads[feature] is not None and grads[feature].abs().sum() > 0, feature
         opt.step()
-        losses.append(float(bce))
+        losses.append(float(bce.detach()))
         assert np.isfinite(losses[-1])
     metrics = model.logging_metrics()
     assert metrics["mm/candidate_coverage"] > 0.9 if feature != "mkmmd" else True
     if feature == "mkmmd":
-        assert set(aux) >= {"mkmmd"} and float(aux["mkmmd"]) > 0 and "mm/mkmmd" in metrics
+        assert set(aux) >= {"mkmmd"} and float(aux["mkmmd"].detach()) > 0 and "mm/mkmmd" in metrics
     else:
         assert "mkmmd" not in aux and metrics["mm/history_coverage"] > 0.9
     assert np.mean(losses[-4:]) < np.mean(losses[:4])                     # it learns something
@@ -406,6 +406,7 @@ def test_multimodal_config_and_construction_errors(title_vectors):
     assert dataclasses.replace(MultimodalConfig.tiny()).enabled and not MultimodalConfig().enabled
 
 
+@pytest.mark.slow
 def test_finetune_job_passes_file_vectors_to_the_ranker_and_reloads_them(title_vectors, prepared_ratings,
                                                                          prepared_ratings_dir, tmp_path):
     """``hybrid finetune`` with ``item_vectors.source: file``: vectors keyed by raw id reach TIN, MK-MMD is
