@@ -111,6 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=str(REPO / "bench/results/ctr_quality.json"))
     parser.add_argument("--workers", type=int, default=1, help="runs in parallel (processes)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per worker")
+    parser.add_argument("--previous", action="append", default=[], metavar="JSON",
+                        help="results of an earlier, cut-short grid: its runs join this one's table")
     args = parser.parse_args(argv)
 
     from hybrid.tracking import Tracker
@@ -127,12 +129,17 @@ def main(argv: list[str] | None = None) -> int:
                              "data": args.ratings if protocol == "ratings" else args.last_item,
                              "out": str(runs_dir / f"{ranker}-seed{seed}"), "tracking_uri": args.tracking_uri,
                              "experiment": args.experiment, "parent": parent, "overrides": args.overrides})
-        runs: list[dict] = []
+        runs: list[dict] = [r for path in args.previous for r in json.loads(Path(path).read_text())["runs"]]
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
-        context = mp.get_context("spawn")
-        with context.Pool(args.workers, initializer=_init_worker, initargs=(args.threads,)) as pool:
-            for result in pool.imap_unordered(run_one, jobs):
+        if args.workers == 1:                 # in this process: no pool to lose
+            _init_worker(args.threads)
+            pool, results = None, map(run_one, jobs)
+        else:
+            pool = mp.get_context("spawn").Pool(args.workers, initializer=_init_worker, initargs=(args.threads,))
+            results = pool.imap_unordered(run_one, jobs)
+        try:
+            for result in results:
                 runs.append(result)
                 print(f"[{time.perf_counter() - started:7.0f} s] {result['ranker']} seed {result['seed']}: "
                       f"AUC@1 {result['auc_epoch1']:.4f} best {result['best_auc']:.4f} final "
@@ -142,11 +149,15 @@ def main(argv: list[str] | None = None) -> int:
                 rows = aggregate(runs)
                 report = {"date": date.today().isoformat(), "machine": f"{os.cpu_count()}-core CPU "
                           f"({platform.processor() or platform.machine()})", "workers": args.workers,
-                          "threads_per_worker": args.threads, "seeds": args.seeds, "overrides": args.overrides,
+                          "threads_per_worker": args.threads, "seeds": sorted({r["seed"] for r in runs}),
+                          "overrides": args.overrides, "previous": args.previous,
                           "grid_seconds": round(time.perf_counter() - started, 1), "table": rows,
-                          "runs": [{k: v for k, v in r.items() if k != "curve"} | {"curve": r["curve"]}
-                                   for r in runs]}
+                          "runs": runs}
                 out.write_text(json.dumps(report, indent=2, default=str))
+        finally:
+            if pool is not None:
+                pool.close()
+                pool.join()
     print()
     print(table(aggregate(runs)))
     print(f"\ngrid: {len(runs)} runs in {time.perf_counter() - started:.0f} s; written to {args.out}")
