@@ -1,8 +1,11 @@
-"""hybrid_base.progress: the train-loss / throughput window both trainers log from."""
+"""Pieces both trainers share: the train-loss / throughput window, dense-gradient averaging across ranks."""
 import pytest
 import torch
+import torch.distributed as dist
+from torch import nn
 
 from hybrid_base.progress import ThroughputWindow
+from hybrid_base.training import average_dense_gradients, unwrap_dmp
 
 
 class FakeClock:
@@ -33,3 +36,18 @@ def test_unit_names_the_rate_metric():
     window = ThroughputWindow(unit="events")
     window.add({}, 5)
     assert set(window.flush()) == {"perf/events_per_s"}
+
+
+def test_average_dense_gradients_divides_the_rank_sum_and_fills_missing_grads(tmp_path):
+    """One real gloo rank: the all-reduce sums this rank's gradients only, so world_size=2 halves them; a
+    parameter without a gradient sends (and gets) zeros, so every rank sends the same buffer."""
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        a, b = nn.Parameter(torch.ones(2)), nn.Parameter(torch.ones(2, 2))
+        a.grad = torch.tensor([2.0, 4.0])
+        average_dense_gradients([a, b], world_size=2)
+        assert torch.equal(a.grad, torch.tensor([1.0, 2.0])) and torch.equal(b.grad, torch.zeros(2, 2))
+    finally:
+        dist.destroy_process_group()
+    module = nn.Linear(2, 2)
+    assert unwrap_dmp(module) is module
