@@ -53,6 +53,9 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=128, help="global batch (split over the processes)")
     parser.add_argument("--threads", type=int, default=2, help="cores used by either run")
+    parser.add_argument("--single-process-threads", type=int, default=None,
+                        help="threads of the 1-process run (default: --threads). On a machine shared with other "
+                             "busy processes, 2-thread OpenMP kernels can be far slower than 1-thread ones")
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "pretrain_sharded.json"))
     args = parser.parse_args()
 
@@ -60,6 +63,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for processes in (1, 2):
             threads = max(1, args.threads // processes)
+            if processes == 1 and args.single_process_threads:
+                threads = args.single_process_threads
             result = run(processes, threads, args, Path(tmp) / f"p{processes}")
             metrics = result["metrics"]
             rows[processes] = {"processes": processes, "threads_per_process": threads, "steps": result["step"],
