@@ -406,7 +406,6 @@ def test_multimodal_config_and_construction_errors(title_vectors):
     assert dataclasses.replace(MultimodalConfig.tiny()).enabled and not MultimodalConfig().enabled
 
 
-@pytest.mark.slow
 def test_finetune_job_passes_file_vectors_to_the_ranker_and_reloads_them(title_vectors, prepared_ratings,
                                                                          prepared_ratings_dir, tmp_path):
     """``hybrid finetune`` with ``item_vectors.source: file``: vectors keyed by raw id reach TIN, MK-MMD is
