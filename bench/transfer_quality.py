@@ -130,6 +130,30 @@ def matched_ranker(protocol: str, checkpoint: str, dcn_history: str) -> list[str
     return overrides
 
 
+def same_as(protocol: str, strategy: str, dcn_history: str) -> str | None:
+    """The strategy whose run this one would repeat bit for bit, if any (then it is not run again).
+
+    DCN-v2 with target attention has no transformer: FT moves exactly what ST moves (the report says the
+    backbone is skipped), so FT = ST and FT&SF = ST&SF on protocol B with ``--dcn-history target``.
+    """
+    if protocol == "B" and dcn_history == "target":
+        return {"ft": "st", "ft_sf": "st_sf"}.get(strategy)
+    return None
+
+
+def pretrain_overrides(given: list[str], protocol: str) -> list[str]:
+    """The ``--pretrain-set`` values that apply to ``protocol`` (``A:key=value``, ``B:...`` or unprefixed)."""
+    mine = []
+    for item in given:
+        prefix, sep, rest = item.partition(":")
+        if sep and prefix in PROTOCOLS and "=" not in prefix:
+            if prefix == protocol:
+                mine.append(rest)
+        else:
+            mine.append(item)
+    return mine
+
+
 def _yaml(value) -> str:
     """A --set value the config loader reads back exactly (JSON's ``1e-05`` would be a string to YAML)."""
     import yaml
@@ -212,6 +236,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", nargs="+", type=int, default=None, help="default: 0 1 2 (--quick: 0)")
     parser.add_argument("--dcn-history", choices=["transformer", "target"], default="transformer",
                         help="protocol B's DCN-v2 history encoder (transformer: FT also moves it)")
+    parser.add_argument("--pretrain-set", dest="pretrain_overrides", action="append", default=[],
+                        metavar="[A:|B:]KEY=VALUE",
+                        help="pretraining override, for one protocol with an A: / B: prefix, else for both "
+                             "(e.g. B:model.size=L4H32A4: the ranker takes the width and backbone it gives)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="extra fine-tuning override for every run (all strategies alike)")
     parser.add_argument("--tracking-uri", required=True, help="MLflow store, e.g. sqlite:///runs/bench/mlflow.db")
@@ -250,7 +278,9 @@ def main(argv: list[str] | None = None) -> int:
             jobs.append({"protocol": protocol, "data": data[protocol], "parent": parent,
                          "config": "configs/pretrain_tiny.yaml" if args.quick else pre_config,
                          "out": str(runs_dir / f"pretrain-{name}"), "tracking_uri": args.tracking_uri,
-                         "experiment": args.experiment, "overrides": QUICK_PRETRAIN if args.quick else []})
+                         "experiment": args.experiment,
+                         "overrides": [*(QUICK_PRETRAIN if args.quick else []),
+                                       *pretrain_overrides(args.pretrain_overrides, protocol)]})
         for result in pool.imap_unordered(pretrain, jobs):
             pretrained[result["protocol"]] = result
             print(f"[{time.perf_counter() - started:7.0f} s] pretrained protocol {result['protocol']}: "
@@ -265,6 +295,8 @@ def main(argv: list[str] | None = None) -> int:
                 overrides = [*(QUICK_FINETUNE[protocol] if args.quick else []),
                              *matched_ranker(protocol, checkpoint, args.dcn_history), *args.overrides]
                 for strategy in args.strategies:
+                    if same_as(protocol, strategy, args.dcn_history):
+                        continue
                     jobs.append({"protocol": protocol, "ranker": ranker, "strategy": strategy, "seed": seed,
                                  "config": ft_config, "data": data[protocol], "checkpoint": checkpoint,
                                  "out": str(runs_dir / f"{name}-{ranker}-{strategy}-seed{seed}"),
@@ -281,6 +313,9 @@ def main(argv: list[str] | None = None) -> int:
                       "machine": f"{os.cpu_count()}-core CPU ({platform.processor() or platform.machine()})",
                       "workers": args.workers, "threads_per_worker": args.threads, "seeds": seeds,
                       "dcn_history": args.dcn_history, "overrides": args.overrides,
+                      "pretrain_overrides": args.pretrain_overrides,
+                      "not_run": {f"{p}/{s}": f"same as {same_as(p, s, args.dcn_history)}" for p in args.protocols
+                                  for s in args.strategies if same_as(p, s, args.dcn_history)},
                       "pretrained": {p: {k: v for k, v in r.items() if k != "metrics"} | {
                           "metrics": r.get("metrics", {})} for p, r in pretrained.items()},
                       "study_seconds": round(time.perf_counter() - started, 1), "table": aggregate(runs),
@@ -288,6 +323,12 @@ def main(argv: list[str] | None = None) -> int:
             out.write_text(json.dumps(report, indent=2, default=str))
     print()
     print(table(aggregate(runs)))
+    for protocol in args.protocols:
+        for strategy in args.strategies:
+            if same_as(protocol, strategy, args.dcn_history):
+                print(f"{protocol} {strategy.upper().replace('_', '&')}: not run, identical to "
+                      f"{same_as(protocol, strategy, args.dcn_history).upper().replace('_', '&')} (no transformer "
+                      "in the ranker to move)")
     print(f"\nstudy: {len(runs)} fine-tuning runs in {time.perf_counter() - started:.0f} s; written to {out}")
     return 0
 
