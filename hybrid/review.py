@@ -2,7 +2,7 @@
 
 Writes into ``--out``:
 
-- ``summary.md`` / ``summary.csv``: one row per (strategy, model size): AUC at the end of epoch 1, best AUC,
+- ``summary.md`` / ``summary.csv``: one row per (ranker, strategy, model size): AUC at the end of epoch 1, best AUC,
   final AUC, final logloss, whether the one-epoch drop happened — mean ± std over seeds;
 - ``one_epoch.png``: eval AUC against training progress (fractional epochs), one line per strategy
   (mean over seeds), epoch boundaries marked — the one-epoch picture;
@@ -11,7 +11,7 @@ Writes into ``--out``:
 - ``report.html``: one self-contained page (plots embedded) with all of it.
 
 Everything is computed from the logged metric histories (``eval/auc``, ``eval/logloss`` with their
-``progress/epoch``) and the run tags (``strategy``, ``model_size``, ``dense_params``, ``seed``), so a
+``progress/epoch``) and the run tags (``ranker``, ``strategy``, ``model_size``, ``dense_params``, ``seed``), so a
 review reproduces from the store alone. The outputs are logged as artifacts of a ``review`` run.
 """
 from __future__ import annotations
@@ -44,6 +44,7 @@ class RunCurve:
 
     run_id: str
     name: str
+    ranker: str
     strategy: str
     model_size: str
     dense_params: float
@@ -77,7 +78,7 @@ def load_curves(tracker: Tracker, stage: str = "finetune") -> list[RunCurve]:
         steps = sorted(auc)
         tags = run.data.tags
         curves.append(RunCurve(
-            run_id=run.info.run_id, name=run.info.run_name or run.info.run_id,
+            run_id=run.info.run_id, name=run.info.run_name or run.info.run_id, ranker=tags.get(TAGS.ranker, "-"),
             strategy=tags.get(TAGS.strategy, "nt"), model_size=tags.get(TAGS.model_size, "-"),
             dense_params=float(tags.get(TAGS.dense_params, "nan")), seed=tags.get(TAGS.seed, "0"),
             epochs=np.array([epoch.get(s, np.nan) for s in steps], dtype=float),
@@ -94,7 +95,7 @@ def summarise_run(curve: RunCurve) -> dict:
     epoch1 = curve.auc[at_boundary][-1] if at_boundary.any() else np.nan
     points = [(e, a) for e, a in zip(curve.epochs, curve.auc) if not math.isnan(e)]
     return {
-        "run_id": curve.run_id, "strategy": curve.strategy, "model_size": curve.model_size,
+        "run_id": curve.run_id, "ranker": curve.ranker, "strategy": curve.strategy, "model_size": curve.model_size,
         "dense_params": curve.dense_params, "seed": curve.seed,
         "auc_epoch1": float(epoch1), "best_auc": float(np.nanmax(curve.auc)), "final_auc": float(curve.auc[-1]),
         "final_logloss": float(curve.logloss[-1]),
@@ -103,31 +104,39 @@ def summarise_run(curve: RunCurve) -> dict:
 
 
 def summary_table(curves: Sequence[RunCurve]) -> pd.DataFrame:
-    """Strategy × size table, mean ± std over seeds (std over one seed is 0)."""
+    """(Ranker, strategy, size) table, mean ± std over seeds (std over one seed is 0).
+
+    Rankers without a transformer have no size (``-``): grouping by ranker keeps them apart.
+    """
     runs = pd.DataFrame([summarise_run(c) for c in curves])
     if runs.empty:
         return runs
     metrics = ["auc_epoch1", "best_auc", "final_auc", "final_logloss"]
-    grouped = runs.groupby(["strategy", "model_size"], sort=True)
+    grouped = runs.groupby(["ranker", "strategy", "model_size"], sort=True)
     table = grouped[metrics].agg(["mean", "std"])
     table.columns = [f"{m}_{s}" for m, s in table.columns]
     table = table.fillna({c: 0.0 for c in table.columns if c.endswith("_std")})
     table["dense_params"] = grouped["dense_params"].first()
     table["seeds"] = grouped["seed"].nunique()
     table["one_epoch_drop"] = grouped["one_epoch_drop"].mean()   # fraction of seeds with a drop
-    return table.reset_index().sort_values(["strategy", "dense_params", "model_size"], kind="stable",
+    return table.reset_index().sort_values(["ranker", "strategy", "dense_params", "model_size"], kind="stable",
                                            ignore_index=True)
 
 
+def series_label(ranker: str, strategy: str, rankers: int) -> str:
+    """A plot series / fit name: the strategy, prefixed by the ranker when the experiment has several."""
+    return strategy if rankers <= 1 else f"{ranker} {strategy}"
+
+
 def to_markdown(table: pd.DataFrame) -> str:
-    header = ("| strategy | size | dense params | seeds | AUC end of epoch 1 | best AUC | final AUC | "
-              "final logloss | one-epoch drop |\n|---|---|---|---|---|---|---|---|---|\n")
+    header = ("| ranker | strategy | size | dense params | seeds | AUC end of epoch 1 | best AUC | final AUC | "
+              "final logloss | one-epoch drop |\n|---|---|---|---|---|---|---|---|---|---|\n")
     rows = []
     for r in table.itertuples():
         pm = lambda m: f"{getattr(r, m + '_mean'):.4f} ± {getattr(r, m + '_std'):.4f}"  # noqa: E731
         drop = "yes" if r.one_epoch_drop == 1 else "no" if r.one_epoch_drop == 0 else f"{r.one_epoch_drop:.0%} of seeds"
         dense = "-" if math.isnan(r.dense_params) else f"{int(r.dense_params):,}"
-        rows.append(f"| {r.strategy} | {r.model_size} | {dense} | {r.seeds} | {pm('auc_epoch1')} | "
+        rows.append(f"| {r.ranker} | {r.strategy} | {r.model_size} | {dense} | {r.seeds} | {pm('auc_epoch1')} | "
                     f"{pm('best_auc')} | {pm('final_auc')} | {pm('final_logloss')} | {drop} |")
     return header + "\n".join(rows) + "\n"
 
@@ -171,22 +180,25 @@ def fit_power_law(n: Sequence[float], auc: Sequence[float]) -> PowerLaw:
 # -- plots and page ------------------------------------------------------------------------------------------
 
 def plot_one_epoch(curves: Sequence[RunCurve], path: Path) -> Path:
-    """Eval AUC vs fractional epoch, one line per (strategy, size) (mean over seeds), epochs marked."""
+    """Eval AUC vs fractional epoch, one line per (ranker, strategy, size) (mean over seeds), epochs marked."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 4.5))
-    groups: dict[tuple[str, str], list[RunCurve]] = {}
+    groups: dict[tuple[str, str, str], list[RunCurve]] = {}
     for c in curves:
-        groups.setdefault((c.strategy, c.model_size), []).append(c)
+        groups.setdefault((c.ranker, c.strategy, c.model_size), []).append(c)
+    rankers = len({r for r, _, _ in groups})
     max_epoch = 1.0
-    for (strategy, size), members in sorted(groups.items()):
+    for (ranker, strategy, size), members in sorted(groups.items()):
         grid = np.unique(np.concatenate([m.epochs for m in members]))
         grid = grid[~np.isnan(grid)]
         mean = np.nanmean([np.interp(grid, m.epochs, m.auc) for m in members], axis=0)
-        label = strategy if len({s for _, s in groups}) == 1 else f"{strategy} {size}"
+        label = series_label(ranker, strategy, rankers)
+        if len({s for _, _, s in groups}) > 1:
+            label += f" {size}"
         ax.plot(grid, mean, marker=".", label=label)
         max_epoch = max(max_epoch, float(grid.max()) if len(grid) else 1.0)
     for boundary in range(1, int(math.ceil(max_epoch)) + 1):
@@ -202,7 +214,7 @@ def plot_one_epoch(curves: Sequence[RunCurve], path: Path) -> Path:
 
 
 def plot_scaling(table: pd.DataFrame, path: Path) -> tuple[Path, dict[str, PowerLaw]]:
-    """Best AUC vs dense parameters (log axis), one series per strategy, with its power-law fit."""
+    """Best AUC vs dense parameters (log axis), one series per (ranker,) strategy, with its power-law fit."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -210,7 +222,10 @@ def plot_scaling(table: pd.DataFrame, path: Path) -> tuple[Path, dict[str, Power
 
     fits: dict[str, PowerLaw] = {}
     fig, ax = plt.subplots(figsize=(8, 4.5))
-    for strategy, rows in table.dropna(subset=["dense_params"]).groupby("strategy"):
+    sized = table.dropna(subset=["dense_params"])
+    rankers = sized["ranker"].nunique()
+    for (ranker, strategy), rows in sized.groupby(["ranker", "strategy"]):
+        strategy = series_label(ranker, strategy, rankers)
         rows = rows.sort_values("dense_params")
         n, auc, err = rows["dense_params"].to_numpy(), rows["best_auc_mean"].to_numpy(), rows["best_auc_std"].to_numpy()
         line = ax.errorbar(n, auc, yerr=err, marker="o", linestyle="none", capsize=3, label=strategy)

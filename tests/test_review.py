@@ -60,6 +60,7 @@ def test_review_table_equals_logged_metrics(tmp_path):
     curves = load_curves(tracker)
     assert len(curves) == 16                                            # the FAILED run is left out
     table = summary_table(curves).set_index(["strategy", "model_size"])
+    assert set(summary_table(curves)["ranker"]) == {"-"}               # these runs carry no ranker tag
     for (strategy, size), row in table.iterrows():
         runs = [logged[(strategy, size, seed)] for seed in (0, 1)]
         assert row["best_auc_mean"] == pytest.approx(np.mean([r.max() for r in runs]))
@@ -85,12 +86,32 @@ def test_review_table_equals_logged_metrics(tmp_path):
     assert "review/report.html" in artifacts and "review/scaling.png" in artifacts
 
 
+def test_rankers_without_a_size_get_their_own_rows(tmp_path):
+    """Two rankers with no transformer (no model size) and one strategy: two rows, never averaged together."""
+    tracker = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}", "rankers", enabled=True)
+    best = {"dcn_v2": 0.78, "tin": 0.76}
+    for ranker, auc in best.items():
+        for seed in (0, 1):
+            tags = {TAGS.stage: "finetune", TAGS.strategy: "nt", TAGS.ranker: ranker, TAGS.dense_params: 1000,
+                    TAGS.seed: seed}
+            with tracker.run(f"{ranker}-{seed}", tags=tags) as run:
+                for step, e in enumerate((0.5, 1.0, 1.5), start=1):
+                    tracker.log_metrics(run, {"eval/auc": auc - 0.01 * (2 - step) + 0.002 * seed,
+                                              "eval/logloss": 0.5}, step=step, epoch=e)
+    table = summary_table(load_curves(tracker)).set_index(["ranker", "strategy", "model_size"])
+    assert len(table) == 2
+    for ranker, auc in best.items():
+        assert table.loc[(ranker, "nt", "-"), "best_auc_mean"] == pytest.approx(auc + 0.01 + 0.001)   # last eval, mean seed offset
+    result = run_review(tracker, tmp_path / "review")
+    assert "| dcn_v2 | nt | - |" in result["markdown"] and "| tin | nt | - |" in result["markdown"]
+
+
 def test_review_cli_and_errors(tmp_path, capsys):
     store = f"sqlite:///{tmp_path / 'mlflow.db'}"
     _fill(store)
     assert main(["review", "--experiment", "study", "--tracking-uri", store, "--out", str(tmp_path / "r")]) == 0
     out = capsys.readouterr().out
-    assert "| st_sf | L4H64A4 |" in out and "power law (st_sf): AUC =" in out
+    assert "| - | st_sf | L4H64A4 |" in out and "power law (st_sf): AUC =" in out
     assert main(["review", "--experiment", "nope", "--tracking-uri", store, "--out", str(tmp_path / "r2")]) == 2
     assert "no experiment named 'nope'" in capsys.readouterr().err
 
