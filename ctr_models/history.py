@@ -225,9 +225,12 @@ def build_history_encoder(config: HistoryConfig, dim: int) -> nn.Module | None:
 
 
 def backbone_config_from_dict(data: Mapping[str, Any]) -> Any:
+    """The ``BackboneConfig`` of a ranker config's ``backbone`` mapping (keys and types checked, named
+    ``backbone.<key>`` in messages)."""
     from hybrid_base.backbones import BackboneConfig
+    from hybrid_base.config import from_mapping
 
-    return BackboneConfig.from_dict(data)
+    return from_mapping(BackboneConfig, data, prefix="backbone.", source="BackboneConfig")
 
 
 def build_backbone(config: Any) -> nn.Module:

@@ -14,7 +14,7 @@ table inside the backward of each lookup: two lookups of a table would apply two
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from typing import Any, Mapping
 
 import torch
@@ -32,6 +32,7 @@ from hybrid_base.backbones import (
     lengths_to_offsets,
 )
 from hybrid_base.batch import SequenceBatch
+from hybrid_base.config import from_mapping
 from hybrid_base.ids import NUM_RESERVED_IDS, PAD_ID
 from pretrain.objectives import (
     ObjectiveConfig,
@@ -123,17 +124,9 @@ class GenerativeModelConfig:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "GenerativeModelConfig":
-        """Inverse of :meth:`to_dict` (nested dicts for ``backbone`` and ``objective``); unknown keys raise."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown GenerativeModelConfig field(s) {unknown}; known: {sorted(known)}")
-        values = dict(data)
-        if isinstance(values.get("backbone"), Mapping):
-            values["backbone"] = BackboneConfig.from_dict(values["backbone"])
-        if isinstance(values.get("objective"), Mapping):
-            values["objective"] = ObjectiveConfig.from_dict(values["objective"])
-        return cls(**values)
+        """Inverse of :meth:`to_dict` (nested dicts for ``backbone`` and ``objective``); an unknown key or a
+        wrong type raises a ``ValueError`` naming the key (``backbone.norm_eps``)."""
+        return from_mapping(cls, data, source="GenerativeModelConfig")
 
 
 class GenerativeModel(nn.Module):

@@ -15,12 +15,13 @@ as negatives and never ranked.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Any, Literal, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 
+from hybrid_base.config import from_mapping
 from hybrid_base.ids import NUM_RESERVED_IDS, OOV_ID, PAD_ID
 
 NegativeSampling = Literal["uniform", "in_batch"]
@@ -70,12 +71,8 @@ class ObjectiveConfig:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "ObjectiveConfig":
-        """Inverse of :meth:`to_dict`; unknown keys raise a ``ValueError`` naming them."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown ObjectiveConfig field(s) {unknown}; known: {sorted(known)}")
-        return cls(**dict(data))
+        """Inverse of :meth:`to_dict`; an unknown key or a wrong type raises a ``ValueError`` naming the key."""
+        return from_mapping(cls, data, source="ObjectiveConfig")
 
 
 def sample_uniform_negatives(

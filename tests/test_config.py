@@ -83,3 +83,110 @@ def test_example_configs_load():
     for path in sorted((Path(__file__).resolve().parents[1] / "configs").glob("prepare_*.yaml")):
         cfg = load_config(PrepareConfig, path)
         assert cfg.data.dataset == "movielens-1m", path
+
+
+# ----------------------------------------------------------------- one loader for jobs and model configs
+
+def test_exponent_floats_without_a_dot_are_floats(tmp_path):
+    # PyYAML (YAML 1.1) reads `1e-3` as the string '1e-3'; a float field takes it as the number
+    path = tmp_path / "job.yaml"
+    path.write_text("optim:\n  lr: 1e-3\n")
+    lr = load_config(Job, path).optim.lr
+    assert lr == 1e-3 and isinstance(lr, float)
+    assert load_config(Job, overrides=["optim.lr=5e-3"]).optim.lr == 5e-3
+    with pytest.raises(HybridInputError, match="key 'optim.lr' expects a number, got 'fast'"):
+        load_config(Job, overrides=["optim.lr=fast"])
+    with pytest.raises(HybridInputError, match="key 'epochs' expects an integer, got '1e3'"):
+        load_config(Job, overrides=["epochs=1e3"])          # only float fields take a float literal
+
+
+def test_exponent_float_override_of_a_job_config():
+    from hybrid.finetune_job import FinetuneConfig
+
+    lr = load_config(FinetuneConfig, overrides=["train.optim.lr=1e-05"]).train.optim.lr
+    assert lr == 1e-05 and isinstance(lr, float)
+
+
+def test_one_error_class_and_one_loader_on_both_import_paths():
+    import hybrid.config
+    import hybrid_base.config
+    import hybrid_base.errors
+
+    assert HybridInputError is hybrid_base.errors.HybridInputError and issubclass(HybridInputError, ValueError)
+    for name in ("load_config", "from_mapping", "to_dict", "to_yaml", "flatten"):
+        assert getattr(hybrid.config, name) is getattr(hybrid_base.config, name)
+
+
+def _ranker_and_model_configs():
+    from ctr_models import (
+        DCNv2Config, FeatureConfig, GPSDRankerConfig, HistoryConfig, MMoEConfig, MultiEmbeddingMoEConfig,
+        MultimodalConfig, TINConfig,
+    )
+    from hybrid_base.backbones import BackboneConfig
+    from pretrain.model import GenerativeModelConfig
+    from pretrain.objectives import ObjectiveConfig
+
+    return [DCNv2Config, MMoEConfig, MultiEmbeddingMoEConfig, TINConfig, GPSDRankerConfig, FeatureConfig,
+            HistoryConfig, MultimodalConfig, BackboneConfig, ObjectiveConfig, GenerativeModelConfig]
+
+
+@pytest.mark.parametrize("cls", _ranker_and_model_configs(), ids=lambda c: c.__name__)
+def test_model_configs_round_trip_through_the_loader(cls):
+    import dataclasses
+    import json
+
+    from hybrid.config import from_mapping, to_dict
+
+    configs = [cls()] + ([cls.tiny()] if hasattr(cls, "tiny") else [])
+    if cls.__name__ == "HistoryConfig":
+        from hybrid_base.backbones import BackboneConfig
+
+        configs.append(cls(encoder="transformer", backbone=BackboneConfig.tiny("hstu")))
+    for cfg in configs:
+        assert from_mapping(cls, dataclasses.asdict(cfg)) == cfg
+        # what a checkpoint manifest holds (JSON: tuples become lists) and what to_yaml writes
+        assert from_mapping(cls, json.loads(json.dumps(dataclasses.asdict(cfg)))) == cfg
+        assert from_mapping(cls, yaml.safe_load(to_yaml(cfg))) == cfg
+        assert from_mapping(cls, to_dict(cfg)) == cfg
+        if hasattr(cls, "from_dict"):
+            assert cls.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+
+
+def test_ranker_configs_are_rebuilt_from_manifest_json():
+    import dataclasses
+    import json
+
+    from ctr_models import RANKER_NAMES, FeatureConfig, ranker_classes
+    from ctr_models._config import config_from_dict
+
+    for name in RANKER_NAMES:
+        config_cls, _ = ranker_classes(name)
+        cfg = config_cls.tiny()
+        assert config_from_dict(config_cls, json.loads(json.dumps(dataclasses.asdict(cfg)))) == cfg
+        assert config_from_dict(config_cls, cfg) is cfg
+    dcn = ranker_classes("dcn_v2")[0]
+    assert config_from_dict(dcn, {"features": FeatureConfig.tiny()}).features == FeatureConfig.tiny()
+
+
+def test_model_config_types_are_checked_and_the_key_named():
+    from ctr_models import DCNv2Config, GPSDRankerConfig
+    from ctr_models._config import config_from_dict
+    from hybrid_base.backbones import BackboneConfig
+    from pretrain.model import GenerativeModelConfig
+    from pretrain.objectives import ObjectiveConfig
+
+    with pytest.raises(HybridInputError, match="key 'backbone.norm_eps' expects a number, got 'abc'"):
+        config_from_dict(GPSDRankerConfig, {"backbone": {"norm_eps": "abc"}})
+    with pytest.raises(HybridInputError, match="key 'backbone.norm_eps' expects a number, got 'abc'"):
+        config_from_dict(DCNv2Config, {"history": {"encoder": "transformer", "backbone": {"norm_eps": "abc"}}})
+    with pytest.raises(HybridInputError, match="key 'backbone.norm_eps' expects a number, got 'abc'"):
+        GenerativeModelConfig.from_dict({"backbone": {"norm_eps": "abc"}})
+    with pytest.raises(ValueError, match="key 'norm_eps' expects a number, got 'abc'"):
+        BackboneConfig.from_dict({"norm_eps": "abc"})
+    with pytest.raises(ValueError, match="key 'temperature' expects a number, got 'hot'"):
+        ObjectiveConfig.from_dict({"temperature": "hot"})
+    with pytest.raises(ValueError, match="key 'features.embedding_dim' expects an integer, got '8'"):
+        config_from_dict(DCNv2Config, {"features": {"embedding_dim": "8"}})
+    with pytest.raises(ValueError, match="DCNv2Config: unknown key 'cross_typ' \\(did you mean 'cross_type'\\?\\)"):
+        config_from_dict(DCNv2Config, {"cross_typ": "full"})
+    assert BackboneConfig.from_dict({"norm_eps": "1e-6"}).norm_eps == 1e-6

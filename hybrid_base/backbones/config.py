@@ -6,8 +6,10 @@ The same :class:`BackboneConfig` builds the backbone of the generative pretraini
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Any, Literal, Mapping
+
+from hybrid_base.config import from_mapping
 
 BackboneKind = Literal["llama", "hstu"]
 _KINDS = ("llama", "hstu")
@@ -124,9 +126,5 @@ class BackboneConfig:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "BackboneConfig":
-        """Inverse of :meth:`to_dict`; unknown keys raise a ``ValueError`` naming them."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown BackboneConfig field(s) {unknown}; known: {sorted(known)}")
-        return cls(**dict(data))
+        """Inverse of :meth:`to_dict`; an unknown key or a wrong type raises a ``ValueError`` naming the key."""
+        return from_mapping(cls, data, source="BackboneConfig")
