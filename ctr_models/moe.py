@@ -74,6 +74,17 @@ def _gate_entropy(gates: torch.Tensor) -> torch.Tensor:
     return -(gates * gates.clamp(min=1e-12).log()).sum(-1).mean()
 
 
+def _check_mixture_fields(config: "MMoEConfig | MultiEmbeddingMoEConfig", name: str) -> None:
+    """The checks both MoE configs share (expert / gate / tower sizes, dropout, ``λ``); ``name`` is the
+    config class named in the error."""
+    require_positive_ints(config.expert_hidden, name, "expert_hidden", allow_empty=False)
+    require_positive_ints(config.gate_hidden, name, "gate_hidden")
+    require_positive_ints(config.tower_hidden, name, "tower_hidden")
+    require(0.0 <= config.dropout < 1.0, name, "dropout", f"must be in [0, 1), got {config.dropout}")
+    require(config.decorrelation_weight >= 0, name, "decorrelation_weight",
+            f"must be >= 0, got {config.decorrelation_weight}")
+
+
 @dataclass(frozen=True)
 class MMoEConfig:
     """Configuration of :class:`MMoE`.
@@ -105,12 +116,7 @@ class MMoEConfig:
         freeze_lists(self)
         name = "MMoEConfig"
         require(self.num_experts >= 1, name, "num_experts", f"must be >= 1, got {self.num_experts}")
-        require_positive_ints(self.expert_hidden, name, "expert_hidden", allow_empty=False)
-        require_positive_ints(self.gate_hidden, name, "gate_hidden")
-        require_positive_ints(self.tower_hidden, name, "tower_hidden")
-        require(0.0 <= self.dropout < 1.0, name, "dropout", f"must be in [0, 1), got {self.dropout}")
-        require(self.decorrelation_weight >= 0, name, "decorrelation_weight",
-                f"must be >= 0, got {self.decorrelation_weight}")
+        _check_mixture_fields(self, name)
 
     @classmethod
     def tiny(cls) -> "MMoEConfig":
@@ -118,16 +124,67 @@ class MMoEConfig:
                    expert_hidden=(32, 16), tower_hidden=(8,))
 
 
-class _MoEMixin:
-    """Per-task softmax gating and the shared auxiliary-loss / metric plumbing of the MoE rankers."""
+class TaskGates(nn.ModuleList):
+    """One softmax gate per task over ``K`` experts, and the per-task mixtures of the expert outputs.
 
+    Gate ``t`` is ``g^t(x) = softmax(W_t MLP_t(x))`` (module docstring); element ``t`` of the list is
+    ``Sequential(MLP_t, Linear(·, K))``, so on a ranker the parameters are named ``gates.<t>.0.…`` (the MLP)
+    and ``gates.<t>.1.weight`` / ``.bias``.
+
+    Args:
+        in_features: width ``d`` of the gate input.
+        num_experts: ``K``.
+        num_tasks: ``T``, one gate per task.
+        hidden: hidden sizes of each gate's MLP before its linear layer (``()`` = linear gate, as the paper).
+
+    Shapes:
+        ``forward(x [B, d], experts [K, B, H]) → (mixed [B, T, H], gates [B, T, K])`` with
+        ``mixed[:, t] = Σ_k gates[:, t, k] · experts[k]`` and ``gates.sum(-1) == 1``.
+
+    Example:
+        >>> gates = TaskGates(8, num_experts=3, num_tasks=2)
+        >>> mixed, g = gates(torch.randn(4, 8), torch.randn(3, 4, 16))
+        >>> mixed.shape, g.shape
+        (torch.Size([4, 2, 16]), torch.Size([4, 2, 3]))
+    """
+
+    def __init__(self, in_features: int, num_experts: int, num_tasks: int, hidden: tuple[int, ...] = ()) -> None:
+        super().__init__()
+        for _ in range(num_tasks):
+            mlp = MLP(in_features, hidden)
+            self.append(nn.Sequential(mlp, nn.Linear(mlp.out_features, num_experts)))
+
+    def forward(self, x: torch.Tensor, experts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        gates = torch.stack([torch.softmax(g(x), -1) for g in self], 1)           # [B, T, K]
+        return torch.einsum("btk,kbh->bth", gates, experts), gates
+
+
+class _MoEMixin:
+    """Per-task gates and towers over the experts, and the shared auxiliary-loss / metric plumbing of the MoE
+    rankers: ``__init__`` builds its experts, then calls :meth:`_build_mixture`; ``forward`` computes the
+    expert outputs and returns :meth:`_mix`."""
+
+    gates: TaskGates
+    heads: TaskHeads
     _last_experts: torch.Tensor | None
     _last_gates: torch.Tensor | None
     _decorrelation_weight: float
 
-    def _remember(self, experts: torch.Tensor, gates: torch.Tensor) -> None:
+    def _build_mixture(self, gate_in_features: int, config: "MMoEConfig | MultiEmbeddingMoEConfig") -> None:
+        """Gates on a ``[B, gate_in_features]`` input and one tower per task on the ``expert_hidden[-1]``-wide
+        mixtures. Call it after building the experts: the init order fixes the weights under a seed."""
+        num_tasks = len(self.task_names)  # type: ignore[attr-defined]
+        self.gates = TaskGates(gate_in_features, config.num_experts, num_tasks, config.gate_hidden)
+        self.heads = TaskHeads(config.expert_hidden[-1], num_tasks, config.tower_hidden, config.dropout)
+        self._decorrelation_weight = config.decorrelation_weight
+        self._last_experts = self._last_gates = None
+
+    def _mix(self, experts: torch.Tensor, gate_in: torch.Tensor) -> torch.Tensor:
+        """``experts [K, B, H]``, ``gate_in [B, d] → logits [B, T]``: task ``t``'s tower on its own mixture."""
+        mixed, gates = self.gates(gate_in, experts)                                # [B, T, H], [B, T, K]
         # Keep the graph: auxiliary_losses() is called after forward, in the same step.
         self._last_experts, self._last_gates = experts, gates
+        return self.heads(mixed, per_task_input=True)
 
     def auxiliary_losses(self) -> dict[str, torch.Tensor]:
         """``{"decorrelation": λ · L_dec}`` of the last forward, in training mode with ``λ > 0``; else ``{}``."""
@@ -182,14 +239,7 @@ class MMoE(_MoEMixin, Ranker):
         d = self.input.output_dim
         self.experts = nn.ModuleList(MLP(d, config.expert_hidden, dropout=config.dropout)
                                      for _ in range(config.num_experts))
-        self.gates = nn.ModuleList()
-        for _ in self.task_names:
-            g = MLP(d, config.gate_hidden)
-            self.gates.append(nn.Sequential(g, nn.Linear(g.out_features, config.num_experts)))
-        self.heads = TaskHeads(config.expert_hidden[-1], len(self.task_names), config.tower_hidden,
-                               config.dropout)
-        self._decorrelation_weight = config.decorrelation_weight
-        self._last_experts = self._last_gates = None
+        self._build_mixture(d, config)
 
     def forward(self, batch: CTRBatch) -> torch.Tensor:
         if self.multimodal is None:
@@ -198,10 +248,7 @@ class MMoE(_MoEMixin, Ranker):
             inputs = self.input.features(batch)
             x = self.input.flatten(inputs, self.multimodal(batch, inputs))
         experts = torch.stack([e(x) for e in self.experts], 0)                     # [K, B, H]
-        gates = torch.stack([torch.softmax(g(x), -1) for g in self.gates], 1)      # [B, T, K]
-        mixed = torch.einsum("btk,kbh->bth", gates, experts)                       # [B, T, H]
-        self._remember(experts, gates)
-        return self.heads(mixed, per_task_input=True)
+        return self._mix(experts, x)
 
 
 @dataclass(frozen=True)
@@ -249,12 +296,7 @@ class MultiEmbeddingMoEConfig:
                 f"must be >= 1 or None, got {self.low_rank}")
         require(self.cross_num_experts >= 1, name, "cross_num_experts",
                 f"must be >= 1, got {self.cross_num_experts}")
-        require_positive_ints(self.expert_hidden, name, "expert_hidden", allow_empty=False)
-        require_positive_ints(self.gate_hidden, name, "gate_hidden")
-        require_positive_ints(self.tower_hidden, name, "tower_hidden")
-        require(0.0 <= self.dropout < 1.0, name, "dropout", f"must be in [0, 1), got {self.dropout}")
-        require(self.decorrelation_weight >= 0, name, "decorrelation_weight",
-                f"must be >= 0, got {self.decorrelation_weight}")
+        _check_mixture_fields(self, name)
 
     @classmethod
     def tiny(cls) -> "MultiEmbeddingMoEConfig":
@@ -324,15 +366,7 @@ class MultiEmbeddingMoE(_MoEMixin, Ranker):
         extra_dim = self.multimodal.output_dim if self.multimodal is not None else 0
         self.experts = nn.ModuleList(InteractionExpert(self.spec, config, embedding_device, extra_dim)
                                      for _ in range(config.num_experts))
-        d = self.experts[0].input.output_dim
-        self.gates = nn.ModuleList()
-        for _ in self.task_names:
-            g = MLP(d, config.gate_hidden)
-            self.gates.append(nn.Sequential(g, nn.Linear(g.out_features, config.num_experts)))
-        self.heads = TaskHeads(config.expert_hidden[-1], len(self.task_names), config.tower_hidden,
-                               config.dropout)
-        self._decorrelation_weight = config.decorrelation_weight
-        self._last_experts = self._last_gates = None
+        self._build_mixture(self.experts[0].input.output_dim, config)
 
     def forward(self, batch: CTRBatch) -> torch.Tensor:
         if self.multimodal is None:
@@ -345,8 +379,4 @@ class MultiEmbeddingMoE(_MoEMixin, Ranker):
             hs = tuple(e.interact(x0) for e, x0 in zip(self.experts, x0s))
         experts = torch.stack(hs, 0)                                               # [K, B, H]
         # The gate sees every embedding set (their mean), so no set is privileged.
-        gate_in = torch.stack(x0s, 0).mean(0)
-        gates = torch.stack([torch.softmax(g(gate_in), -1) for g in self.gates], 1)  # [B, T, K]
-        mixed = torch.einsum("btk,kbh->bth", gates, experts)
-        self._remember(experts, gates)
-        return self.heads(mixed, per_task_input=True)
+        return self._mix(experts, torch.stack(x0s, 0).mean(0))

@@ -20,12 +20,15 @@ import sys
 import time
 import warnings
 from pathlib import Path
+from typing import TypeVar
 
 import yaml
 
 from hybrid.errors import HybridInputError
 
 EXIT_BAD_INPUT = 2
+_Config = TypeVar("_Config")
+_TRACKING_URI_HELP = "MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///<out>/mlflow.db)"
 
 
 def _add_common(parser: argparse.ArgumentParser, top: bool = False) -> None:
@@ -38,9 +41,22 @@ def _add_config(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="YAML config file")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config key, e.g. --set protocol.max_history=100 (repeatable)")
-    parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, "
-                                               "else sqlite:///<out>/mlflow.db)")
+    parser.add_argument("--tracking-uri", help=_TRACKING_URI_HELP)
     parser.add_argument("--experiment", help="MLflow experiment name")
+
+
+def _load_config(config_cls: type[_Config], args: argparse.Namespace,
+                 flags: tuple[tuple[str, object], ...] = ()) -> _Config:
+    """``config_cls`` from the flags of :func:`_add_config`: ``--config``, then the ``--set`` overrides, then
+    ``flags`` (``(config key, flag value)`` pairs) and ``--tracking-uri`` / ``--experiment`` as overrides of
+    their keys; a flag not given (``None``) overrides nothing. Bad input raises ``HybridInputError``."""
+    from hybrid.config import load_config
+
+    overrides = list(args.overrides)
+    for key, value in (*flags, ("tracking.tracking_uri", args.tracking_uri), ("tracking.experiment", args.experiment)):
+        if value is not None:
+            overrides.append(f"{key}={json.dumps(value)}")
+    return load_config(config_cls, args.config, overrides)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -86,8 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     review = commands.add_parser("review", help="tables, plots and an HTML page from an experiment's runs")
     review.add_argument("--experiment", required=True, help="MLflow experiment name")
-    review.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, "
-                                               "else sqlite:///<out>/mlflow.db)")
+    review.add_argument("--tracking-uri", help=_TRACKING_URI_HELP)
     review.add_argument("--out", default="runs/review", help="output directory (default: runs/review)")
     _add_common(review)
 
@@ -107,16 +122,10 @@ def _cmd_fetch(args: argparse.Namespace) -> int:
 
 
 def _cmd_prepare(args: argparse.Namespace) -> int:
-    from hybrid.config import load_config
     from hybrid.prepare import PrepareConfig, run_prepare
 
-    overrides = list(args.overrides)
-    for key, value in (("data.dataset", args.dataset), ("data.path", args.path),
-                       ("protocol.protocol", args.protocol), ("out", args.out),
-                       ("tracking.tracking_uri", args.tracking_uri), ("tracking.experiment", args.experiment)):
-        if value is not None:
-            overrides.append(f"{key}={json.dumps(value)}")
-    cfg = load_config(PrepareConfig, args.config, overrides)
+    cfg = _load_config(PrepareConfig, args, (("data.dataset", args.dataset), ("data.path", args.path),
+                                             ("protocol.protocol", args.protocol), ("out", args.out)))
     started = time.perf_counter()
     prepared = run_prepare(cfg)
     _print_stats(prepared.stats)
@@ -125,15 +134,10 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def _cmd_pretrain(args: argparse.Namespace) -> int:
-    from hybrid.config import load_config
     from hybrid.pretrain_job import PretrainConfig, run_pretrain
     from hybrid.tracking import is_rank_zero
 
-    overrides = list(args.overrides)
-    for key, value in (("tracking.tracking_uri", args.tracking_uri), ("tracking.experiment", args.experiment)):
-        if value is not None:
-            overrides.append(f"{key}={json.dumps(value)}")
-    cfg = load_config(PretrainConfig, args.config, overrides)
+    cfg = _load_config(PretrainConfig, args)
     result = run_pretrain(cfg, resume=args.resume)
     if is_rank_zero():
         metrics, base, k = result["metrics"], result["baseline"], cfg.train.k
@@ -146,15 +150,10 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
 
 
 def _cmd_finetune(args: argparse.Namespace) -> int:
-    from hybrid.config import load_config
     from hybrid.finetune_job import FinetuneConfig, run_finetune
     from hybrid.tracking import is_rank_zero
 
-    overrides = list(args.overrides)
-    for key, value in (("tracking.tracking_uri", args.tracking_uri), ("tracking.experiment", args.experiment)):
-        if value is not None:
-            overrides.append(f"{key}={json.dumps(value)}")
-    cfg = load_config(FinetuneConfig, args.config, overrides)
+    cfg = _load_config(FinetuneConfig, args)
     strategy, hook = _transfer(args)
     result = run_finetune(cfg, prepare_model=hook, strategy=strategy)
     if is_rank_zero():
@@ -189,14 +188,9 @@ def _transfer(args: argparse.Namespace):
 
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
-    from hybrid.config import load_config
     from hybrid.sweep import SweepConfig, run_sweep
 
-    overrides = list(args.overrides)
-    for key, value in (("tracking.tracking_uri", args.tracking_uri), ("tracking.experiment", args.experiment)):
-        if value is not None:
-            overrides.append(f"{key}={json.dumps(value)}")
-    cfg = load_config(SweepConfig, args.config, overrides)
+    cfg = _load_config(SweepConfig, args)
     result = run_sweep(cfg)
     print(f"sweep: {len(result['done'])} points run, {len(result['skipped'])} already finished, "
           f"{len(result['failed'])} failed")

@@ -1,4 +1,5 @@
-"""Layers of the CTR rankers: features/padding, history encoders, DCN-v2 cross layers, TIN, MoE correlation."""
+"""Layers of the CTR rankers: features/padding, history encoders, DCN-v2 cross layers, TIN, MoE gates and
+correlation."""
 from __future__ import annotations
 
 import math
@@ -12,7 +13,7 @@ from ctr_models.dcn_v2 import build_cross_net
 from ctr_models.features import CTRFeatures, FeatureConfig, FeatureSpec, jagged_to_padded, table_name
 from ctr_models.history import PooledHistory, TargetAttentionHistory, TransformerHistory, gather_last
 from ctr_models.layers import masked_softmax
-from ctr_models.moe import cross_expert_correlation
+from ctr_models.moe import TaskGates, cross_expert_correlation
 from ctr_models.synthetic import SYNTHETIC_VOCAB_SIZES, make_synthetic_batch
 from ctr_models.tin import (TargetAwareTemporalEncoding, relative_positions, target_aware_attention,
                             time_gap_buckets)
@@ -263,7 +264,7 @@ def test_tin_temporal_encoding_indices():
         tte(hist, target, torch.tensor([2]), None, None)
 
 
-# --------------------------------------------------------------------------- MoE correlation
+# --------------------------------------------------------------------------- MoE gates and correlation
 
 
 def test_cross_expert_correlation():
@@ -284,3 +285,20 @@ def test_cross_expert_correlation():
     _, corr = cross_expert_correlation(torch.randn(3, 4096, 8, generator=g))
     assert float(corr) < 0.03
     assert float(cross_expert_correlation(torch.randn(1, 16, 4))[1]) == 0.0
+
+
+def test_task_gates_hand_computed_mixtures_and_parameter_names():
+    gates = TaskGates(2, num_experts=2, num_tasks=2)
+    # linear gates (hidden=()): the checkpoint names the rankers have always had, gates.<t>.1.{weight,bias}
+    assert [n for n, _ in gates.named_parameters()] == ["0.1.weight", "0.1.bias", "1.1.weight", "1.1.bias"]
+    with torch.no_grad():
+        for p in gates.parameters():
+            p.zero_()
+        gates[1][1].bias.copy_(torch.tensor([math.log(3.0), 0.0]))     # task 1: softmax → (0.75, 0.25)
+    experts = torch.stack([torch.full((4, 3), 1.0), torch.full((4, 3), 3.0)])  # [K=2, B=4, H=3]
+    mixed, g = gates(torch.randn(4, 2), experts)
+    assert g.shape == (4, 2, 2) and mixed.shape == (4, 2, 3)
+    torch.testing.assert_close(g[:, 0], torch.full((4, 2), 0.5))
+    torch.testing.assert_close(g[:, 1], torch.tensor([[0.75, 0.25]]).expand(4, 2))
+    torch.testing.assert_close(mixed[:, 0], torch.full((4, 3), 2.0))     # 0.5·1 + 0.5·3
+    torch.testing.assert_close(mixed[:, 1], torch.full((4, 3), 1.5))     # 0.75·1 + 0.25·3

@@ -88,6 +88,45 @@ def test_multi_embedding_moe_learns_with_decorrelation_loss():
     assert 0.0 <= model.logging_metrics()["moe/cross_expert_corr"] <= 1.0
 
 
+@pytest.mark.parametrize("kind", ["mmoe", "multi_embedding_moe"])
+def test_moe_each_task_tower_reads_its_own_gated_mixture(kind):
+    """Both MoE rankers share TaskGates + the towers: recomputing the forward by hand from the submodules
+    (gate input, softmax per task, Σ_k g_k · expert_k, tower t) gives the logits, and moving one task's gate
+    moves that task's logit only."""
+    tasks = ("in_history", "parity", "recent")
+    torch.manual_seed(0)
+    if kind == "mmoe":
+        model = MMoE(MMoEConfig.tiny(), SYNTHETIC_VOCAB_SIZES, tasks)
+    else:
+        cfg = dataclasses.replace(MultiEmbeddingMoEConfig.tiny(), num_experts=3)
+        model = MultiEmbeddingMoE(cfg, SYNTHETIC_VOCAB_SIZES, tasks)
+    model.eval()
+    K, B, T = model.config.num_experts, 16, len(tasks)
+    batch = make_synthetic_batch(B, torch.Generator().manual_seed(1), tasks)
+    with torch.no_grad():
+        logits = model(batch)
+        gates, experts = model._last_gates, model._last_experts
+        assert gates.shape == (B, T, K) and experts.shape == (K, B, model.config.expert_hidden[-1])
+        assert (gates >= 0).all()
+        torch.testing.assert_close(gates.sum(-1), torch.ones(B, T))
+        if kind == "mmoe":
+            gate_in = model.input(batch)                                   # experts and gates read x0
+            hs = [e(gate_in) for e in model.experts]
+        else:
+            x0s, hs = zip(*(e(batch) for e in model.experts))              # each expert its own x0
+            gate_in = torch.stack(x0s).mean(0)                             # the gates read their mean
+        torch.testing.assert_close(experts, torch.stack(hs))
+        for t in range(T):
+            g = torch.softmax(model.gates[t](gate_in), -1)
+            torch.testing.assert_close(gates[:, t], g)
+            mixed = sum(g[:, k:k + 1] * hs[k] for k in range(K))
+            torch.testing.assert_close(model.heads.towers[t](mixed)[:, 0], logits[:, t])
+        model.gates[0][1].bias.add_(torch.arange(K, dtype=torch.float32))  # task 0's gate only
+        moved = model(batch)
+    assert not torch.allclose(moved[:, 0], logits[:, 0])
+    torch.testing.assert_close(moved[:, 1:], logits[:, 1:], rtol=0, atol=0)
+
+
 def test_tin_learns_membership_and_recency():
     model, auc = train_and_eval(lambda: TIN(dataclasses.replace(TINConfig.tiny(), features=FEATURES),
                                             SYNTHETIC_VOCAB_SIZES, ("in_history", "recent")),
