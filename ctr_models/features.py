@@ -30,7 +30,6 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-import fbgemm_gpu  # noqa: F401  (registers torch.ops.fbgemm)
 import torch
 from torch import nn
 from torchrec import (EmbeddingBagCollection, EmbeddingBagConfig, EmbeddingCollection, EmbeddingConfig,
@@ -38,6 +37,8 @@ from torchrec import (EmbeddingBagCollection, EmbeddingBagConfig, EmbeddingColle
 
 from ctr_models._config import freeze_lists, require, require_choice
 from hybrid_base import NUM_RESERVED_IDS, PAD_ID, CTRBatch
+from hybrid_base.backbones.jagged import jagged_to_padded as jagged_to_padded_first
+from hybrid_base.backbones.jagged import lengths_to_offsets
 
 HISTORY_PREFIX = "hist_"
 DEFAULT_MULTI_FIELDS: tuple[str, ...] = ("genres",)
@@ -239,7 +240,7 @@ def recent_window(lengths: torch.Tensor, max_len: int) -> tuple[torch.Tensor, to
         ``(start [B], kept [B])`` int64.
     """
     lengths = lengths.to(torch.int64)
-    offsets = torch.ops.fbgemm.asynchronous_complete_cumsum(lengths)
+    offsets = lengths_to_offsets(lengths)
     kept = lengths.clamp(max=max_len)
     return offsets[:-1] + (lengths - kept), kept
 
@@ -248,14 +249,18 @@ def jagged_to_padded(values: torch.Tensor, lengths: torch.Tensor, max_len: int,
                      impl: str = "gather") -> tuple[torch.Tensor, torch.Tensor]:
     """Jagged sequences → right-padded dense, keeping the **most recent** ``max_len`` events of each row.
 
+    The CTR history view of ``hybrid_base.backbones.jagged_to_padded`` (which keeps the *first* rows and is
+    what the ``"fbgemm"`` path pads with): a fixed length, left truncation and the mask.
+
     Args:
         values: ``[N]`` or ``[N, D]`` concatenated sequences (chronological within a row, most recent last).
         lengths: ``[B]`` events per row, ``sum(lengths) == N``.
         max_len: output length ``T`` (always exactly ``max_len``: static shapes for the sequence models).
         impl: ``"gather"`` — plain PyTorch index gather with no host sync (the reference, and the default
-            because it truncates for free); ``"fbgemm"`` — ``torch.ops.fbgemm.jagged_to_padded_dense``,
-            which keeps the *first* events of a row, so over-long rows are first cut to their most recent
-            events by a boolean selection (a host sync). Both give identical outputs and gradients.
+            because it truncates for free); ``"fbgemm"`` — ``hybrid_base.backbones.jagged_to_padded``
+            (``torch.ops.fbgemm.jagged_to_padded_dense``), which keeps the *first* events of a row, so
+            over-long rows are first cut to their most recent events by a boolean selection (a host sync).
+            Both give identical outputs and gradients.
 
     Returns:
         ``(padded [B, T(, D)], mask [B, T] bool)``; padding is 0.
@@ -277,19 +282,15 @@ def jagged_to_padded(values: torch.Tensor, lengths: torch.Tensor, max_len: int,
         index = torch.where(mask, start.unsqueeze(1) + positions.unsqueeze(0),
                             torch.full_like(mask, values.shape[0], dtype=torch.int64))
         return flat[index], mask
-    squeeze = values.dim() == 1
-    vals = values.unsqueeze(1) if squeeze else values
     lengths = lengths.to(torch.int64)
     if values.shape[0] > 0 and bool((lengths > max_len).any()):
         # Drop the oldest events of over-long rows: an event survives when its position from the end of
         # its row is < max_len.
-        row_end = torch.ops.fbgemm.asynchronous_complete_cumsum(lengths)[1:]
+        row_end = lengths_to_offsets(lengths)[1:]
         row_of = torch.repeat_interleave(torch.arange(lengths.numel(), device=values.device), lengths)
         from_end = row_end[row_of] - 1 - torch.arange(values.shape[0], device=values.device)
-        vals = vals[from_end < max_len]
-    offsets = torch.ops.fbgemm.asynchronous_complete_cumsum(kept)
-    padded = torch.ops.fbgemm.jagged_to_padded_dense(vals, [offsets], [max_len], 0)
-    return (padded.squeeze(-1) if squeeze else padded), mask
+        values = values[from_end < max_len]
+    return jagged_to_padded_first(values, kept, max_len), mask
 
 
 class CTRFeatures(nn.Module):

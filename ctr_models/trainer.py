@@ -45,7 +45,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -56,33 +56,29 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
-from torchrec import EmbeddingBagCollection, EmbeddingCollection
 from tqdm.auto import tqdm
 
 from ctr_models.base import Ranker
 from ctr_models.metrics import OneEpochDrop, ctr_metrics, one_epoch_drop
 from hybrid_base.batch import CTRBatch
 from hybrid_base.checkpoint import save_checkpoint
-from hybrid_base.progress import ThroughputWindow
+from hybrid_base.progress import MetricsCallback, ThroughputWindow, rank0_callback
+from hybrid_base.tables import embedding_modules, is_table_key
 from hybrid_base.training import (
+    DEFAULT_SHARDING,
     DistributedContext,
     OptimConfig,
     apply_sparse_optimizer,
     average_dense_gradients,
     dense_parameters,
+    eval_rounds,
     make_dense_optimizer,
     seed_everything,
     shard_model,
     unwrap_dmp,
 )
 
-MetricsCallback = Callable[[dict[str, float], int, float], None]
-
-#: TorchRec sharding constraints of a sharded run (as pretraining: the item table split by rows).
-DEFAULT_SHARDING = {"t_item_id": "row_wise"}
 BEST, LAST = "best", "last"
-# State-dict key fragments of TorchRec tables: EmbeddingCollection / EmbeddingBagCollection weights.
-_TABLE_KEYS = (".embeddings.", ".embedding_bags.")
 
 
 @dataclass
@@ -207,11 +203,6 @@ class CTRTrainResult:
 
 # ---------------------------------------------------------------------------------------------- the model
 
-def embedding_modules(model: nn.Module) -> list[nn.Module]:
-    """Every TorchRec table collection in ``model`` (one per expert in the multi-embedding MoE)."""
-    return [m for m in model.modules() if isinstance(m, (EmbeddingCollection, EmbeddingBagCollection))]
-
-
 def parameter_counts(model: nn.Module) -> dict[str, int]:
     """``{"dense", "sparse", "backbone"}`` parameter counts of a ranker.
 
@@ -258,15 +249,12 @@ def prepare_for_training(model: Ranker, optim: OptimConfig, *, ctx: DistributedC
 
 def unwrap(model: nn.Module) -> Ranker:
     """The :class:`~ctr_models.base.Ranker` inside a ``DistributedModelParallel`` (or the model itself)."""
-    inner = unwrap_dmp(model)
-    if not isinstance(inner, Ranker):
-        raise TypeError(f"expected a Ranker (or DMP wrapping one), got {type(inner).__name__}")
-    return inner
+    return unwrap_dmp(model, Ranker)
 
 
 def table_shapes(model: nn.Module) -> dict[str, list[int]]:
     """State-dict key → global ``[rows, dim]`` of every embedding table (sharded or not), for manifests."""
-    return {k: list(v.size()) for k, v in model.state_dict().items() if any(t in k for t in _TABLE_KEYS)}
+    return {k: list(v.size()) for k, v in model.state_dict().items() if is_table_key(k)}
 
 
 def check_task_names(batch: CTRBatch, model: Ranker) -> None:
@@ -343,7 +331,7 @@ def train(
     ctx = ctx or DistributedContext()
     core = unwrap(model)
     rank0 = ctx.rank == 0
-    log = log_metrics if (log_metrics is not None and rank0) else (lambda metrics, step, epoch: None)
+    log = rank0_callback(log_metrics, ctx.rank)
     sampler = train_loader.batch_sampler
     if not hasattr(sampler, "set_epoch"):
         raise TypeError("train_loader.batch_sampler needs set_epoch(epoch) (use hybrid.data.batching.make_loader)")
@@ -468,8 +456,8 @@ def predict(model: nn.Module, loader: Iterable[CTRBatch], *,
     """Logits of every sample of ``loader``, with their labels and users (gathered from all ranks).
 
     Every rank iterates the whole ``loader``; rank ``r`` scores batches ``r, r + W, ...``. Sharded lookups
-    are collective, so a rank with fewer batches repeats one and discards the result. The model is left in
-    eval mode.
+    are collective, so a rank with fewer batches repeats one and discards the result
+    (``hybrid_base.training.eval_rounds``). The model is left in eval mode.
 
     Returns:
         ``(labels [N, T], logits [N, T], user_index [N])`` numpy arrays, every sample once (sharded runs:
@@ -479,21 +467,15 @@ def predict(model: nn.Module, loader: Iterable[CTRBatch], *,
     core = unwrap(model)
     core.eval()
     labels, logits, users = [], [], []
-    first, seen, mine = None, 0, 0
-    for i, batch in enumerate(loader):
-        if first is None:
-            check_task_names(batch, core)
-            first = batch
-        seen += 1
-        if i % ctx.world_size != ctx.rank:
-            continue
-        mine += 1
+    for _, batch, keep in eval_rounds(loader, ctx):
+        check_task_names(batch, core)
         batch = batch.to(ctx.device)
+        if not keep:
+            core(batch)  # a filler round: keeps the collective lookups in step
+            continue
         logits.append(core(batch).float().cpu().numpy())
         labels.append(batch.labels.cpu().numpy())
         users.append(batch.user_index.cpu().numpy())
-    for _ in range(math.ceil(seen / ctx.world_size) - mine):
-        core(first.to(ctx.device))  # a filler round: keeps the collective lookups in step
     T = len(core.task_names)
     out = (np.concatenate(labels) if labels else np.zeros((0, T), np.float32),
            np.concatenate(logits) if logits else np.zeros((0, T), np.float32),

@@ -1,9 +1,10 @@
-"""Throughput and running train losses between two log points, shared by the trainers.
+"""Throughput and running train losses between two log points, and the metrics callback: trainer pieces.
 
 A trainer adds every step's losses and how much real work the step did (samples for a CTR ranker, non-padding
 events for the generative model); at a log step :meth:`ThroughputWindow.flush` returns the mean losses
 (``train/<name>``) and the work per second of all ranks together (``perf/<unit>_per_s``). Time spent in
-evaluation or checkpointing is excluded with :meth:`ThroughputWindow.paused`.
+evaluation or checkpointing is excluded with :meth:`ThroughputWindow.paused`. Metrics leave a trainer
+through a plain :data:`MetricsCallback` ``log_metrics(metrics, step, epoch)``, called on rank 0 only.
 
 Example:
     >>> window = ThroughputWindow(unit="samples")
@@ -19,9 +20,19 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 
 import torch
+
+#: ``log_metrics(metrics, step, fractional epoch)``: how the trainers hand their metrics out (rank 0 only).
+MetricsCallback = Callable[[dict[str, float], int, float], None]
+
+
+def rank0_callback(log_metrics: MetricsCallback | None, rank: int) -> MetricsCallback:
+    """``log_metrics`` on rank 0; on other ranks (or without a callback), one that does nothing."""
+    if log_metrics is not None and rank == 0:
+        return log_metrics
+    return lambda metrics, step, epoch: None
 
 
 class ThroughputWindow:
@@ -48,6 +59,10 @@ class ThroughputWindow:
             self.sums[name] = self.sums.get(name, 0.0) + v
         self.steps += 1
         self.count += int(count)
+
+    def seconds_per_step(self) -> float:
+        """Mean training time of the window's steps so far (paused time excluded; call before :meth:`flush`)."""
+        return (self.seconds + self._clock() - self.started) / max(1, self.steps)
 
     def restart_clock(self) -> None:
         self.started = self._clock()

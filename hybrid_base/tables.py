@@ -22,17 +22,31 @@ def is_table_key(key: str) -> bool:
     return key.endswith(".weight") and any(part in f".{key}" for part in _TABLE_KEY_PARTS)
 
 
+def embedding_modules(model: nn.Module) -> list[nn.Module]:
+    """Every unsharded TorchRec table collection (``EmbeddingCollection`` / ``EmbeddingBagCollection``) in
+    ``model``, in module order: their parameters are the tables (e.g. one collection per expert in the
+    multi-embedding MoE). A ``DistributedModelParallel`` has none left (its tables are sharded modules)."""
+    return [module for _, module in _named_embedding_modules(model)]
+
+
 def table_parameters(model: nn.Module) -> list[tuple[str, str, nn.Parameter]]:
     """``(module path, table name, weight)`` of every unsharded TorchRec table collection in ``model``."""
-    from torchrec import EmbeddingBagCollection, EmbeddingCollection
+    from torchrec import EmbeddingCollection
 
     out = []
-    for path, module in model.named_modules():
+    for path, module in _named_embedding_modules(model):
         if isinstance(module, EmbeddingCollection):
             out += [(path, name, emb.weight) for name, emb in module.embeddings.items()]
-        elif isinstance(module, EmbeddingBagCollection):
+        else:
             out += [(path, name, bag.weight) for name, bag in module.embedding_bags.items()]
     return out
+
+
+def _named_embedding_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    from torchrec import EmbeddingBagCollection, EmbeddingCollection
+
+    return [(path, module) for path, module in model.named_modules()
+            if isinstance(module, (EmbeddingCollection, EmbeddingBagCollection))]
 
 
 def local_blocks(target: torch.Tensor) -> list[tuple[torch.Tensor, tuple[int, int]]]:

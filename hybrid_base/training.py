@@ -7,6 +7,8 @@
 - :func:`apply_sparse_optimizer` / :func:`dense_parameters`: split parameters between the two optimizers.
 - :func:`init_distributed` / :func:`shard_model`: ``torchrun`` environment → process group (gloo on CPU,
   nccl on CUDA) → ``DistributedModelParallel`` with a planner (row-wise for large tables).
+- :func:`unwrap_dmp` / :func:`average_dense_gradients`: the trainers call the module inside DMP and
+  average its dense gradients themselves; :func:`eval_rounds` spreads evaluation batches over the ranks.
 - :func:`seed_everything`, :func:`warmup_cosine`.
 
 Example:
@@ -20,15 +22,20 @@ from __future__ import annotations
 import math
 import os
 import random
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, TypeVar
 
 import numpy as np
 import torch
 from torch import nn
 
 SparseOptimizer = Literal["adagrad", "rowwise_adagrad", "sgd", "adam"]
+T = TypeVar("T")
+
+#: TorchRec sharding constraints of a sharded run (both trainers): the item table is the large one, split by
+#: rows.
+DEFAULT_SHARDING = {"t_item_id": "row_wise"}
 
 
 @dataclass
@@ -276,14 +283,21 @@ def is_dmp(model: nn.Module) -> bool:
     return isinstance(model, DistributedModelParallel)
 
 
-def unwrap_dmp(model: nn.Module) -> nn.Module:
+def unwrap_dmp(model: nn.Module, expected: type[nn.Module] | None = None) -> nn.Module:
     """The module inside a ``DistributedModelParallel`` (or ``model`` itself).
 
     Trainers call this inner module directly (``core(batch)``, ``core.loss(batch)``): its sharded tables
     still run their collective lookups, but the DDP wrapper DMP puts around the dense modules is bypassed,
     so dense gradients must then be averaged with :func:`average_dense_gradients`.
+
+    Args:
+        model: a module, or the ``DistributedModelParallel`` wrapping one.
+        expected: when given, raise ``TypeError`` unless the inner module is an instance of it.
     """
-    return model.module if is_dmp(model) else model
+    inner = model.module if is_dmp(model) else model
+    if expected is not None and not isinstance(inner, expected):
+        raise TypeError(f"expected a {expected.__name__} (or DMP wrapping one), got {type(inner).__name__}")
+    return inner
 
 
 def average_dense_gradients(params: list[nn.Parameter], world_size: int) -> None:
@@ -305,3 +319,25 @@ def average_dense_gradients(params: list[nn.Parameter], world_size: int) -> None
     for p, g in zip(params, grads):
         p.grad = flat[offset:offset + g.numel()].view_as(g)
         offset += g.numel()
+
+
+def eval_rounds(batches: Iterable[T], ctx: DistributedContext) -> Iterator[tuple[int, T, bool]]:
+    """This rank's turns over ``batches``, which every rank iterates whole: ``(index, batch, keep)``.
+
+    Rank ``r`` of ``W`` takes batches ``r, r + W, ...`` (``keep=True``). Sharded lookups are collective, so a
+    rank with fewer batches than the others then gets filler rounds ``(0, first batch, False)`` until every
+    rank has made the same number of forward calls; their results are to be discarded.
+
+    Example:
+        >>> [(i, b, keep) for i, b, keep in eval_rounds("abc", DistributedContext(rank=1, world_size=2))]
+        [(1, 'b', True), (0, 'a', False)]
+    """
+    first, seen, mine = None, 0, 0
+    for index, batch in enumerate(batches):
+        first = batch if first is None else first
+        seen += 1
+        if index % ctx.world_size == ctx.rank:
+            mine += 1
+            yield index, batch, True
+    for _ in range(math.ceil(seen / ctx.world_size) - mine):
+        yield 0, first, False

@@ -12,8 +12,9 @@
 Sharded runs wrap the model in ``DistributedModelParallel`` (:func:`build_model`). The trainer calls
 ``dmp.module.loss(...)`` because DMP's forward only runs ``forward``; that bypasses the DDP wrapper DMP
 puts around the dense modules, whose gradient hooks only fire after a DDP forward. So the dense
-gradients are averaged across ranks explicitly (:func:`_average_dense_gradients`) — one all-reduce of
-one flat buffer per step — and the ranks keep identical dense weights (the distributed test checks it).
+gradients are averaged across ranks explicitly (``hybrid_base.training.average_dense_gradients``) — one
+all-reduce of one flat buffer per step — and the ranks keep identical dense weights (the distributed test
+checks it).
 
 Batch sizes: ``batch_size`` is the *global* batch per step; each of ``W`` ranks gets ``batch_size / W``
 sequences, so one config gives the same number of steps and the same schedule on 1 or ``W`` processes.
@@ -37,13 +38,10 @@ Example:
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import itertools
 import json
-import math
-import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -57,22 +55,24 @@ from tqdm.auto import tqdm
 from hybrid_base.batch import SequenceBatch
 from hybrid_base.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, read_manifest, save_checkpoint
 from hybrid_base.ids import NUM_RESERVED_IDS
+from hybrid_base.progress import MetricsCallback, ThroughputWindow, rank0_callback
 from hybrid_base.training import (
+    DEFAULT_SHARDING,
     DistributedContext,
     OptimConfig,
     apply_sparse_optimizer,
+    average_dense_gradients,
     dense_parameters,
+    eval_rounds,
+    is_dmp,
     make_dense_optimizer,
     seed_everything,
     shard_model,
+    unwrap_dmp,
 )
 from pretrain.model import ITEM_FEATURE, GenerativeModel, GenerativeModelConfig
 from pretrain.objectives import hr_ndcg_at_k
 
-MetricsCallback = Callable[[dict[str, float], int, float], None]
-
-#: TorchRec sharding constraints of a sharded run: the item table is the large one, split by rows.
-DEFAULT_SHARDING = {"t_item_id": "row_wise"}
 # Seeds of the per-rank negative-sampling generators are spread apart so ranks draw different negatives.
 _RANK_SEED_STRIDE = 1_000_003
 # The evaluation loss draws its negatives from its own generator, so evaluating never shifts training RNG.
@@ -190,16 +190,7 @@ def build_model(config: GenerativeModelConfig, vocab_sizes: Mapping[str, int], o
 
 def unwrap(model: nn.Module) -> GenerativeModel:
     """The :class:`GenerativeModel` inside a ``DistributedModelParallel`` (or the model itself)."""
-    inner = model.module if _is_dmp(model) else model
-    if not isinstance(inner, GenerativeModel):
-        raise TypeError(f"expected a GenerativeModel (or DMP wrapping one), got {type(inner).__name__}")
-    return inner
-
-
-def _is_dmp(model: nn.Module) -> bool:
-    from torchrec.distributed.model_parallel import DistributedModelParallel
-
-    return isinstance(model, DistributedModelParallel)
+    return unwrap_dmp(model, GenerativeModel)
 
 
 # ---------------------------------------------------------------------------------------------- the loop
@@ -242,7 +233,7 @@ def train(
     ctx = ctx or DistributedContext()
     core = unwrap(model)
     rank0 = ctx.rank == 0
-    log = log_metrics if (log_metrics is not None and rank0) else (lambda metrics, step, epoch: None)
+    log = rank0_callback(log_metrics, ctx.rank)
 
     # 1. Seeds: torch's global RNG (dropout) and the generator of this rank's negative samples.
     seed_everything(cfg.seed)
@@ -276,7 +267,7 @@ def train(
     evaluations: list[tuple[int, dict[str, float]]] = []
     step_seconds: list[float] = []
     saved: Path | None = last
-    window = _Window()
+    window = ThroughputWindow(unit="events")  # non-padding events: the throughput of real tokens
     bar = tqdm(total=total_steps, initial=step, disable=not (rank0 and cfg.progress), desc="pretrain",
                unit="step", dynamic_ncols=True)
     core.train()
@@ -290,7 +281,7 @@ def train(
             losses = core.loss(batch, item_counts=item_counts, generator=negatives)
             losses["loss"].backward()
             if ctx.is_distributed:
-                _average_dense_gradients(dense, ctx.world_size)
+                average_dense_gradients(dense, ctx.world_size)
             if cfg.optim.grad_clip is not None:
                 torch.nn.utils.clip_grad_norm_(dense, cfg.optim.grad_clip)
             optimizer.step()
@@ -305,7 +296,7 @@ def train(
             frac_epoch = step / steps_per_epoch
             if step % cfg.log_every == 0 or done:
                 step_seconds.append(window.seconds_per_step())
-                train_metrics = window.flush(ctx)
+                train_metrics = window.flush(ctx.world_size)
                 train_metrics["train/lr"] = optimizer.param_groups[0]["lr"]
                 metrics.update(train_metrics)
                 bar.set_postfix(loss=f"{train_metrics['train/loss']:.3f}",
@@ -370,65 +361,6 @@ class _SkipFirst:
         return max(0, len(self.batch_sampler) - self.skip)  # type: ignore[arg-type]
 
 
-def _average_dense_gradients(params: list[nn.Parameter], world_size: int) -> None:
-    """Average dense gradients across ranks with one all-reduce of a flat buffer (see the module doc)."""
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat)
-    flat /= world_size
-    offset = 0
-    for p, g in zip(params, grads):
-        p.grad = flat[offset:offset + g.numel()].view_as(g)
-        offset += g.numel()
-
-
-class _Window:
-    """Train losses and non-padding events since the last flush (events/s = throughput of real tokens)."""
-
-    def __init__(self) -> None:
-        self.sums: dict[str, float] = {}
-        self.steps = 0
-        self.events = 0
-        self.seconds = 0.0
-        self.started = time.perf_counter()
-
-    def add(self, losses: Mapping[str, torch.Tensor], events: int) -> None:
-        for name, value in losses.items():
-            self.sums[name] = self.sums.get(name, 0.0) + float(value.detach())
-        self.steps += 1
-        self.events += events
-
-    def seconds_per_step(self) -> float:
-        """Mean training time of the window's steps so far."""
-        return (self.seconds + time.perf_counter() - self.started) / max(1, self.steps)
-
-    def restart_clock(self) -> None:
-        self.started = time.perf_counter()
-
-    @contextlib.contextmanager
-    def paused(self):
-        """Time spent inside (evaluation, checkpoints) is not training time."""
-        self.seconds += time.perf_counter() - self.started
-        try:
-            yield
-        finally:
-            self.restart_clock()
-
-    def flush(self, ctx: DistributedContext) -> dict[str, float]:
-        """Mean losses over the window's steps and the events/s of all ranks together."""
-        self.seconds += time.perf_counter() - self.started
-        names = sorted(self.sums)
-        totals = torch.tensor([self.sums[n] for n in names] + [float(self.events)], dtype=torch.float64)
-        if ctx.is_distributed:
-            dist.all_reduce(totals)  # losses summed over ranks, events of all ranks
-            totals[:-1] /= ctx.world_size
-        out = {f"train/{n}": float(totals[i]) / max(1, self.steps) for i, n in enumerate(names)}
-        out["perf/events_per_s"] = float(totals[-1]) / max(self.seconds, 1e-9)
-        self.sums, self.steps, self.events, self.seconds = {}, 0, 0, 0.0
-        self.restart_clock()
-        return out
-
-
 # ---------------------------------------------------------------------------------------------- evaluation
 
 @torch.no_grad()
@@ -438,9 +370,9 @@ def evaluate(model: nn.Module, eval_loader: Iterable[SequenceBatch], *, ctx: Dis
 
     Every rank iterates the whole ``eval_loader``; rank ``r`` scores batches ``r, r + W, ...`` and the
     sums are all-reduced. Sharded lookups are collective, so a rank with fewer batches repeats one and
-    discards the result (every rank issues the same number of lookups). The loss draws its negatives from
-    its own generator, seeded per batch, so evaluating never changes the training RNG and gives the same
-    numbers on any number of ranks.
+    discards the result (every rank issues the same number of lookups: ``hybrid_base.training.eval_rounds``
+    gives each rank its turns). The loss draws its negatives from its own generator, seeded per batch, so
+    evaluating never changes the training RNG and gives the same numbers on any number of ranks.
 
     Returns:
         ``{"eval/hr_at_k", "eval/ndcg_at_k", "eval/loss", "eval/item_loss", ["eval/category_loss"],
@@ -468,15 +400,8 @@ def evaluate(model: nn.Module, eval_loader: Iterable[SequenceBatch], *, ctx: Dis
         for name, value in losses.items():
             sums[name] = sums.get(name, 0.0) + float(value) * n
 
-    first, seen, mine = None, 0, 0
-    for i, batch in enumerate(_rng_neutral_iter(eval_loader)):
-        first = batch if first is None else first
-        seen += 1
-        if i % ctx.world_size == ctx.rank:
-            score(i, batch, keep=True)
-            mine += 1
-    for _ in range(math.ceil(seen / ctx.world_size) - mine):
-        score(0, first, keep=False)
+    for i, batch, keep in eval_rounds(_rng_neutral_iter(eval_loader), ctx):
+        score(i, batch, keep)
     # a fixed list of names: every rank must all-reduce the same tensor, even one that scored nothing
     names = ["targets", f"hr_at_{k}", f"ndcg_at_{k}", "loss", "item_loss"]
     if core.config.objective.category_loss_weight > 0:
@@ -560,7 +485,7 @@ def sparse_optimizer_state(model: nn.Module) -> dict[str, Any]:
     Unsharded: torch's ``_apply_optimizer_in_backward`` keeps one ``torch.optim`` instance per parameter
     in ``param._in_backward_optimizers``; their state dicts, keyed by parameter name.
     """
-    if _is_dmp(model):
+    if is_dmp(model):
         return model.fused_optimizer.state_dict()
     return {name: _single_in_backward_optimizer(name, p).state_dict()
             for name, p in model.named_parameters() if hasattr(p, "_in_backward_optimizers")}
@@ -568,7 +493,7 @@ def sparse_optimizer_state(model: nn.Module) -> dict[str, Any]:
 
 def load_sparse_optimizer_state(model: nn.Module, state: Mapping[str, Any]) -> None:
     """Inverse of :func:`sparse_optimizer_state`."""
-    if _is_dmp(model):
+    if is_dmp(model):
         model.fused_optimizer.load_state_dict(state)
         return
     for name, p in model.named_parameters():
@@ -662,7 +587,7 @@ def restore_training_state(path: str | Path, model: nn.Module, optimizer: torch.
     saved = read_manifest(path)
     # DCP fills existing tensors, so lazily-built optimizer state (Adam moments) must exist first
     init_optimizer_state(optimizer)
-    if not _is_dmp(model):
+    if not is_dmp(model):
         for name, p in model.named_parameters():
             if hasattr(p, "_in_backward_optimizers"):
                 init_optimizer_state(_single_in_backward_optimizer(name, p))

@@ -1,11 +1,12 @@
-"""Pieces both trainers share: the train-loss / throughput window, dense-gradient averaging across ranks."""
+"""Pieces both trainers share: the train-loss / throughput window, dense-gradient averaging across ranks,
+unwrapping DMP, the evaluation rounds of each rank."""
 import pytest
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from hybrid_base.progress import ThroughputWindow
-from hybrid_base.training import average_dense_gradients, unwrap_dmp
+from hybrid_base.progress import ThroughputWindow, rank0_callback
+from hybrid_base.training import DistributedContext, average_dense_gradients, eval_rounds, unwrap_dmp
 
 
 class FakeClock:
@@ -32,6 +33,20 @@ def test_means_and_rate_exclude_paused_time_and_reset():
     assert window.flush() == {"train/loss": 4.0, "perf/samples_per_s": 10.0}
 
 
+def test_seconds_per_step_counts_unpaused_time_of_the_open_window():
+    clock = FakeClock()
+    window = ThroughputWindow(unit="events", clock=clock)
+    window.add({"loss": 1.0}, 10)
+    window.add({"loss": 1.0}, 10)
+    clock.now = 2.0
+    with window.paused():
+        clock.now = 50.0
+    clock.now = 51.0
+    assert window.seconds_per_step() == pytest.approx(3.0 / 2)
+    window.flush()
+    assert window.seconds_per_step() == 0.0  # a fresh window: no steps, no time
+
+
 def test_unit_names_the_rate_metric():
     window = ThroughputWindow(unit="events")
     window.add({}, 5)
@@ -51,3 +66,31 @@ def test_average_dense_gradients_divides_the_rank_sum_and_fills_missing_grads(tm
         dist.destroy_process_group()
     module = nn.Linear(2, 2)
     assert unwrap_dmp(module) is module
+
+
+def test_unwrap_dmp_checks_the_expected_type():
+    module = nn.Linear(2, 2)
+    assert unwrap_dmp(module, nn.Linear) is module
+    with pytest.raises(TypeError, match="expected a Conv1d .or DMP wrapping one., got Linear"):
+        unwrap_dmp(module, nn.Conv1d)
+
+
+@pytest.mark.parametrize("n,world_size", [(0, 2), (1, 2), (3, 2), (4, 2), (5, 3), (2, 4)])
+def test_eval_rounds_stride_over_ranks_and_fill_to_the_same_count(n, world_size):
+    batches = [f"b{i}" for i in range(n)]
+    rounds = [list(eval_rounds(iter(batches), DistributedContext(rank=r, world_size=world_size)))
+              for r in range(world_size)]
+    assert len({len(r) for r in rounds}) == 1  # every rank makes the same number of (collective) calls
+    kept = sorted((i, b) for r in rounds for i, b, keep in r if keep)
+    assert kept == list(enumerate(batches))    # each batch scored once, by rank index % W
+    for rank, r in enumerate(rounds):
+        assert all(i % world_size == rank for i, _, keep in r if keep)
+        assert all((i, b) == (0, "b0") for i, b, keep in r if not keep)  # fillers repeat the first batch
+
+
+def test_rank0_callback_logs_on_rank_zero_only():
+    seen = []
+    rank0_callback(lambda m, step, epoch: seen.append((m, step, epoch)), 0)({"a": 1.0}, 3, 0.5)
+    rank0_callback(lambda m, step, epoch: seen.append((m, step, epoch)), 1)({"a": 2.0}, 3, 0.5)
+    rank0_callback(None, 0)({"a": 3.0}, 3, 0.5)
+    assert seen == [({"a": 1.0}, 3, 0.5)]

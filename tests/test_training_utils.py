@@ -1,10 +1,12 @@
-"""Shared training plumbing: schedule, dense/sparse optimizer split, frozen tables under fused optimizers."""
+"""Shared training plumbing: schedule, dense/sparse optimizer split, frozen tables under fused optimizers,
+which modules and state-dict keys are embedding tables."""
 import math
 
 import pytest
 import torch
-from torchrec import EmbeddingCollection, EmbeddingConfig, KeyedJaggedTensor
+from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, EmbeddingCollection, EmbeddingConfig, KeyedJaggedTensor
 
+from hybrid_base.tables import embedding_modules, is_table_key, table_parameters
 from hybrid_base.training import (OptimConfig, apply_sparse_optimizer, dense_parameters, make_dense_optimizer,
                                   warmup_cosine)
 
@@ -60,3 +62,17 @@ def test_sparse_tables_update_in_backward_and_frozen_ones_do_not(sparse):
 def test_optim_config_errors():
     with pytest.raises(ValueError, match="optim.lr must be positive"):
         OptimConfig(lr=0)
+
+
+def test_embedding_tables_are_found_as_modules_parameters_and_state_dict_keys():
+    model = Tiny()
+    model.experts = torch.nn.ModuleList([EmbeddingBagCollection(tables=[
+        EmbeddingBagConfig(name="t_genres", embedding_dim=4, num_embeddings=6, feature_names=["genres"])])])
+    assert embedding_modules(model) == [model.ec, model.experts[0]]
+    assert [(path, name) for path, name, _ in table_parameters(model)] == [
+        ("ec", "t_item_id"), ("ec", "t_category"), ("experts.0", "t_genres")]
+    table_ids = {id(p) for m in embedding_modules(model) for p in m.parameters()}
+    assert table_ids == {id(w) for _, _, w in table_parameters(model)}
+    assert sorted(k for k in model.state_dict() if is_table_key(k)) == [
+        "ec.embeddings.t_category.weight", "ec.embeddings.t_item_id.weight",
+        "experts.0.embedding_bags.t_genres.weight"]

@@ -8,6 +8,8 @@ implementations beside them define the semantics and are what the tests compare 
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from hybrid_base.backbones.common import lengths_to_mask
@@ -68,7 +70,7 @@ def jagged_to_padded(
     if not _use_fbgemm(values):
         return jagged_to_padded_reference(values, lengths, t, padding_value)
     offsets = lengths_to_offsets(lengths).to(values.device)
-    flat = values.reshape(values.size(0), -1)
+    flat = values.reshape(values.size(0), math.prod(values.shape[1:]))  # not -1: N may be 0
     padded = torch.ops.fbgemm.jagged_to_padded_dense(flat, [offsets], [t], padding_value)
     return padded.reshape(lengths.numel(), t, *values.shape[1:])
 
@@ -91,7 +93,7 @@ def padded_to_jagged(padded: torch.Tensor, lengths: torch.Tensor) -> torch.Tenso
         return padded_to_jagged_reference(padded, lengths)
     b, t = padded.shape[:2]
     offsets = lengths_to_offsets(lengths).to(padded.device)
-    flat = padded.reshape(b, t, -1)
+    flat = padded.reshape(b, t, math.prod(padded.shape[2:]))  # not -1: B or T may be 0
     values = torch.ops.fbgemm.dense_to_jagged(flat, [offsets])[0]
     return values.reshape(values.size(0), *padded.shape[2:])
 
