@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-import multiprocessing as mp
 import os
 import platform
 import statistics
@@ -32,6 +30,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from _grid import init_worker, load_finetune_config, mean_std, pm, timed, worker_pool  # noqa: E402
 
 #: ranker → (protocol, example config)
 GRID = {
@@ -44,25 +44,13 @@ GRID = {
 FIGURES = ("auc_epoch1", "best_auc", "final_auc", "final_logloss", "final_gauc")
 
 
-def _init_worker(threads: int) -> None:
-    import torch
-
-    torch.set_num_threads(threads)
-
-
 def run_one(job: dict) -> dict:
     """One fine-tuning run (in a worker process); returns its summary plus what identifies it."""
-    from hybrid.config import load_config
-    from hybrid.finetune_job import FinetuneConfig, run_finetune
+    from hybrid.finetune_job import run_finetune
 
-    overrides = [f"data={json.dumps(job['data'])}", f"out={json.dumps(job['out'])}", f"train.seed={job['seed']}",
-                 "train.progress=false", f"tracking.tracking_uri={json.dumps(job['tracking_uri'])}",
-                 f"tracking.experiment={json.dumps(job['experiment'])}", *job["overrides"]]
-    cfg = load_config(FinetuneConfig, REPO / job["config"], overrides)
-    started = time.perf_counter()
-    summary = run_finetune(cfg, parent_run=job["parent"])
+    cfg = load_finetune_config(job, job["config"])
     return {"ranker": job["ranker"], "protocol": job["protocol"], "seed": job["seed"],
-            "wall_s": round(time.perf_counter() - started, 1), **summary}
+            **timed(lambda: run_finetune(cfg, parent_run=job["parent"]))}
 
 
 def aggregate(runs: list[dict]) -> list[dict]:
@@ -72,11 +60,7 @@ def aggregate(runs: list[dict]) -> list[dict]:
         mine = [r for r in runs if r["ranker"] == ranker]
         if not mine:
             continue
-        row = {"ranker": ranker, "protocol": mine[0]["protocol"], "seeds": len(mine)}
-        for key in FIGURES:
-            values = [r[key] for r in mine if r[key] is not None and not math.isnan(r[key])]
-            row[key] = statistics.fmean(values) if values else float("nan")
-            row[f"{key}_std"] = statistics.pstdev(values) if len(values) > 1 else 0.0
+        row = {"ranker": ranker, "protocol": mine[0]["protocol"], "seeds": len(mine), **mean_std(mine, FIGURES)}
         row["one_epoch_drop"] = sum(bool(r["one_epoch_drop"]) for r in mine)
         row["best_epoch"] = statistics.fmean(r["best_epoch"] for r in mine)
         row["wall_s"] = statistics.fmean(r["wall_s"] for r in mine)
@@ -85,9 +69,6 @@ def aggregate(runs: list[dict]) -> list[dict]:
 
 
 def table(rows: list[dict]) -> str:
-    def pm(row: dict, key: str) -> str:
-        return f"{row[key]:.4f} ± {row[key + '_std']:.4f}"
-
     lines = ["| ranker | protocol | AUC end of epoch 1 | best AUC (mean epoch) | AUC after last epoch | logloss | gAUC "
              "| one-epoch drop | s / run |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -133,10 +114,10 @@ def main(argv: list[str] | None = None) -> int:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
         if args.workers == 1:                 # in this process: no pool to lose
-            _init_worker(args.threads)
+            init_worker(args.threads)
             pool, results = None, map(run_one, jobs)
         else:
-            pool = mp.get_context("spawn").Pool(args.workers, initializer=_init_worker, initargs=(args.threads,))
+            pool = worker_pool(args.workers, args.threads)
             results = pool.imap_unordered(run_one, jobs)
         try:
             for result in results:

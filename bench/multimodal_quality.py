@@ -32,8 +32,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-import multiprocessing as mp
 import os
 import platform
 import statistics
@@ -44,6 +42,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from _grid import load_finetune_config, mean_std, pm, timed, worker_pool  # noqa: E402
 
 CONFIGS = {"dcn_v2": "configs/finetune_ml1m_ratings_dcn_v2.yaml", "tin": "configs/finetune_ml1m_ratings_tin.yaml"}
 VARIANTS: dict[str, dict] = {
@@ -59,28 +59,17 @@ DEFAULT_VARIANTS = ("none", "simtier", "mnse", "mkmmd", "all")
 FIGURES = ("final_auc", "final_gauc", "final_logloss", "best_auc")
 
 
-def _init_worker(threads: int) -> None:
-    import torch
-
-    torch.set_num_threads(threads)
-
-
 def run_one(job: dict) -> dict:
     """One fine-tuning run (in a worker process)."""
-    from hybrid.config import load_config
-    from hybrid.finetune_job import FinetuneConfig, run_finetune
+    from hybrid.finetune_job import run_finetune
 
-    overrides = [f"data={json.dumps(job['data'])}", f"out={json.dumps(job['out'])}", f"train.seed={job['seed']}",
-                 "train.progress=false", f"tracking.tracking_uri={json.dumps(job['tracking_uri'])}",
-                 f"tracking.experiment={json.dumps(job['experiment'])}", *job["overrides"]]
+    extra = []
     if job["multimodal"]:
-        overrides += ["item_vectors.source=text", f"item_vectors.cache_dir={json.dumps(job['cache_dir'])}",
-                      f"ranker.config.multimodal={json.dumps(job['multimodal'])}"]
-    cfg = load_config(FinetuneConfig, REPO / CONFIGS[job["ranker"]], overrides)
-    started = time.perf_counter()
-    summary = run_finetune(cfg, parent_run=job["parent"], strategy=f"nt-mm-{job['variant']}")
+        extra = ["item_vectors.source=text", f"item_vectors.cache_dir={json.dumps(job['cache_dir'])}",
+                 f"ranker.config.multimodal={json.dumps(job['multimodal'])}"]
+    cfg = load_finetune_config(job, CONFIGS[job["ranker"]], extra)
     return {"ranker": job["ranker"], "variant": job["variant"], "seed": job["seed"],
-            "wall_s": round(time.perf_counter() - started, 1), **summary}
+            **timed(lambda: run_finetune(cfg, parent_run=job["parent"], strategy=f"nt-mm-{job['variant']}"))}
 
 
 def aggregate(runs: list[dict]) -> list[dict]:
@@ -91,11 +80,7 @@ def aggregate(runs: list[dict]) -> list[dict]:
             mine = [r for r in runs if r["ranker"] == ranker and r["variant"] == variant]
             if not mine:
                 continue
-            row = {"ranker": ranker, "variant": variant, "seeds": len(mine)}
-            for key in FIGURES:
-                values = [r[key] for r in mine if r[key] is not None and not math.isnan(r[key])]
-                row[key] = statistics.fmean(values) if values else float("nan")
-                row[f"{key}_std"] = statistics.pstdev(values) if len(values) > 1 else 0.0
+            row = {"ranker": ranker, "variant": variant, "seeds": len(mine), **mean_std(mine, FIGURES)}
             # Paired by seed against the baseline: same init seed and data order, only the features differ.
             pairs = [(r["final_auc"], b["final_auc"]) for r in mine for b in base if b["seed"] == r["seed"]]
             row["delta_auc"] = statistics.fmean(a - b for a, b in pairs) if pairs and variant != "none" else 0.0
@@ -105,9 +90,6 @@ def aggregate(runs: list[dict]) -> list[dict]:
 
 
 def table(rows: list[dict]) -> str:
-    def pm(row: dict, key: str) -> str:
-        return f"{row[key]:.4f} ± {row[key + '_std']:.4f}"
-
     lines = ["| ranker | multimodal | AUC | Δ AUC vs none (paired) | gAUC | logloss | s / run |",
              "|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -155,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         runs: list[dict] = []
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
-        with mp.get_context("spawn").Pool(args.workers, initializer=_init_worker, initargs=(args.threads,)) as pool:
+        with worker_pool(args.workers, args.threads) as pool:
             for result in pool.imap_unordered(run_one, jobs):
                 runs.append(result)
                 print(f"[{time.perf_counter() - started:6.0f} s] {result['ranker']:7s} {result['variant']:8s} "

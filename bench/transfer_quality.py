@@ -36,8 +36,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-import multiprocessing as mp
 import os
 import platform
 import statistics
@@ -48,6 +46,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from _grid import load_finetune_config, mean_std, pm, timed, worker_pool  # noqa: E402
 
 STRATEGIES = ("nt", "ft", "st", "ft_sf", "st_sf")
 FIGURES = ("auc_epoch1", "best_auc", "final_auc", "final_logloss", "final_gauc")
@@ -71,12 +71,6 @@ QUICK_FINETUNE = {
           "train.max_history=20", "train.log_every=30", "ranker.config.deep_hidden=[32, 16]",
           "ranker.config.num_cross_layers=2"],
 }
-
-
-def _init_worker(threads: int) -> None:
-    import torch
-
-    torch.set_num_threads(threads)
 
 
 # ---------------------------------------------------------------------------------------------- stages
@@ -164,13 +158,9 @@ def _yaml(value) -> str:
 def finetune(job: dict) -> dict:
     """One fine-tuning run with one strategy (worker process); returns its summary and identity."""
     from adapters import TransferConfig, apply_transfer
-    from hybrid.config import load_config
-    from hybrid.finetune_job import FinetuneConfig, run_finetune
+    from hybrid.finetune_job import run_finetune
 
-    overrides = [f"data={json.dumps(job['data'])}", f"out={json.dumps(job['out'])}", f"train.seed={job['seed']}",
-                 "train.progress=false", f"tracking.tracking_uri={json.dumps(job['tracking_uri'])}",
-                 f"tracking.experiment={json.dumps(job['experiment'])}", *job["overrides"]]
-    cfg = load_config(FinetuneConfig, REPO / job["config"], overrides)
+    cfg = load_finetune_config(job, job["config"])
     if cfg.train.epochs < MIN_EPOCHS:
         raise ValueError(f"train.epochs={cfg.train.epochs}: the study needs >= {MIN_EPOCHS} epochs "
                          "(the one-epoch drop shows after the first)")
@@ -180,11 +170,10 @@ def finetune(job: dict) -> dict:
     def prepare_model(model, feature_map):
         return apply_transfer(model, transfer, feature_map).to_dict()
 
-    started = time.perf_counter()
-    summary = run_finetune(cfg, parent_run=job["parent"], prepare_model=prepare_model, strategy=job["strategy"])
     return {"protocol": job["protocol"], "ranker": job["ranker"], "strategy": job["strategy"], "seed": job["seed"],
             "lr": cfg.train.optim.lr, "sparse_lr": cfg.train.optim.sparse_lr, "epochs": cfg.train.epochs,
-            "wall_s": round(time.perf_counter() - started, 1), **summary}
+            **timed(lambda: run_finetune(cfg, parent_run=job["parent"], prepare_model=prepare_model,
+                                         strategy=job["strategy"]))}
 
 
 # ---------------------------------------------------------------------------------------------- reporting
@@ -197,11 +186,8 @@ def aggregate(runs: list[dict]) -> list[dict]:
             mine = [r for r in runs if r["protocol"] == protocol and r["strategy"] == strategy]
             if not mine:
                 continue
-            row = {"protocol": protocol, "ranker": mine[0]["ranker"], "strategy": strategy, "seeds": len(mine)}
-            for key in FIGURES:
-                values = [r[key] for r in mine if r.get(key) is not None and not math.isnan(r[key])]
-                row[key] = statistics.fmean(values) if values else float("nan")
-                row[f"{key}_std"] = statistics.pstdev(values) if len(values) > 1 else 0.0
+            row = {"protocol": protocol, "ranker": mine[0]["ranker"], "strategy": strategy, "seeds": len(mine),
+                   **mean_std(mine, FIGURES)}
             row["one_epoch_drop"] = sum(bool(r["one_epoch_drop"]) for r in mine)
             row["best_epoch"] = statistics.fmean(r["best_epoch"] for r in mine)
             row["wall_s"] = statistics.fmean(r["wall_s"] for r in mine)
@@ -210,9 +196,6 @@ def aggregate(runs: list[dict]) -> list[dict]:
 
 
 def table(rows: list[dict]) -> str:
-    def pm(row: dict, key: str) -> str:
-        return f"{row[key]:.4f} ± {row[key + '_std']:.4f}"
-
     lines = ["| protocol | ranker | strategy | AUC end of epoch 1 | best AUC (mean epoch) | final AUC | logloss "
              "| gAUC | one-epoch drop | s / run |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -262,12 +245,11 @@ def main(argv: list[str] | None = None) -> int:
         prepared = prepare_quick(runs_dir / "data", args.tracking_uri)
         data = {"A": prepared["last-item"], "B": prepared["ratings"]}
     given = {"A": args.pretrained_a, "B": args.pretrained_b}
-    context = mp.get_context("spawn")
     tracker = Tracker(args.tracking_uri, args.experiment)
     runs: list[dict] = []
     pretrained: dict[str, dict] = {}
     with tracker.run("transfer-quality", tags={"stage": "pipeline", "quick": str(args.quick).lower()}) as parent, \
-            context.Pool(args.workers, initializer=_init_worker, initargs=(args.threads,)) as pool:
+            worker_pool(args.workers, args.threads) as pool:
         # 1. pretraining, one per protocol (or the checkpoints given)
         jobs = []
         for protocol in args.protocols:

@@ -70,7 +70,7 @@ def test_config_validation_and_roundtrip():
         BackboneConfig.from_size("L1H32A4", num_layer=3)  # misspelt override is not swallowed
     cfg = BackboneConfig.tiny("hstu")
     assert BackboneConfig.from_dict(cfg.to_dict()) == cfg
-    with pytest.raises(ValueError, match="unknown BackboneConfig field"):
+    with pytest.raises(ValueError, match="BackboneConfig: unknown key 'heads'"):
         BackboneConfig.from_dict({**cfg.to_dict(), "heads": 3})
 
 

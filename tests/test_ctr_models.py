@@ -263,7 +263,7 @@ def test_bad_task_names_are_rejected(tasks):
 def test_registry_and_dict_errors():
     with pytest.raises(ValueError, match="unknown name 'xgboost'"):
         build_ranker("xgboost", None, SYNTHETIC_VOCAB_SIZES, ("click",))
-    with pytest.raises(ValueError, match="unknown field\\(s\\) \\['cross_typ'\\]"):
+    with pytest.raises(ValueError, match="DCNv2Config: unknown key 'cross_typ' \\(did you mean 'cross_type'\\?\\)"):
         build_ranker("dcn_v2", {"cross_typ": "full"}, SYNTHETIC_VOCAB_SIZES, ("click",))
     with pytest.raises(ValueError, match="DCNv2Config.cross_type"):
         config_from_dict(DCNv2Config, {"cross_type": "nope"})

@@ -398,7 +398,7 @@ def test_multimodal_config_and_construction_errors(title_vectors):
         build_ranker("tin", {"multimodal": {"mnse": True, "mnse_inputs": ["similarity"]}}, vocab, ("click",))
     with pytest.raises(ValueError, match="MultimodalConfig.mnse_bases"):
         MultimodalConfig(mnse=True, mnse_bases=(1, 2))
-    with pytest.raises(ValueError, match="unknown field"):
+    with pytest.raises(ValueError, match="TINConfig: unknown key 'multimodal.simtiers'"):
         build_ranker("tin", {"multimodal": {"simtiers": True}}, vocab, ("click",))
     with pytest.raises(ValueError, match="history field 'item_id'"):
         build_ranker("dcn_v2", {"features": {"history_fields": []}, "multimodal": {"simtier": True}}, vocab,

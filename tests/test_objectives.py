@@ -214,5 +214,5 @@ def test_objective_config_validation():
         ObjectiveConfig(temperature=0.0)
     cfg = ObjectiveConfig(negatives="in_batch", num_negatives=64)
     assert ObjectiveConfig.from_dict(cfg.to_dict()) == cfg
-    with pytest.raises(ValueError, match="unknown ObjectiveConfig field"):
+    with pytest.raises(ValueError, match="ObjectiveConfig: unknown key 'temprature'"):
         ObjectiveConfig.from_dict({"temprature": 0.1})

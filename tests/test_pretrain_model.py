@@ -291,7 +291,7 @@ def test_config_validation_and_roundtrip():
     GenerativeModelConfig(features=("item_id",), objective=ObjectiveConfig(category_loss_weight=0.0))
     cfg = GenerativeModelConfig.tiny("hstu")
     assert GenerativeModelConfig.from_dict(cfg.to_dict()) == cfg
-    with pytest.raises(ValueError, match="unknown GenerativeModelConfig field"):
+    with pytest.raises(ValueError, match="GenerativeModelConfig: unknown key 'embeding_dim'"):
         GenerativeModelConfig.from_dict({"embeding_dim": 8})
     with pytest.raises(ValueError, match="vocab_sizes lacks"):
         GenerativeModel(cfg, {"item_id": 10, "category": 5})
