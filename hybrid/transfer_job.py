@@ -15,6 +15,7 @@ from typing import Any
 
 from adapters import Strategy, TransferConfig, TransferError, apply_transfer
 from hybrid.errors import HybridInputError
+from hybrid.tracking import is_rank_zero
 
 STRATEGIES = tuple(s.value for s in Strategy)
 
@@ -36,7 +37,8 @@ def transfer_hook(strategy: str, checkpoint: str | None, options: Mapping[str, A
             report = apply_transfer(model, config, feature_map)
         except TransferError as err:
             raise HybridInputError(str(err)) from None
-        print(report, flush=True)
+        if is_rank_zero():   # every rank applies the transfer; one prints what it did
+            print(report, flush=True)
         return report.to_dict()
 
     return prepare_model

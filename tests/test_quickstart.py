@@ -13,20 +13,25 @@ def test_quickstart_whole_story(tmp_path, ml100k_dir, monkeypatch, capsys):
     results = quickstart.run_quickstart(
         tmp_path / "qs", tracking_uri=store,
         overrides={"pretrain": ["train.epochs=1", "train.eval_every=0"],
-                   "finetune": ["train.epochs=2", "train.eval_every=80"]})
+                   "gpsd": ["train.epochs=2"], "dcn_v2": ["train.epochs=2", "train.eval_every=80"]},
+        seeds={"gpsd": [0, 1]})
     printed = capsys.readouterr().out
     assert "[5/5] reviewing the runs" in printed and "report:" in printed
-    assert set(results["finetune"]) == {"nt", "st_sf"}
+    assert set(results["finetune"]) == {("gpsd", s, seed) for s in ("nt", "st_sf") for seed in (0, 1)} | {
+        ("dcn_v2", s, 0) for s in ("nt", "st_sf")}
+    table = results["review"]["table"].set_index(["ranker", "strategy"])
+    assert table.loc[("gpsd", "st_sf"), "seeds"] == 2 and table.loc[("dcn_v2", "nt"), "seeds"] == 1
     assert (tmp_path / "qs" / "review" / "report.html").is_file()
     client = MlflowClient(store)
     runs = client.search_runs([client.get_experiment_by_name(quickstart.EXPERIMENT).experiment_id])
     by_stage = {}
     for run in runs:
         by_stage.setdefault(run.data.tags.get("stage"), []).append(run)
-    assert {k: len(v) for k, v in by_stage.items()} == {"pipeline": 1, "prepare": 2, "pretrain": 1, "finetune": 2,
+    assert {k: len(v) for k, v in by_stage.items()} == {"pipeline": 1, "prepare": 2, "pretrain": 2, "finetune": 6,
                                                          "review": 1}
     parent = by_stage["pipeline"][0].info.run_id
     for stage in ("prepare", "pretrain", "finetune"):
         assert all(r.data.tags["mlflow.parentRunId"] == parent for r in by_stage[stage])
-    st_sf = [r for r in by_stage["finetune"] if r.data.tags["strategy"] == "st_sf"][0]
-    assert "transfer_report.json" in {a.path for a in client.list_artifacts(st_sf.info.run_id)}
+    for st_sf in (r for r in by_stage["finetune"] if r.data.tags["strategy"] == "st_sf"):
+        assert "transfer_report.json" in {a.path for a in client.list_artifacts(st_sf.info.run_id)}
+        assert st_sf.data.tags["pretrain_run_id"] in {r.info.run_id for r in by_stage["pretrain"]}
