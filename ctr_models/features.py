@@ -73,8 +73,9 @@ class FeatureConfig:
         num_dense: width of ``CTRBatch.dense`` (checked at forward).
         init_std: std of the tables' init, uniform on ``±init_std·√3`` (as the pretraining model; replaced
             when pretrained tables are loaded).
-        pad_impl: ``"gather"`` (plain PyTorch, sync-free, default) or ``"fbgemm"``
-            (``torch.ops.fbgemm.jagged_to_padded_dense``); both give identical results.
+        pad_impl: ``"fbgemm"`` (``torch.ops.fbgemm.jagged_to_padded_dense``, default: its backward is
+            1.4–3x faster per step on CPU) or ``"gather"`` (plain PyTorch, the reference); both give
+            identical values and gradients (tested).
     """
 
     embedding_dim: int = 32
@@ -84,7 +85,7 @@ class FeatureConfig:
     history_fields: tuple[str, ...] | None = None
     num_dense: int = 0
     init_std: float = 0.05
-    pad_impl: str = "gather"
+    pad_impl: str = "fbgemm"
 
     def __post_init__(self) -> None:
         freeze_lists(self)
@@ -130,7 +131,7 @@ class FeatureSpec:
     max_len: int = 50
     num_dense: int = 0
     init_std: float = 0.05
-    pad_impl: str = "gather"
+    pad_impl: str = "fbgemm"
 
     @classmethod
     def from_vocab_sizes(cls, vocab_sizes: Mapping[str, int], config: FeatureConfig) -> "FeatureSpec":
