@@ -20,19 +20,12 @@ from torchrec import EmbeddingBagCollection, EmbeddingCollection
 
 from adapters.config import TransferError
 from hybrid_base.tables import copy_full_into
+from hybrid_base.training import is_dmp, unwrap_dmp
 
 COLLECTIONS = (EmbeddingCollection, EmbeddingBagCollection)
 
 
-def is_dmp(model: nn.Module) -> bool:
-    from torchrec.distributed.model_parallel import DistributedModelParallel
-
-    return isinstance(model, DistributedModelParallel)
-
-
-def inner_module(model: nn.Module) -> nn.Module:
-    """The user's module (``dmp.module`` for a ``DistributedModelParallel``)."""
-    return model.module if is_dmp(model) else model
+inner_module = unwrap_dmp   # the user's module (``dmp.module`` for a ``DistributedModelParallel``)
 
 
 def _sharded_classes() -> tuple[type, ...]:

@@ -22,14 +22,14 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from hybrid.config import to_dict, to_yaml
+from hybrid.config import from_mapping, to_dict, to_yaml
 from hybrid.data.batching import SEQUENCE_FEATURES, SequenceBatchConverter, make_loader
 from hybrid.data.feature_map import FeatureMap
 from hybrid.data.protocols import PreparedData
@@ -79,10 +79,11 @@ class PretrainModelSpec:
 
     def build(self, max_len: int, available: list[str]) -> GenerativeModelConfig:
         """The model config for sequences of at most ``max_len`` events with features ``available``."""
-        known = {f.name for f in fields(BackboneConfig)} - {"kind", "num_layers", "dim", "num_heads", "dropout"}
-        unknown = sorted(set(self.backbone) - known)
-        if unknown:
-            raise HybridInputError(f"model.backbone: unknown key(s) {', '.join(unknown)} (known: {', '.join(sorted(known))})")
+        # shape and dropout have their own keys; everything else is a BackboneConfig field, type-checked
+        reserved = sorted(set(self.backbone) & {"kind", "num_layers", "dim", "num_heads", "dropout", "max_len"})
+        if reserved:
+            raise HybridInputError(f"model.backbone: {', '.join(reserved)} is set by model.size / model.kind / "
+                                   "model.dropout / train.max_len, not here")
         features = tuple(self.features) if self.features is not None else tuple(available)
         missing = [f for f in features if f not in available]
         if missing:
@@ -93,8 +94,9 @@ class PretrainModelSpec:
         if self.features is None and objective.category_feature not in features:
             objective = ObjectiveConfig(**{**objective.to_dict(), "category_loss_weight": 0.0})
         try:
-            backbone = BackboneConfig.from_size(self.size, kind=self.kind,
-                                                **{"max_len": max_len, "dropout": self.dropout, **self.backbone})
+            shape = BackboneConfig.from_size(self.size, kind=self.kind).to_dict()
+            backbone = from_mapping(BackboneConfig, {**shape, "max_len": max_len, "dropout": self.dropout,
+                                                     **self.backbone}, prefix="model.backbone.", source="model")
             return GenerativeModelConfig(backbone=backbone, embedding_dim=self.embedding_dim, features=features,
                                          objective=objective, init_std=self.init_std)
         except (ValueError, TypeError) as err:
