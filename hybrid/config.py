@@ -4,17 +4,7 @@ The loader lives in :mod:`hybrid_base.config` (the model configs of ``pretrain``
 too); the jobs import it from here. Errors are :class:`hybrid.errors.HybridInputError` (the same class as
 ``hybrid_base.errors.HybridInputError``) naming the key.
 
-Example:
-    >>> from dataclasses import dataclass
-    >>> @dataclass
-    ... class Train:
-    ...     lr: float = 1e-3
-    ...     epochs: int = 3
-    >>> load_config(Train, overrides=["epochs=5"])
-    Train(lr=0.001, epochs=5)
-    >>> load_config(Train, overrides=["epoch=5"])
-    Traceback (most recent call last):
-    hybrid_base.errors.HybridInputError: --set: unknown key 'epoch' (did you mean 'epochs'?)
+See :mod:`hybrid_base.config` for the rules and an example.
 """
 from hybrid_base.config import flatten, from_mapping, load_config, to_dict, to_yaml
 
