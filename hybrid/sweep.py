@@ -115,6 +115,8 @@ def _fresh(out: str | Path) -> None:
 def run_sweep(cfg: SweepConfig) -> dict[str, Any]:
     """Run every point not finished yet; returns ``{"done": [...], "skipped": [...], "failed": {...}}``."""
     tracker = make_tracker(cfg.tracking, cfg.out)
+    # every stage logs into the sweep's store (left unset, each stage would default to a store in its own out)
+    cfg = replace(cfg, tracking=replace(cfg.tracking, tracking_uri=tracker.tracking_uri))
     done, skipped, failed = [], [], {}
     with tracker.run("sweep", tags={TAGS.stage: "sweep"}) as parent:
         tracker.log_params(parent, {"sizes": cfg.sizes, "strategies": cfg.strategies, "seeds": cfg.seeds,
