@@ -1,6 +1,8 @@
 """The one module that talks to MLflow.
 
 - Tracking URI: the explicit argument, else ``MLFLOW_TRACKING_URI``, else ``sqlite:///<out_dir>/mlflow.db``.
+  Experiments this module creates in a SQLite store keep their artifacts beside it
+  (``<store dir>/mlartifacts``), not in ``./mlruns`` under whatever directory the process started in.
 - One experiment per study; one parent run per pipeline; nested runs per stage (``mlflow.parentRunId``).
 - Params are logged once per run (flattened config: ``model.backbone.dim``); metrics carry a ``step``
   and, when given, the fractional epoch as ``progress/epoch`` at the same step; names like ``eval/auc``.
@@ -59,6 +61,15 @@ def resolve_tracking_uri(explicit: str | None, out_dir: str | os.PathLike) -> st
     out_dir = Path(out_dir).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{out_dir / 'mlflow.db'}"
+
+
+def artifact_location(tracking_uri: str) -> str | None:
+    """Where a new experiment's artifacts go: ``<dir of the SQLite file>/mlartifacts`` for a ``sqlite:///``
+    store (MLflow's own default is ``./mlruns`` relative to the current directory), else MLflow's default."""
+    prefix = "sqlite:///"
+    if not tracking_uri.startswith(prefix):
+        return None
+    return (Path(tracking_uri[len(prefix):]).resolve().parent / "mlartifacts").as_uri()
 
 
 def is_rank_zero() -> bool:
@@ -135,7 +146,8 @@ class Tracker:
     def experiment_id(self) -> str:
         if self._experiment_id is None:
             found = self.client.get_experiment_by_name(self.experiment)
-            self._experiment_id = found.experiment_id if found else self.client.create_experiment(self.experiment)
+            self._experiment_id = found.experiment_id if found else self.client.create_experiment(
+                self.experiment, artifact_location=artifact_location(self.tracking_uri))
         return self._experiment_id
 
     @contextlib.contextmanager

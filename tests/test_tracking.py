@@ -64,3 +64,18 @@ def test_only_rank_zero_logs(store, monkeypatch):
         assert run is None
         tracker.log_metrics(run, {"x": 1.0}, step=0)     # a no-op, not an error
     assert MlflowClient(store).get_experiment_by_name("ranks") is None
+
+
+def test_artifacts_live_beside_a_sqlite_store_not_in_the_working_directory(tmp_path, monkeypatch):
+    workdir = tmp_path / "elsewhere"
+    workdir.mkdir()
+    monkeypatch.chdir(workdir)                  # MLflow's own default would write ./mlruns here
+    store_dir = tmp_path / "store"
+    store_dir.mkdir()
+    tracker = Tracker(f"sqlite:///{store_dir / 'mlflow.db'}", "study", enabled=True)
+    with tracker.run("stage") as run:
+        tracker.log_json(run, {"a": 1}, "report.json")
+    assert list(workdir.iterdir()) == []
+    assert [p.name for p in store_dir.glob("mlartifacts/*/artifacts/*")] == ["report.json"]
+    assert MlflowClient(tracker.tracking_uri).get_experiment_by_name("study").artifact_location == \
+        (store_dir / "mlartifacts").as_uri()
