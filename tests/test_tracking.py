@@ -79,3 +79,46 @@ def test_artifacts_live_beside_a_sqlite_store_not_in_the_working_directory(tmp_p
     assert [p.name for p in store_dir.glob("mlartifacts/*/artifacts/*")] == ["report.json"]
     assert MlflowClient(tracker.tracking_uri).get_experiment_by_name("study").artifact_location == \
         (store_dir / "mlartifacts").as_uri()
+
+
+def test_merge_script_copies_runs_whole_and_relinks_them(tmp_path):
+    """scripts/merge_mlflow_stores.py: histories, params, artifacts, status and run links survive; re-runs skip."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "merge_mlflow_stores.py"
+    spec = importlib.util.spec_from_file_location("merge_mlflow_stores", path)
+    merge_stores = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(merge_stores)
+
+    main_store = f"sqlite:///{tmp_path / 'main' / 'mlflow.db'}"
+    (tmp_path / "main").mkdir()
+    main_tracker = Tracker(main_store, "sweep", enabled=True)
+    with main_tracker.run("sweep") as parent:
+        pass
+    sources = []
+    for name in ("pre", "fine"):
+        (tmp_path / name).mkdir()
+        sources.append(f"sqlite:///{tmp_path / name / 'mlflow.db'}")
+    pre = Tracker(sources[0], "sweep", enabled=True)
+    with pre.run("pretrain", parent=parent, tags={"stage": "pretrain"}) as pre_id:
+        pre.log_params(pre_id, {"lr": 0.005})
+    fine = Tracker(sources[1], "sweep", enabled=True)
+    with fine.run("finetune", parent=parent, tags={"stage": "finetune", "pretrain_run_id": pre_id}) as fine_id:
+        for step in (1, 2, 3):
+            fine.log_metrics(fine_id, {"eval/auc": 0.6 + step / 100}, step=step, epoch=step / 3)
+        fine.log_json(fine_id, {"a": 1}, "report.json")
+
+    ids = merge_stores.merge(main_store, "sweep", sources)
+    client = MlflowClient(main_store)
+    copy = client.get_run(ids[fine_id])
+    assert copy.info.run_name == "finetune" and copy.info.status == "FINISHED"
+    assert copy.data.tags[PARENT_TAG] == parent                          # the parent already in the store
+    assert copy.data.tags["pretrain_run_id"] == ids[pre_id]              # relinked to the copied pretrain run
+    assert [(m.step, round(m.value, 6)) for m in client.get_metric_history(copy.info.run_id, "eval/auc")] == \
+        [(1, 0.61), (2, 0.62), (3, 0.63)]
+    assert [a.path for a in client.list_artifacts(copy.info.run_id)] == ["report.json"]
+    assert client.get_run(ids[pre_id]).data.params == {"lr": "0.005"}
+    assert merge_stores.merge(main_store, "sweep", sources) == ids       # a re-run copies nothing twice
+    experiment = client.get_experiment_by_name("sweep").experiment_id
+    assert len(client.search_runs([experiment])) == 3
