@@ -19,7 +19,7 @@ import sys
 import tempfile
 
 from mlflow import MlflowClient
-from mlflow.entities import Metric, Param, RunTag
+from mlflow.entities import Metric, Param
 
 ID_TAGS = ("mlflow.parentRunId", "pretrain_run_id")
 SKIP_TAGS = ("mlflow.runName",)
