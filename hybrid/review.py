@@ -150,12 +150,23 @@ class PowerLaw:
     a: float
     b: float
     c: float
+    r2: float = float("nan")      # of the fit on the points it was fitted to
+    at_bound: bool = False        # the exponent ended on a bound of its range: the points are not a power law
 
     def __call__(self, n):
         return self.a - self.b * np.power(np.asarray(n, dtype=float), -self.c)
 
     def __str__(self) -> str:
-        return f"AUC = {self.a:.4f} − {self.b:.4f}·N^−{self.c:.4f}"
+        text = f"AUC = {self.a:.4f} − {self.b:.4g}·N^−{self.c:.4f} (R² {self.r2:.2f})"
+        return text + (" — poor fit: these points do not follow a power law" if self.poor else "")
+
+    @property
+    def poor(self) -> bool:
+        """The exponent ended on a bound of its range, or the fit explains under half the variance."""
+        return self.at_bound or not self.r2 >= 0.5
+
+
+C_RANGE = (1e-4, 3.0)   # the exponent c is fitted within this range
 
 
 def fit_power_law(n: Sequence[float], auc: Sequence[float]) -> PowerLaw:
@@ -173,8 +184,14 @@ def fit_power_law(n: Sequence[float], auc: Sequence[float]) -> PowerLaw:
     guess = (auc.max() + 0.01, (auc.max() - auc.min() + 1e-3) * n.min() ** 0.3, 0.3)
     with warnings.catch_warnings():  # 3 points fit 3 parameters exactly: no covariance, and that is fine
         warnings.simplefilter("ignore", OptimizeWarning)
-        params, _ = curve_fit(model, n, auc, p0=guess, bounds=([0, 0, 1e-4], [2, np.inf, 3]), maxfev=20_000)
-    return PowerLaw(*map(float, params))
+        params, _ = curve_fit(model, n, auc, p0=guess, bounds=([0, 0, C_RANGE[0]], [2, np.inf, C_RANGE[1]]),
+                              maxfev=20_000)
+    a, b, c = map(float, params)
+    residual = float(np.sum((auc - model(n, a, b, c)) ** 2))
+    total = float(np.sum((auc - auc.mean()) ** 2))
+    r2 = 1.0 - residual / total if total > 0 else float("nan")
+    at_bound = bool(np.isclose(c, C_RANGE, rtol=1e-3, atol=1e-6).any())
+    return PowerLaw(a, b, c, r2=r2, at_bound=at_bound)
 
 
 # -- plots and page ------------------------------------------------------------------------------------------

@@ -50,6 +50,10 @@ def test_power_law_fit_recovers_known_parameters():
     assert fit.a == pytest.approx(TRUE["a"], abs=1e-4)
     assert fit.b == pytest.approx(TRUE["b"], rel=1e-2)
     assert fit.c == pytest.approx(TRUE["c"], abs=1e-3)
+    assert fit.r2 == pytest.approx(1.0, abs=1e-9) and not fit.poor
+    # points that rise then fall are no power law, and the fit says so
+    bent = fit_power_law(list(SIZES.values()), [0.81, 0.82, 0.826, 0.796])
+    assert bent.poor and bent.r2 < 0.5 and "do not follow a power law" in str(bent)
     with pytest.raises(ValueError, match="at least 3 distinct model sizes"):
         fit_power_law([1e4, 1e5], [0.6, 0.7])
 
