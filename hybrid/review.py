@@ -208,6 +208,13 @@ def plot_one_epoch(curves: Sequence[RunCurve], path: Path) -> Path:
     for c in curves:
         groups.setdefault((c.ranker, c.strategy, c.model_size), []).append(c)
     rankers = len({r for r, _, _ in groups})
+    # one colour per (ranker, strategy), one line style per size (smallest solid), so a dozen lines stay apart
+    series = sorted({(r, st) for r, st, _ in groups})
+    colours = {key: plt.get_cmap("tab10")(i % 10) for i, key in enumerate(series)}
+    dense = {(c.ranker, c.strategy, c.model_size): c.dense_params for c in curves}
+    sizes = sorted({s for _, _, s in groups}, key=lambda s: min(
+        (n for (_, _, size), n in dense.items() if size == s and not math.isnan(n)), default=math.inf))
+    styles = {s: ("-", "--", "-.", ":")[i % 4] for i, s in enumerate(sizes)}
     max_epoch = 1.0
     for (ranker, strategy, size), members in sorted(groups.items()):
         grid = np.unique(np.concatenate([m.epochs for m in members]))
@@ -216,7 +223,7 @@ def plot_one_epoch(curves: Sequence[RunCurve], path: Path) -> Path:
         label = series_label(ranker, strategy, rankers)
         if len({s for _, _, s in groups}) > 1:
             label += f" {size}"
-        ax.plot(grid, mean, marker=".", label=label)
+        ax.plot(grid, mean, marker=".", label=label, color=colours[(ranker, strategy)], linestyle=styles[size])
         max_epoch = max(max_epoch, float(grid.max()) if len(grid) else 1.0)
     for boundary in range(1, int(math.ceil(max_epoch)) + 1):
         ax.axvline(boundary, color="grey", linestyle=":", linewidth=1)
