@@ -20,12 +20,11 @@ from torchrec import EmbeddingBagCollection, EmbeddingCollection
 
 from adapters.config import TransferError
 from hybrid_base.tables import copy_full_into
-from hybrid_base.training import is_dmp, unwrap_dmp
+from hybrid_base.training import is_dmp
 
 COLLECTIONS = (EmbeddingCollection, EmbeddingBagCollection)
 
 
-inner_module = unwrap_dmp   # the user's module (``dmp.module`` for a ``DistributedModelParallel``)
 
 
 def _sharded_classes() -> tuple[type, ...]:

@@ -31,14 +31,13 @@ from adapters.targets import (
     TableSlot,
     all_table_slots,
     backbone_modules,
-    inner_module,
     input_projection_path,
-    is_dmp,
     resolve_target,
     sharded_learning_rate,
 )
 from hybrid_base.ids import NUM_RESERVED_IDS, OOV_ID, PAD_ID
 from hybrid_base.tables import is_table_key
+from hybrid_base.training import is_dmp, unwrap_dmp
 from hybrid_base.vocab import align_feature_maps
 
 KEEP_ROW = -2  # alignment value: leave the target row as it is (the padding row)
@@ -103,7 +102,7 @@ def apply_transfer(
     """
     if not isinstance(config, TransferConfig):
         raise TransferError(f"apply_transfer: config must be a TransferConfig, got {type(config).__name__}")
-    inner = inner_module(model)
+    inner = unwrap_dmp(model)   # the user's module (``dmp.module`` under DMP)
     strategy = config.strategy
     report = TransferReport(strategy=strategy, sharded=is_dmp(model), config=config.to_dict())
     if strategy is Strategy.NT:

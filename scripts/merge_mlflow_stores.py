@@ -21,19 +21,10 @@ import tempfile
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param
 
+from hybrid.tracking import Tracker
+
 ID_TAGS = ("mlflow.parentRunId", "pretrain_run_id")
 SKIP_TAGS = ("mlflow.runName",)
-
-
-def _experiment_id(client: MlflowClient, name: str, create: bool) -> str | None:
-    found = client.get_experiment_by_name(name)
-    if found is not None:
-        return found.experiment_id
-    if not create:
-        return None
-    from hybrid.tracking import artifact_location
-
-    return client.create_experiment(name, artifact_location=artifact_location(client.tracking_uri))
 
 
 def copy_run(source: MlflowClient, target: MlflowClient, run, experiment_id: str, origin: str) -> str:
@@ -60,17 +51,17 @@ def copy_run(source: MlflowClient, target: MlflowClient, run, experiment_id: str
 def merge(into: str, experiment: str, sources: list[str]) -> dict[str, str]:
     """Copy every run of ``experiment`` in ``sources`` into ``into``; returns ``{old run id: new run id}``."""
     target = MlflowClient(into)
-    experiment_id = _experiment_id(target, experiment, create=True)
+    experiment_id = Tracker(into, experiment, enabled=True).experiment_id   # created as our jobs create it
     done = {r.data.tags["merged_from"]: r.info.run_id
             for r in target.search_runs([experiment_id], max_results=50_000) if "merged_from" in r.data.tags}
     ids: dict[str, str] = {}
     for uri in sources:
         source = MlflowClient(uri)
-        source_experiment = _experiment_id(source, experiment, create=False)
-        if source_experiment is None:
+        found = source.get_experiment_by_name(experiment)
+        if found is None:
             print(f"{uri}: no experiment '{experiment}', skipped", file=sys.stderr)
             continue
-        for run in source.search_runs([source_experiment], max_results=50_000):
+        for run in source.search_runs([found.experiment_id], max_results=50_000):
             origin = f"{uri}#{run.info.run_id}"
             ids[run.info.run_id] = done.get(origin) or copy_run(source, target, run, experiment_id, origin)
     # a tag naming a copied run now names its copy
