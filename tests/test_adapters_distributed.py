@@ -9,9 +9,6 @@ rows come from the in-memory pretrained model through a raw-id dict lookup.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -19,6 +16,7 @@ import pytest
 import torch
 
 from adapters import TransferConfig, apply_transfer
+from torchrun_support import run_torchrun
 from adapters_support import one_thread  # noqa: F401 (autouse fixture)
 from adapters_support import local_table, one_rank_group, raw_alignment, snapshot, source_and_target_maps
 from adapters_support import write_pretrain_checkpoint
@@ -154,10 +152,7 @@ def test_checkpoints_reshard_between_two_ranks_one_rank_and_unsharded(tmp_path):
     torch.save(_expected(src_fm, tgt_fm, single_model.state_dict()), tmp_path / "expected.pt")
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           str(script), str(tmp_path), str(single_ckpt), str(REPO)],
-                          capture_output=True, text=True, env=env, timeout=400)
+    done = run_torchrun([script, tmp_path, single_ckpt, REPO], timeout=400)
     assert done.returncode == 0, done.stderr[-4000:]
 
     # unsharded checkpoint → 2-rank sharded ranker, after and before sharding; frozen tables hold on both ranks

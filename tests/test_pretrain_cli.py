@@ -4,9 +4,7 @@ checkpoints, ``torchrun`` with 2 processes, and that every example config loads.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
+import shutil
 from pathlib import Path
 
 import pytest
@@ -19,6 +17,7 @@ from hybrid.config import load_config
 from hybrid.data.feature_map import FeatureMap
 from hybrid.pretrain_job import PretrainConfig
 from hybrid.prepare import PrepareConfig
+from torchrun_support import run_torchrun
 from hybrid_base.checkpoint import latest_checkpoint, read_manifest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -168,10 +167,12 @@ def test_every_example_config_loads():
 @pytest.mark.distributed
 def test_torchrun_two_processes(prepared_last_item_dir, tmp_path):
     out = tmp_path / "run"
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           "-m", "hybrid", *_argv(prepared_last_item_dir, out, tmp_path)],
-                          capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+    def reset() -> None:
+        shutil.rmtree(out, ignore_errors=True)
+        (tmp_path / "mlflow.db").unlink(missing_ok=True)
+
+    done = run_torchrun(["-m", "hybrid", *_argv(prepared_last_item_dir, out, tmp_path)], timeout=300, cwd=tmp_path,
+                        reset=reset)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("pretrained 58 steps") == 1   # rank 0 prints, 29 steps per epoch per rank
     _, runs = _runs(tmp_path)

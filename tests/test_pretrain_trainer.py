@@ -278,10 +278,9 @@ def test_sharded_two_processes_agree_with_unsharded(prepared_last_item, prepared
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
     out = tmp_path / "sharded.json"
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           str(script), str(prepared_last_item_dir), str(out), str(REPO)],
-                          capture_output=True, text=True, env=env, timeout=300)
+    from torchrun_support import run_torchrun   # here: worker.py imports this module outside pytest
+
+    done = run_torchrun([script, prepared_last_item_dir, out, REPO], timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     sharded = json.loads(out.read_text())
     assert sharded["dense_equal"] and sharded["sharded"] == "ShardedEmbeddingCollection"
