@@ -2,27 +2,34 @@
 
 One config, one call, one report — PEFT-style::
 
-    from adapters import TransferConfig, apply_transfer
+    from hybrid.adapters import TransferConfig, apply_transfer
 
     report = apply_transfer(model, TransferConfig(strategy="st_sf", checkpoint="runs/pretrain/checkpoints"),
                             target_feature_map)
     print(report)                                  # what was loaded / initialised / frozen / skipped
     model = prepare_for_training(model, optim)     # optimizers (trainable tables only), then sharding
 
-Targets: the built-in rankers (tables found by name; FT also moves every ``hybrid_base`` backbone — the
+Targets: the built-in rankers (tables found by name; FT also moves every ``hybrid.core`` backbone — the
 GPSD ranker's, a transformer history encoder's) and any model of your own built on TorchRec
 ``EmbeddingCollection`` / ``EmbeddingBagCollection`` (sharded under DMP or not) or ``nn.Embedding``
 tables, through ``table_map``. Rows are aligned by raw value through the two feature maps, never by
-position. Imports ``hybrid_base``, torch and torchrec only (never ``hybrid``): feature maps come in as
-``FeatureMap`` objects or their dict form, and the raw-id alignment is ``hybrid_base.vocab``'s.
+position. Imports ``hybrid.core``, torch and torchrec only (never ``hybrid``): feature maps come in as
+``FeatureMap`` objects or their dict form, and the raw-id alignment is ``hybrid.core.feature_map``'s.
 
 Order matters for freezing: ``apply_transfer`` → optimizers (trainable tables only) → sharding with
-``hybrid_base.training.shard_model`` (tables without an optimizer get a learning-rate-0 fused kernel).
+``hybrid.core.training.shard_model`` (tables without an optimizer get a learning-rate-0 fused kernel).
 """
-from adapters.config import NEW_ROW_POLICIES, PROJECTIONS, Strategy, TableTarget, TransferConfig, TransferError
-from adapters.report import ModuleEntry, TableEntry, TransferReport
-from adapters.source import PretrainedCheckpoint
-from adapters.transfer import apply_transfer, project
+from hybrid.adapters.config import (
+    NEW_ROW_POLICIES,
+    PROJECTIONS,
+    Strategy,
+    TableTarget,
+    TransferConfig,
+    TransferError,
+)
+from hybrid.adapters.report import ModuleEntry, TableEntry, TransferReport
+from hybrid.adapters.source import PretrainedCheckpoint
+from hybrid.adapters.transfer import apply_transfer, project
 
 __all__ = [
     "NEW_ROW_POLICIES",

@@ -28,12 +28,10 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from hybrid.core.errors import TransferError
+
 NEW_ROW_POLICIES = ("keep", "mean", "zero")
 PROJECTIONS = ("svd", "random")
-
-
-class TransferError(ValueError):
-    """A transfer that cannot be done as asked: the message names the table/module and both shapes."""
 
 
 class Strategy(str, enum.Enum):
@@ -120,7 +118,7 @@ class TransferConfig:
             ``"keep"`` (the target's own init), ``"mean"`` (mean of the pretrained known rows) or
             ``"zero"``. The padding row always keeps the target's value.
         backbone_paths: FT only: target module paths that receive the pretrained ``backbone.*`` (and,
-            where the parent has one, ``input_proj``). ``None``: every ``hybrid_base`` backbone module
+            where the parent has one, ``input_proj``). ``None``: every ``hybrid.core`` backbone module
             in the model (the GPSD ranker's ``backbone``, a transformer history encoder's).
         projection: when a pretrained table is wider or narrower than its target: ``None`` refuses with a
             message naming table and shapes; ``"svd"`` keeps the top right-singular directions of the

@@ -8,7 +8,7 @@ Example (``print(report)``)::
     Transfer ST&SF from runs/pretrain/checkpoints/step-00000400 (pretrain run 3f2a9c...)
       status    source             target                        rows aligned/new  new rows  trainable  why
       loaded    t_item_id 1684x16  features.ec:t_item_id 1618x16  1616 / 1          keep      frozen
-      skipped   t_action 7x16      -                                                                     no table named 't_action' in the model
+      skipped   t_action 7x16      -                                             no table named 't_action' in the model
       own init  -                  features.ec:t_user_id 945x16                                yes        not in the transfer
       own init  backbone.*         backbone 6,912 params                                       yes        ST&SF moves no backbone
     trainable params: 45,678 || frozen params: 27,000 || all params: 72,678 || trainable%: 62.85
@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from adapters.config import Strategy
+from hybrid.adapters.config import Strategy
 
 LOADED, SKIPPED, OWN_INIT = "loaded", "skipped", "own init"
 
@@ -86,7 +86,7 @@ class ModuleEntry:
 
 @dataclass
 class TransferReport:
-    """Result of :func:`adapters.apply_transfer`.
+    """Result of :func:`hybrid.adapters.apply_transfer`.
 
     Args:
         strategy: the strategy applied.
@@ -99,7 +99,7 @@ class TransferReport:
         sharded: the target was a ``DistributedModelParallel``.
         notes: anything else worth knowing (e.g. frozen tables that hold new rows).
         other_params: parameters no entry covers (heads, towers, gates...): they keep their own init.
-        config: the :class:`~adapters.config.TransferConfig` applied, as a dict (what reproduces the transfer).
+        config: the :class:`~hybrid.adapters.config.TransferConfig` applied, as a dict (what reproduces the transfer).
     """
 
     strategy: Strategy

@@ -1,10 +1,7 @@
 """The pretraining checkpoint as a transfer source: what it holds, and loading just the parts asked for.
 
-A pretraining checkpoint (``pretrain.trainer``) is a DCP directory whose state holds the generative model
-under the key ``model`` — ``model.embeddings.embeddings.t_<feature>.weight`` (tables, possibly written as
-row-wise ``ShardedTensor``), ``model.backbone.*``, ``model.input_proj.weight`` — beside optimizer and RNG
-state we never read; its ``manifest.json`` holds the feature map the tables are indexed by, the model
-config and the pretraining MLflow run id. DCP stores tensors by global layout, so reading them into
+The checkpoint's key layout is :mod:`hybrid.pretrain.layout`'s (tables possibly written as row-wise
+``ShardedTensor``; optimizer and RNG state are never read here). DCP stores tensors by global layout, so reading them into
 plain full tensors works whatever the number of ranks that wrote them (the resharding the adapters rely on).
 
 Example:
@@ -22,23 +19,19 @@ from typing import Any
 
 import torch
 
-from adapters.config import TransferError
-from hybrid_base.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, read_manifest
-
-MODEL_KEY = "model"
-TABLE_PREFIX = f"{MODEL_KEY}.embeddings.embeddings."
-BACKBONE_PREFIX = f"{MODEL_KEY}.backbone."
-INPUT_PROJ_KEY = f"{MODEL_KEY}.input_proj.weight"
-
-
-def table_key(table: str) -> str:
-    """DCP key of a pretrained table: ``t_item_id`` → ``model.embeddings.embeddings.t_item_id.weight``."""
-    return f"{TABLE_PREFIX}{table}.weight"
-
-
-def table_feature(table: str) -> str:
-    """The feature a pretrained table embeds (``t_item_id`` → ``item_id``)."""
-    return table[2:] if table.startswith("t_") else table
+from hybrid.adapters.config import TransferError
+from hybrid.core.checkpoint import (
+    CheckpointError,
+    latest_checkpoint,
+    load_checkpoint,
+    read_manifest,
+)
+from hybrid.pretrain.layout import (
+    BACKBONE_PREFIX,
+    INPUT_PROJ_KEY,
+    TABLE_PREFIX,
+    key_table,
+)
 
 
 @dataclass
@@ -87,10 +80,7 @@ class PretrainedCheckpoint:
     @property
     def tables(self) -> dict[str, tuple[int, int]]:
         """Pretrained table name → ``(rows, dim)``."""
-        out = {}
-        for key, shape in self.shapes.items():
-            if key.startswith(TABLE_PREFIX) and key.endswith(".weight"):
-                out[key[len(TABLE_PREFIX):-len(".weight")]] = shape
+        out = {key_table(key): shape for key, shape in self.shapes.items() if key_table(key) is not None}
         return dict(sorted(out.items()))
 
     @property

@@ -18,9 +18,9 @@ import torch
 from torch import nn
 from torchrec import EmbeddingBagCollection, EmbeddingCollection
 
-from adapters.config import TransferError
-from hybrid_base.tables import copy_full_into
-from hybrid_base.training import is_dmp
+from hybrid.adapters.config import TransferError
+from hybrid.core.tables import copy_full_into
+from hybrid.core.training import is_dmp
 
 COLLECTIONS = (EmbeddingCollection, EmbeddingBagCollection)
 
@@ -136,7 +136,7 @@ class TableSlot:
                     cfg.init_fn(emb.weight)
         if isinstance(self.module, EmbeddingCollection):
             # TorchRec's private compute-device field: with it on CPU, a plain DMP copies these values into
-            # the shards too (hybrid_base.training.shard_model copies them either way).
+            # the shards too (hybrid.core.training.shard_model copies them either way).
             self.module._device = torch.device("cpu")
 
     def write(self, full: torch.Tensor, rows: torch.Tensor) -> None:
@@ -156,11 +156,11 @@ class TableSlot:
         if lr is None:
             return (f"table {self.name} is sharded with a kernel whose update apply_transfer cannot control "
                     "(data_parallel?): freeze before sharding — call apply_transfer on the unsharded model, then "
-                    "hybrid_base.training.shard_model")
+                    "hybrid.core.training.shard_model")
         if lr != 0.0:
             return (f"table {self.name} is already sharded and trained by DMP's fused optimizer (lr={lr:g}); "
                     "a table can only be frozen before sharding: call apply_transfer on the unsharded model, then "
-                    "apply_sparse_optimizer + hybrid_base.training.shard_model (frozen tables get no update)")
+                    "apply_sparse_optimizer + hybrid.core.training.shard_model (frozen tables get no update)")
         return None
 
     def freeze(self) -> None:
@@ -205,7 +205,7 @@ def all_table_slots(inner: nn.Module) -> list[TableSlot]:
 
 
 def resolve_target(inner: nn.Module, spec: str, source_table: str) -> list[TableSlot]:
-    """Target slots named by a table-map string (see :class:`adapters.config.TableTarget`).
+    """Target slots named by a table-map string (see :class:`hybrid.adapters.config.TableTarget`).
 
     Raises:
         TransferError: nothing matches; the message lists close module paths and table names.
@@ -254,8 +254,8 @@ def _unknown(inner: nn.Module, spec: str, source_table: str, what: str) -> str:
 
 
 def backbone_modules(inner: nn.Module) -> list[str]:
-    """Paths of every ``hybrid_base`` sequence backbone in the model (the FT targets of built-in rankers)."""
-    from hybrid_base.backbones.common import Backbone
+    """Paths of every ``hybrid.core`` sequence backbone in the model (the FT targets of built-in rankers)."""
+    from hybrid.core.backbones.common import Backbone
 
     return [path for path, m in inner.named_modules() if isinstance(m, Backbone)]
 

@@ -24,10 +24,17 @@ import numpy as np
 import torch
 from torch import nn
 
-from adapters.config import Strategy, TransferConfig, TransferError
-from adapters.report import LOADED, OWN_INIT, SKIPPED, ModuleEntry, TableEntry, TransferReport
-from adapters.source import BACKBONE_PREFIX, INPUT_PROJ_KEY, PretrainedCheckpoint, table_feature, table_key
-from adapters.targets import (
+from hybrid.adapters.config import Strategy, TransferConfig, TransferError
+from hybrid.adapters.report import (
+    LOADED,
+    OWN_INIT,
+    SKIPPED,
+    ModuleEntry,
+    TableEntry,
+    TransferReport,
+)
+from hybrid.adapters.source import PretrainedCheckpoint
+from hybrid.adapters.targets import (
     TableSlot,
     all_table_slots,
     backbone_modules,
@@ -35,10 +42,17 @@ from adapters.targets import (
     resolve_target,
     sharded_learning_rate,
 )
-from hybrid_base.ids import NUM_RESERVED_IDS, OOV_ID, PAD_ID
-from hybrid_base.tables import is_table_key
-from hybrid_base.training import is_dmp, unwrap_dmp
-from hybrid_base.vocab import align_feature_maps
+from hybrid.core.feature_map import (
+    NUM_RESERVED_IDS,
+    OOV_ID,
+    PAD_ID,
+    TABLE_PREFIX,
+    align_feature_maps,
+    table_feature,
+)
+from hybrid.core.tables import is_table_key
+from hybrid.core.training import is_dmp, unwrap_dmp
+from hybrid.pretrain.layout import BACKBONE_PREFIX, INPUT_PROJ_KEY, table_key
 
 KEEP_ROW = -2  # alignment value: leave the target row as it is (the padding row)
 NEW_ROW = -1   # alignment value: a row the pretrained map does not know (initialised by ``new_rows``)
@@ -78,7 +92,7 @@ def apply_transfer(
         model: the target: a built-in ranker or any ``nn.Module`` with TorchRec collections or
             ``nn.Embedding`` tables; unsharded (tables on CPU or ``meta``: meta tables are materialised
             with their own init first) or DMP-sharded.
-        config: :class:`~adapters.config.TransferConfig`.
+        config: :class:`~hybrid.adapters.config.TransferConfig`.
         target_feature_map: the feature map the target's ids come from: a ``FeatureMap`` (anything with
             ``to_dict()``) or its dict form. Rows move by raw value: target id ``i`` gets the pretrained row
             of the same raw item/category. Not needed for NT, nor for tables given in ``alignments``.
@@ -88,7 +102,7 @@ def apply_transfer(
             come from a feature map. No reserved ids are assumed for these.
 
     Returns:
-        :class:`~adapters.report.TransferReport` (``print(report)`` for the table).
+        :class:`~hybrid.adapters.report.TransferReport` (``print(report)`` for the table).
 
     Raises:
         TransferError: unknown table or path, dims or vocabulary sizes that differ (the message names the
@@ -201,7 +215,7 @@ def _plan_tables(inner: nn.Module, config: TransferConfig, source: PretrainedChe
         for slot, feature in targets:
             if feature is None:
                 name = slot.table_name
-                feature = table_feature(name) if name.startswith("t_") else table_feature(src)
+                feature = table_feature(name) if name.startswith(TABLE_PREFIX) else table_feature(src)
             plans.append(_TablePlan(src, slot, feature))
     return plans
 

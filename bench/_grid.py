@@ -1,6 +1,6 @@
 """What the quality grids (``ctr_quality``, ``transfer_quality``, ``multimodal_quality``) share.
 
-Each grid runs :func:`hybrid.finetune_job.run_finetune` once per point in a pool of spawned worker processes
+Each grid runs :func:`hybrid.jobs.finetune.run_finetune` once per point in a pool of spawned worker processes
 (one torch thread each by default: on a small CPU, processes with one thread each scale far better than one
 process with many) and aggregates the points over seeds. What differs between the grids — which points, the
 table's columns — stays in each script.
@@ -34,7 +34,7 @@ def load_finetune_config(job: dict, config: str | Path, extra: Sequence[str] = (
     """The point's :class:`FinetuneConfig`: ``config`` (relative to the repo) with the point's data, output,
     seed and tracking set, then the grid's own overrides ``job["overrides"]`` and ``extra``."""
     from hybrid.config import load_config
-    from hybrid.finetune_job import FinetuneConfig
+    from hybrid.jobs.finetune import FinetuneConfig
 
     overrides = [f"data={json.dumps(job['data'])}", f"out={json.dumps(job['out'])}", f"train.seed={job['seed']}",
                  "train.progress=false", f"tracking.tracking_uri={json.dumps(job['tracking_uri'])}",

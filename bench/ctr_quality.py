@@ -3,7 +3,7 @@
 For DCN-v2, MMoE, the multi-embedding MoE and TIN on protocol B (``ratings``) and the GPSD sequence
 ranker on protocol A (``last-item``), each for every seed: eval AUC at the end of epoch 1, the best AUC, the
 AUC after the last epoch, logloss and gAUC (after the last epoch), and whether the one-epoch drop happened.
-Every run is a plain :func:`hybrid.finetune_job.run_finetune` of the example config
+Every run is a plain :func:`hybrid.jobs.finetune.run_finetune` of the example config
 ``configs/finetune_ml1m_<protocol>_<ranker>.yaml`` (only data, out, seed and tracking are overridden), nested
 under one parent MLflow run, so ``hybrid review`` and ``mlflow ui`` read the same runs.
 
@@ -46,7 +46,7 @@ FIGURES = ("auc_epoch1", "best_auc", "final_auc", "final_logloss", "final_gauc")
 
 def run_one(job: dict) -> dict:
     """One fine-tuning run (in a worker process); returns its summary plus what identifies it."""
-    from hybrid.finetune_job import run_finetune
+    from hybrid.jobs.finetune import run_finetune
 
     cfg = load_finetune_config(job, job["config"])
     return {"ranker": job["ranker"], "protocol": job["protocol"], "seed": job["seed"],

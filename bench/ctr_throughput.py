@@ -5,7 +5,7 @@ On protocol B (``ratings``) of ml-1m-partial, with the example configs' models
 
 - **ours**: the built-in ranker — TorchRec ``EmbeddingCollection`` / ``EmbeddingBagCollection`` tables fed
   by a ``KeyedJaggedTensor`` (only real ids are looked up; the history is padded after the lookup), the
-  tables' optimizer applied inside the backward pass, the train step of ``ctr_models.trainer``;
+  tables' optimizer applied inside the backward pass, the train step of ``hybrid.ctr_models.trainer``;
 - **baseline**: the same model in plain PyTorch — ``nn.Embedding`` tables (dense gradients, a
   ``torch.optim`` step) looking up ids padded to ``max_history`` (history) and to the batch's longest bag
   (genres), then the *same* dense modules (a deep copy of the ranker's cross network / attention / MLP /
@@ -41,15 +41,21 @@ from torch import nn
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from ctr_models.features import CTRFeatures, CTRInputs, HISTORY_PREFIX, jagged_to_padded, table_name  # noqa: E402
-from ctr_models.trainer import bce_per_task, prepare_for_training  # noqa: E402
 from hybrid.config import load_config  # noqa: E402
+from hybrid.core.batch import CTRBatch  # noqa: E402
+from hybrid.core.feature_map import PAD_ID  # noqa: E402
+from hybrid.core.training import OptimConfig, dense_parameters, make_dense_optimizer  # noqa: E402
+from hybrid.ctr_models.features import (  # noqa: E402
+    HISTORY_PREFIX,
+    CTRFeatures,
+    CTRInputs,
+    jagged_to_padded,
+    table_name,
+)
+from hybrid.ctr_models.trainer import bce_per_task, prepare_for_training  # noqa: E402
 from hybrid.data.batching import CTRBatchConverter, make_loader  # noqa: E402
 from hybrid.data.store import load_prepared  # noqa: E402
-from hybrid.finetune_job import FinetuneConfig, build_model  # noqa: E402
-from hybrid_base.batch import CTRBatch  # noqa: E402
-from hybrid_base.ids import PAD_ID  # noqa: E402
-from hybrid_base.training import OptimConfig, dense_parameters, make_dense_optimizer  # noqa: E402
+from hybrid.jobs.finetune import FinetuneConfig, build_model  # noqa: E402
 
 CONFIGS = {"dcn_v2": "configs/finetune_ml1m_ratings_dcn_v2.yaml", "tin": "configs/finetune_ml1m_ratings_tin.yaml"}
 

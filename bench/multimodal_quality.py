@@ -1,7 +1,7 @@
 """Q (multimodal): AUC / gAUC of DCN-v2 and TIN on protocol B with title vectors, with and without SimTier,
 MNSE (of the candidate-to-history similarity), MK-MMD, and all three; means ± std over seeds.
 
-Every run is a plain :func:`hybrid.finetune_job.run_finetune` of the example config
+Every run is a plain :func:`hybrid.jobs.finetune.run_finetune` of the example config
 ``configs/finetune_ml1m_ratings_<ranker>.yaml`` with ``item_vectors.source: text`` (MovieLens title + genres
 through the packaged all-MiniLM-L6-v2; computed once, then read from the cache) and the variant's
 ``ranker.config.multimodal`` section; the runs nest under one parent MLflow run.
@@ -61,7 +61,7 @@ FIGURES = ("final_auc", "final_gauc", "final_logloss", "best_auc")
 
 def run_one(job: dict) -> dict:
     """One fine-tuning run (in a worker process)."""
-    from hybrid.finetune_job import run_finetune
+    from hybrid.jobs.finetune import run_finetune
 
     extra = []
     if job["multimodal"]:
@@ -159,8 +159,12 @@ def main(argv: list[str] | None = None) -> int:
 
 def run_text_vectors_once(args: argparse.Namespace) -> None:
     """Compute (or find in the cache) the title vectors of the prepared data's items."""
-    from hybrid.data.item_vectors import ItemVectorsConfig, items_of_prepared, load_item_vectors
+    from hybrid.data.item_vectors import (
+        ItemVectorsConfig,
+        load_item_vectors,
+    )
     from hybrid.data.store import load_prepared
+    from hybrid.jobs.finetune import items_of_prepared
 
     t = time.perf_counter()
     fm = load_prepared(args.ratings).feature_map

@@ -9,7 +9,7 @@ optimizers) of:
   to its longest sequence;
 - **baseline**: the same model in plain PyTorch — ``nn.Embedding`` tables (dense gradients, Adagrad),
   every batch padded to ``max_len`` from a loader without bucketing, the same backbone module (causal
-  SDPA) and the identical loss functions (``pretrain.objectives``).
+  SDPA) and the identical loss functions (``hybrid.pretrain.objectives``).
 
 Timing alternates windows of the two, so machine noise hits both alike; each window is ``steps`` steps,
 the figure is the median over ``repeats`` windows after warm-up. Events = non-padding tokens.
@@ -39,15 +39,19 @@ from torch import nn
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from hybrid.core.backbones import BackboneConfig, build_backbone  # noqa: E402
+from hybrid.core.backbones.llama import swiglu_hidden_dim  # noqa: E402
+from hybrid.core.batch import SequenceBatch  # noqa: E402
+from hybrid.core.feature_map import NUM_RESERVED_IDS, PAD_ID  # noqa: E402
+from hybrid.core.training import OptimConfig, apply_sparse_optimizer, dense_parameters  # noqa: E402
 from hybrid.data.batching import SequenceBatchConverter, make_loader  # noqa: E402
 from hybrid.data.store import load_prepared  # noqa: E402
-from hybrid_base.backbones import BackboneConfig, build_backbone  # noqa: E402
-from hybrid_base.backbones.llama import swiglu_hidden_dim  # noqa: E402
-from hybrid_base.batch import SequenceBatch  # noqa: E402
-from hybrid_base.ids import NUM_RESERVED_IDS, PAD_ID  # noqa: E402
-from hybrid_base.training import OptimConfig, apply_sparse_optimizer, dense_parameters  # noqa: E402
-from pretrain import GenerativeModel, GenerativeModelConfig, ObjectiveConfig  # noqa: E402
-from pretrain.objectives import full_softmax_loss, sample_uniform_negatives, sampled_softmax_loss  # noqa: E402
+from hybrid.pretrain import GenerativeModel, GenerativeModelConfig, ObjectiveConfig  # noqa: E402
+from hybrid.pretrain.objectives import (  # noqa: E402
+    full_softmax_loss,
+    sample_uniform_negatives,
+    sampled_softmax_loss,
+)
 
 FEATURES = ("item_id", "category", "action")
 

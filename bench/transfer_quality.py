@@ -14,7 +14,7 @@ strategies: the same config, learning rates, epochs (>= 3) and architecture — 
 backbone are taken from the pretraining checkpoint's manifest for every strategy, NT included. Reported per
 (protocol, strategy), mean ± std over seeds: eval AUC at the end of epoch 1, best AUC, AUC after the last
 epoch, logloss and gAUC (after the last epoch), and how many seeds show the one-epoch drop. Every run is a
-:func:`hybrid.finetune_job.run_finetune` nested under one parent MLflow run (tags ``strategy``,
+:func:`hybrid.jobs.finetune.run_finetune` nested under one parent MLflow run (tags ``strategy``,
 ``pretrain_run_id``), so ``hybrid review`` shows the strategy comparison from the same store.
 
 Usage (the full study — hours on a CPU; run it on a bigger machine)::
@@ -78,7 +78,7 @@ QUICK_FINETUNE = {
 def prepare_quick(root: Path, tracking_uri: str) -> dict[str, str]:
     """ML-100K prepared with both protocols (fetched through the project's own path when needed)."""
     from hybrid.data.fetch import fetch_movielens_100k
-    from hybrid.prepare import PrepareConfig, TrackingConfig, run_prepare
+    from hybrid.jobs.prepare import PrepareConfig, TrackingConfig, run_prepare
 
     raw = fetch_movielens_100k(root / "ml-100k")
     out = {}
@@ -97,7 +97,7 @@ def prepare_quick(root: Path, tracking_uri: str) -> dict[str, str]:
 def pretrain(job: dict) -> dict:
     """One pretraining run (worker process); returns the checkpoint and its MLflow run id."""
     from hybrid.config import load_config
-    from hybrid.pretrain_job import PretrainConfig, run_pretrain
+    from hybrid.jobs.pretrain import PretrainConfig, run_pretrain
 
     overrides = [f"data={json.dumps(job['data'])}", f"out={json.dumps(job['out'])}",
                  f"tracking.tracking_uri={json.dumps(job['tracking_uri'])}",
@@ -111,7 +111,7 @@ def pretrain(job: dict) -> dict:
 
 def matched_ranker(protocol: str, checkpoint: str, dcn_history: str) -> list[str]:
     """Overrides that give the ranker the pretrained table width and backbone (for every strategy)."""
-    from adapters import PretrainedCheckpoint
+    from hybrid.adapters import PretrainedCheckpoint
 
     source = PretrainedCheckpoint.open(checkpoint)
     width = next(iter(source.tables.values()))[1]
@@ -157,8 +157,8 @@ def _yaml(value) -> str:
 
 def finetune(job: dict) -> dict:
     """One fine-tuning run with one strategy (worker process); returns its summary and identity."""
-    from adapters import TransferConfig, apply_transfer
-    from hybrid.finetune_job import run_finetune
+    from hybrid.adapters import TransferConfig, apply_transfer
+    from hybrid.jobs.finetune import run_finetune
 
     cfg = load_finetune_config(job, job["config"])
     if cfg.train.epochs < MIN_EPOCHS:

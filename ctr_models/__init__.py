@@ -6,11 +6,11 @@ Rankers (each: a frozen config dataclass with ``tiny()``, and an ``nn.Module`` w
 ==========================  =============================  ==============================================
 registry name               config                         module
 ==========================  =============================  ==============================================
-``dcn_v2``                  :class:`DCNv2Config`           :class:`ctr_models.dcn_v2.DCNv2`
-``mmoe``                    :class:`MMoEConfig`            :class:`ctr_models.moe.MMoE`
-``multi_embedding_moe``     :class:`MultiEmbeddingMoEConfig`  :class:`ctr_models.moe.MultiEmbeddingMoE`
-``tin``                     :class:`TINConfig`             :class:`ctr_models.tin.TIN`
-``gpsd``                    :class:`GPSDRankerConfig`      :class:`ctr_models.gpsd_ranker.GPSDRanker`
+``dcn_v2``                  :class:`DCNv2Config`           :class:`hybrid.ctr_models.dcn_v2.DCNv2`
+``mmoe``                    :class:`MMoEConfig`            :class:`hybrid.ctr_models.moe.MMoE`
+``multi_embedding_moe``     :class:`MultiEmbeddingMoEConfig`  :class:`hybrid.ctr_models.moe.MultiEmbeddingMoE`
+``tin``                     :class:`TINConfig`             :class:`hybrid.ctr_models.tin.TIN`
+``gpsd``                    :class:`GPSDRankerConfig`      :class:`hybrid.ctr_models.gpsd_ranker.GPSDRanker`
 ==========================  =============================  ==============================================
 
 Example:
@@ -24,25 +24,50 @@ from typing import Any
 
 import torch
 
-from ctr_models._config import config_from_dict
-from ctr_models.base import Ranker
-from ctr_models.dcn_v2 import DCNv2, DCNv2Config
-from ctr_models.features import CTRFeatures, CTRInputs, FeatureConfig, FeatureSpec, jagged_to_padded
-from ctr_models.gpsd_ranker import GPSDRanker, GPSDRankerConfig
-from ctr_models.history import HistoryConfig
-from ctr_models.metrics import auc, ctr_metrics, detect_one_epoch_drop, gauc, logloss, one_epoch_drop
-from ctr_models.moe import MMoE, MMoEConfig, MultiEmbeddingMoE, MultiEmbeddingMoEConfig, cross_expert_correlation
-from ctr_models.multimodal import MNSE, MultimodalConfig, MultimodalFeatures, SimTier, mk_mmd
-from ctr_models.tin import TIN, TINConfig
+from hybrid.ctr_models._config import config_from_dict
+from hybrid.ctr_models.base import Ranker
+from hybrid.ctr_models.dcn_v2 import DCNv2, DCNv2Config
+from hybrid.ctr_models.features import (
+    CTRFeatures,
+    CTRInputs,
+    FeatureConfig,
+    FeatureSpec,
+    jagged_to_padded,
+)
+from hybrid.ctr_models.gpsd_ranker import GPSDRanker, GPSDRankerConfig
+from hybrid.ctr_models.history import HistoryConfig
+from hybrid.ctr_models.metrics import (
+    auc,
+    ctr_metrics,
+    detect_one_epoch_drop,
+    gauc,
+    logloss,
+    one_epoch_drop,
+)
+from hybrid.ctr_models.moe import (
+    MMoE,
+    MMoEConfig,
+    MultiEmbeddingMoE,
+    MultiEmbeddingMoEConfig,
+    cross_expert_correlation,
+)
+from hybrid.ctr_models.multimodal import (
+    MNSE,
+    MultimodalConfig,
+    MultimodalFeatures,
+    SimTier,
+    mk_mmd,
+)
+from hybrid.ctr_models.tin import TIN, TINConfig
 
-# name -> (module, config class name, model class name). hybrid_base.backbones is imported only when a
+# name -> (module, config class name, model class name). hybrid.core.backbones is imported only when a
 # transformer is actually built, so the other rankers never depend on it.
 _RANKERS: dict[str, tuple[str, str, str]] = {
-    "dcn_v2": ("ctr_models.dcn_v2", "DCNv2Config", "DCNv2"),
-    "mmoe": ("ctr_models.moe", "MMoEConfig", "MMoE"),
-    "multi_embedding_moe": ("ctr_models.moe", "MultiEmbeddingMoEConfig", "MultiEmbeddingMoE"),
-    "tin": ("ctr_models.tin", "TINConfig", "TIN"),
-    "gpsd": ("ctr_models.gpsd_ranker", "GPSDRankerConfig", "GPSDRanker"),
+    "dcn_v2": ("hybrid.ctr_models.dcn_v2", "DCNv2Config", "DCNv2"),
+    "mmoe": ("hybrid.ctr_models.moe", "MMoEConfig", "MMoE"),
+    "multi_embedding_moe": ("hybrid.ctr_models.moe", "MultiEmbeddingMoEConfig", "MultiEmbeddingMoE"),
+    "tin": ("hybrid.ctr_models.tin", "TINConfig", "TIN"),
+    "gpsd": ("hybrid.ctr_models.gpsd_ranker", "GPSDRankerConfig", "GPSDRanker"),
 }
 RANKER_NAMES: tuple[str, ...] = tuple(_RANKERS)
 

@@ -1,7 +1,7 @@
 """Config helpers shared by the ranker configs: validation that names the field, and ``from_dict``.
 
 Every ranker config is a plain (frozen) dataclass, so YAML/JSON configs map onto it field by field.
-:func:`config_from_dict` builds it with the project's one config loader (:func:`hybrid_base.config.from_mapping`):
+:func:`config_from_dict` builds it with the project's one config loader (:func:`hybrid.core.config.from_mapping`):
 lists become tuples, nested mappings become nested config dataclasses, and an unknown key or a value of the
 wrong type is refused with a message naming the key — a typo in a config file must fail loudly, not silently
 fall back to a default.
@@ -12,7 +12,7 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any, TypeVar
 
-from hybrid_base.config import from_mapping
+from hybrid.core.config import from_mapping
 
 T = TypeVar("T")
 
@@ -58,10 +58,10 @@ def config_from_dict(cls: type[T], data: Mapping[str, Any] | T) -> T:
 
     Lists become tuples (configs are hashable and immutable); a mapping given for a field whose type is a
     dataclass is converted recursively. Unknown keys and wrong types raise
-    :class:`~hybrid_base.errors.HybridInputError` (a ``ValueError``) naming the key.
+    :class:`~hybrid.core.errors.HybridInputError` (a ``ValueError``) naming the key.
 
     Example:
-        >>> from ctr_models.dcn_v2 import DCNv2Config
+        >>> from hybrid.ctr_models.dcn_v2 import DCNv2Config
         >>> config_from_dict(DCNv2Config, {"cross_type": "low_rank", "features": {"embedding_dim": 8}})
         DCNv2Config(...)
     """

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from hybrid_base import CTRBatch
+from hybrid.core import CTRBatch
 
 
 def validate_task_names(task_names: Sequence[str], config: str) -> tuple[str, ...]:
@@ -41,7 +41,7 @@ class Ranker(nn.Module):
       (e.g. ``{"moe/cross_expert_corr": 0.12}``); empty by default.
 
     A ranker with multimodal features keeps them in ``self.multimodal``
-    (:class:`ctr_models.multimodal.MultimodalFeatures`, or ``None``); their loss (``mkmmd``) and metrics
+    (:class:`hybrid.ctr_models.multimodal.MultimodalFeatures`, or ``None``); their loss (``mkmmd``) and metrics
     (``mm/...``) are included here, so subclasses that override these methods merge with ``super()``.
     """
 

@@ -19,14 +19,19 @@ import torch
 from torch import nn
 from torchrec.modules.crossnet import CrossNet, LowRankCrossNet, LowRankMixtureCrossNet
 
-from ctr_models._config import freeze_lists, require, require_choice, require_positive_ints
-from ctr_models.base import Ranker, validate_task_names
-from ctr_models.features import FeatureConfig, FeatureSpec
-from ctr_models.history import HistoryConfig
-from ctr_models.inputs import FlatInput
-from ctr_models.layers import MLP, TaskHeads
-from ctr_models.multimodal import MultimodalConfig, build_multimodal
-from hybrid_base import CTRBatch
+from hybrid.core import CTRBatch
+from hybrid.ctr_models._config import (
+    freeze_lists,
+    require,
+    require_choice,
+    require_positive_ints,
+)
+from hybrid.ctr_models.base import Ranker, validate_task_names
+from hybrid.ctr_models.features import FeatureConfig, FeatureSpec
+from hybrid.ctr_models.history import HistoryConfig
+from hybrid.ctr_models.inputs import FlatInput
+from hybrid.ctr_models.layers import MLP, TaskHeads
+from hybrid.ctr_models.multimodal import MultimodalConfig, build_multimodal
 
 CROSS_TYPES = ("full", "low_rank", "mixture")
 STRUCTURES = ("stacked", "parallel")

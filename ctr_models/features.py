@@ -20,7 +20,7 @@ Example:
     >>> spec.single_fields, spec.multi_fields, spec.history_fields, spec.target_fields
     (('user_id', 'item_id', 'category'), ('genres',), ('item_id', 'category', 'action'), ('item_id', 'category'))
     >>> features = CTRFeatures(spec)
-    >>> inputs = features(batch)          # batch: hybrid_base.CTRBatch
+    >>> inputs = features(batch)          # batch: hybrid.core.CTRBatch
     >>> inputs.fields.shape, inputs.history.shape, inputs.target.shape
     (torch.Size([B, 4, 8]), torch.Size([B, 20, 8]), torch.Size([B, 8]))
 """
@@ -32,30 +32,32 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from torchrec import (EmbeddingBagCollection, EmbeddingBagConfig, EmbeddingCollection, EmbeddingConfig,
-                      KeyedJaggedTensor, PoolingType)
+from torchrec import (
+    EmbeddingBagCollection,
+    EmbeddingBagConfig,
+    EmbeddingCollection,
+    EmbeddingConfig,
+    KeyedJaggedTensor,
+    PoolingType,
+)
 
-from ctr_models._config import freeze_lists, require, require_choice
-from hybrid_base import NUM_RESERVED_IDS, PAD_ID, CTRBatch
-from hybrid_base.backbones.jagged import jagged_to_padded as jagged_to_padded_first
-from hybrid_base.backbones.jagged import lengths_to_offsets
+from hybrid.core import CTRBatch
+from hybrid.core.backbones.jagged import jagged_to_padded as jagged_to_padded_first
+from hybrid.core.backbones.jagged import lengths_to_offsets
+from hybrid.core.feature_map import (
+    HISTORY_PREFIX,
+    NUM_RESERVED_IDS,
+    PAD_ID,
+    base_feature,
+    table_name,
+)
+from hybrid.ctr_models._config import freeze_lists, require, require_choice
 
-HISTORY_PREFIX = "hist_"
 DEFAULT_MULTI_FIELDS: tuple[str, ...] = ("genres",)
 DEFAULT_HISTORY_FIELDS: tuple[str, ...] = ("item_id", "category", "action")
 # Base features that only exist as a history sequence (the candidate's action is what is predicted).
 HISTORY_ONLY_FIELDS: tuple[str, ...] = ("action",)
 PAD_IMPLS = ("gather", "fbgemm")
-
-
-def base_feature(key: str) -> str:
-    """``"hist_item_id" → "item_id"``; other keys are returned unchanged."""
-    return key[len(HISTORY_PREFIX):] if key.startswith(HISTORY_PREFIX) else key
-
-
-def table_name(key: str) -> str:
-    """The embedding table serving KJT key ``key``: ``"hist_item_id" → "t_item_id"``."""
-    return f"t_{base_feature(key)}"
 
 
 @dataclass(frozen=True)
@@ -250,7 +252,7 @@ def jagged_to_padded(values: torch.Tensor, lengths: torch.Tensor, max_len: int,
                      impl: str = "gather") -> tuple[torch.Tensor, torch.Tensor]:
     """Jagged sequences → right-padded dense, keeping the **most recent** ``max_len`` events of each row.
 
-    The CTR history view of ``hybrid_base.backbones.jagged_to_padded`` (which keeps the *first* rows and is
+    The CTR history view of ``hybrid.core.backbones.jagged_to_padded`` (which keeps the *first* rows and is
     what the ``"fbgemm"`` path pads with): a fixed length, left truncation and the mask.
 
     Args:
@@ -258,7 +260,7 @@ def jagged_to_padded(values: torch.Tensor, lengths: torch.Tensor, max_len: int,
         lengths: ``[B]`` events per row, ``sum(lengths) == N``.
         max_len: output length ``T`` (always exactly ``max_len``: static shapes for the sequence models).
         impl: ``"gather"`` — plain PyTorch index gather with no host sync (the reference, and the default
-            because it truncates for free); ``"fbgemm"`` — ``hybrid_base.backbones.jagged_to_padded``
+            because it truncates for free); ``"fbgemm"`` — ``hybrid.core.backbones.jagged_to_padded``
             (``torch.ops.fbgemm.jagged_to_padded_dense``), which keeps the *first* events of a row, so
             over-long rows are first cut to their most recent events by a boolean selection (a host sync).
             Both give identical outputs and gradients.

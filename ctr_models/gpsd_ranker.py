@@ -11,7 +11,7 @@ GPSD (Wang et al., KDD 2025) fine-tunes the generatively pretrained transformer 
 * the causal backbone's state at the candidate position — which has attended to the whole history and to
   the candidate — goes through a head ``Linear(d → 4d) → ReLU → Linear(4d → 1)``, one head per task.
 
-Module names mirror :class:`pretrain.model.GenerativeModel` where weights transfer: ``backbone.*`` and
+Module names mirror :class:`hybrid.pretrain.model.GenerativeModel` where weights transfer: ``backbone.*`` and
 ``input_proj.weight`` (when ``embedding_dim != backbone.dim``); tables live at
 ``features.ec.embeddings.t_<feature>.weight`` (pretraining: ``embeddings.embeddings.t_<feature>.weight``).
 """
@@ -25,16 +25,27 @@ from typing import Any
 import torch
 from torch import nn
 
-from ctr_models._config import freeze_lists, require
-from ctr_models.base import Ranker, validate_task_names
-from ctr_models.features import HISTORY_ONLY_FIELDS, CTRFeatures, FeatureConfig, FeatureSpec, base_feature
-from ctr_models.history import backbone_config_from_dict, build_backbone, gather_last, input_projection
-from ctr_models.layers import TaskHeads
-from hybrid_base import CTRBatch
+from hybrid.core import CTRBatch
+from hybrid.ctr_models._config import freeze_lists, require
+from hybrid.ctr_models.base import Ranker, validate_task_names
+from hybrid.ctr_models.features import (
+    HISTORY_ONLY_FIELDS,
+    CTRFeatures,
+    FeatureConfig,
+    FeatureSpec,
+    base_feature,
+)
+from hybrid.ctr_models.history import (
+    backbone_config_from_dict,
+    build_backbone,
+    gather_last,
+    input_projection,
+)
+from hybrid.ctr_models.layers import TaskHeads
 
 
 def _default_backbone() -> Any:
-    from hybrid_base.backbones import BackboneConfig
+    from hybrid.core.backbones import BackboneConfig
 
     return BackboneConfig()
 
@@ -48,7 +59,7 @@ class GPSDRankerConfig:
             fields that share their tables (``single_fields``/``multi_fields`` default to those / none;
             naming other fields is a ``ValueError``); ``max_len`` is the history window (the backbone
             sees ``max_len + 1`` tokens).
-        backbone: a ``hybrid_base.backbones.BackboneConfig`` (or a mapping of its fields); must be the
+        backbone: a ``hybrid.core.backbones.BackboneConfig`` (or a mapping of its fields); must be the
             pretrained one for FT transfer. ``kind="hstu"`` needs history and candidate timestamps.
         head_mult: head width multiplier: ``Linear(d → head_mult·d) → ReLU → Linear(→ 1)`` (GPSD: 4).
         dropout: dropout inside the heads.
@@ -70,7 +81,7 @@ class GPSDRankerConfig:
 
     @classmethod
     def tiny(cls) -> "GPSDRankerConfig":
-        from hybrid_base.backbones import BackboneConfig
+        from hybrid.core.backbones import BackboneConfig
 
         return cls(features=FeatureConfig(embedding_dim=16, max_len=8), backbone=BackboneConfig.tiny())
 
@@ -137,7 +148,7 @@ def _sequence_only(features: FeatureConfig, vocab_sizes: Mapping[str, int]) -> F
     """Default the GPSD ranker to the sequence features: candidate fields = the history's, no bags."""
     history = features.history_fields
     if history is None:
-        from ctr_models.features import DEFAULT_HISTORY_FIELDS
+        from hybrid.ctr_models.features import DEFAULT_HISTORY_FIELDS
 
         bases = {base_feature(k) for k in vocab_sizes}
         history = tuple(f for f in DEFAULT_HISTORY_FIELDS if f in bases)

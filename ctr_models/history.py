@@ -8,7 +8,7 @@ All encoders share one call signature, so DCN-v2 and MoE can swap them by config
 * :class:`PooledHistory` — mean over the real events.
 * :class:`TargetAttentionHistory` — DIN-style attention MLP over ``[h, t, h − t, h ⊙ t]``.
 * :class:`TransformerHistory` — the history run through a sequence backbone (the transferable
-  ``hybrid_base.backbones`` LLaMA decoder: ``backbone(x [B, T, D], lengths [B]) -> [B, T, D]``) and read
+  ``hybrid.core.backbones`` LLaMA decoder: ``backbone(x [B, T, D], lengths [B]) -> [B, T, D]``) and read
   out at the most recent event (or mean-pooled).
 
 Padding is always masked explicitly; a user with an empty history gets a zero vector, never NaN.
@@ -22,8 +22,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from ctr_models._config import freeze_lists, require, require_choice, require_positive_ints
-from ctr_models.layers import MLP, masked_mean, masked_softmax
+from hybrid.ctr_models._config import (
+    freeze_lists,
+    require,
+    require_choice,
+    require_positive_ints,
+)
+from hybrid.ctr_models.layers import MLP, masked_mean, masked_softmax
 
 HISTORY_ENCODERS = ("none", "pooled", "target", "transformer")
 ATTENTION_WEIGHTS = ("none", "softmax", "sigmoid")
@@ -43,7 +48,7 @@ class HistoryConfig:
             events gets a larger vector), ``"softmax"`` (normalised; weights sum to 1 over real events) or
             ``"sigmoid"``. Padding is masked explicitly in every mode.
         readout: transformer only — ``"last"`` (state of the most recent event) or ``"mean"``.
-        backbone: transformer only — a ``hybrid_base.backbones.BackboneConfig`` (or a mapping of its
+        backbone: transformer only — a ``hybrid.core.backbones.BackboneConfig`` (or a mapping of its
             fields). When its ``dim`` differs from ``FeatureConfig.embedding_dim`` a bias-free input
             projection is added (as in pretraining); an ``hstu`` backbone needs history timestamps.
     """
@@ -153,7 +158,7 @@ class TransformerHistory(nn.Module):
     """History encoded by a (transferable) sequence backbone, read out at the most recent event.
 
     Args:
-        backbone: a ``hybrid_base.backbones`` backbone (or any module called as
+        backbone: a ``hybrid.core.backbones`` backbone (or any module called as
             ``backbone(x [B, T, d], lengths [B], timestamps [B, T] | None) -> [B, T, d]`` on right-padded
             ``x``) — the module whose weights the FT transfer strategies load.
         dim: token width ``D`` of the embedding tables.
@@ -167,7 +172,7 @@ class TransformerHistory(nn.Module):
         ``history [B, T, D], mask [B, T], timestamps [B, T] | None → [B, d]``; zeros for an empty history.
 
     Example:
-        >>> from hybrid_base.backbones import BackboneConfig, build_backbone
+        >>> from hybrid.core.backbones import BackboneConfig, build_backbone
         >>> enc = TransformerHistory(build_backbone(BackboneConfig.tiny()), dim=16)
         >>> enc(torch.randn(2, 10, 16), torch.ones(2, 10, dtype=torch.bool), None).shape
         torch.Size([2, 16])
@@ -196,7 +201,7 @@ def input_projection(dim: int, width: int, backbone: nn.Module) -> nn.Module | N
     """The pretraining model's bias-free ``input_proj`` (tokens → backbone width), or None when equal."""
     if dim == width:
         return None
-    from hybrid_base.backbones import NormalLinear
+    from hybrid.core.backbones import NormalLinear
 
     std = getattr(getattr(backbone, "config", None), "init_std", 0.02)
     return NormalLinear(dim, width, bias=False, init_std=std)
@@ -221,20 +226,20 @@ def build_history_encoder(config: HistoryConfig, dim: int) -> nn.Module | None:
 
 
 # --- the backbone hook -------------------------------------------------------------------------------
-# ``hybrid_base.backbones`` is imported lazily: rankers without a transformer must not depend on it.
+# ``hybrid.core.backbones`` is imported lazily: rankers without a transformer must not depend on it.
 
 
 def backbone_config_from_dict(data: Mapping[str, Any]) -> Any:
     """The ``BackboneConfig`` of a ranker config's ``backbone`` mapping (keys and types checked, named
     ``backbone.<key>`` in messages)."""
-    from hybrid_base.backbones import BackboneConfig
-    from hybrid_base.config import from_mapping
+    from hybrid.core.backbones import BackboneConfig
+    from hybrid.core.config import from_mapping
 
     return from_mapping(BackboneConfig, data, prefix="backbone.", source="BackboneConfig")
 
 
 def build_backbone(config: Any) -> nn.Module:
-    """Instantiate the ``hybrid_base.backbones`` backbone for ``config`` (a ``BackboneConfig``)."""
-    from hybrid_base.backbones import build_backbone as _build
+    """Instantiate the ``hybrid.core.backbones`` backbone for ``config`` (a ``BackboneConfig``)."""
+    from hybrid.core.backbones import build_backbone as _build
 
     return _build(config)

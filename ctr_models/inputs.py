@@ -4,9 +4,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ctr_models.features import CTRFeatures, CTRInputs, FeatureSpec
-from ctr_models.history import HistoryConfig, build_history_encoder
-from hybrid_base import CTRBatch
+from hybrid.core import CTRBatch
+from hybrid.ctr_models.features import CTRFeatures, CTRInputs, FeatureSpec
+from hybrid.ctr_models.history import HistoryConfig, build_history_encoder
 
 
 class FlatInput(nn.Module):
@@ -17,7 +17,7 @@ class FlatInput(nn.Module):
         history: how to encode the history (ignored when the layout has no history).
         embedding_device: where the embedding tables are created (``"meta"`` for sharded models).
         extra_dim: width of the extra per-sample features a ranker appends (the multimodal features,
-            ``ctr_models.multimodal``); 0 = none.
+            ``hybrid.ctr_models.multimodal``); 0 = none.
 
     Shapes:
         ``CTRBatch (, extra [B, extra_dim]) → [B, output_dim]`` with ``output_dim = F·D + H + extra_dim +

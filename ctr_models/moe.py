@@ -29,15 +29,20 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ctr_models._config import freeze_lists, require, require_choice, require_positive_ints
-from ctr_models.base import Ranker, validate_task_names
-from ctr_models.dcn_v2 import CROSS_TYPES, build_cross_net
-from ctr_models.features import FeatureConfig, FeatureSpec
-from ctr_models.history import HistoryConfig
-from ctr_models.inputs import FlatInput
-from ctr_models.layers import MLP, TaskHeads
-from ctr_models.multimodal import MultimodalConfig, build_multimodal
-from hybrid_base import CTRBatch
+from hybrid.core import CTRBatch
+from hybrid.ctr_models._config import (
+    freeze_lists,
+    require,
+    require_choice,
+    require_positive_ints,
+)
+from hybrid.ctr_models.base import Ranker, validate_task_names
+from hybrid.ctr_models.dcn_v2 import CROSS_TYPES, build_cross_net
+from hybrid.ctr_models.features import FeatureConfig, FeatureSpec
+from hybrid.ctr_models.history import HistoryConfig
+from hybrid.ctr_models.inputs import FlatInput
+from hybrid.ctr_models.layers import MLP, TaskHeads
+from hybrid.ctr_models.multimodal import MultimodalConfig, build_multimodal
 
 
 def cross_expert_correlation(expert_outputs: torch.Tensor, eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:

@@ -33,10 +33,16 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ctr_models._config import freeze_lists, require, require_choice, require_positive_ints
-from ctr_models.features import CTRInputs, FeatureSpec, jagged_to_padded
-from ctr_models.layers import MLP
-from hybrid_base import NUM_RESERVED_IDS, CTRBatch
+from hybrid.core import CTRBatch
+from hybrid.core.feature_map import NUM_RESERVED_IDS, history_key, table_name
+from hybrid.ctr_models._config import (
+    freeze_lists,
+    require,
+    require_choice,
+    require_positive_ints,
+)
+from hybrid.ctr_models.features import CTRInputs, FeatureSpec, jagged_to_padded
+from hybrid.ctr_models.layers import MLP
 
 TIER_NORMS = ("log1p", "fraction")
 MNSE_INPUTS = ("max_similarity", "mean_similarity", "history_length", "time_gap")
@@ -444,7 +450,7 @@ class MultimodalFeatures(nn.Module):
         cand_vec = self.item_vectors[cand_ids]
         parts: list[torch.Tensor] = []
         if cfg.simtier or cfg.mnse:
-            hist = kjt["hist_" + ITEM_FIELD]
+            hist = kjt[history_key(ITEM_FIELD)]
             hist_ids, mask = jagged_to_padded(hist.values(), hist.lengths(), self.max_len, self.pad_impl)
             cos, valid = self.cosines(cand_ids, hist_ids, mask)
             # Kept as tensors: converting here would force a device sync on every step.
@@ -539,7 +545,7 @@ def check_item_vectors(item_vectors: torch.Tensor | None, spec: FeatureSpec) -> 
     if not isinstance(item_vectors, torch.Tensor):
         raise ValueError("item_vectors: a ranker with multimodal features needs the item-vector matrix "
                          f"(build_ranker(..., item_vectors=tensor [V, d])), got {type(item_vectors).__name__}")
-    table = f"t_{ITEM_FIELD}"
+    table = table_name(ITEM_FIELD)
     if table not in spec.table_sizes or ITEM_FIELD not in spec.single_fields:
         raise ValueError(f"item_vectors: the ranker has no '{ITEM_FIELD}' candidate field to look vectors up by "
                          f"(candidate fields: {spec.single_fields})")

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from torchrec import KeyedJaggedTensor
 
-from hybrid_base import NUM_RESERVED_IDS, CTRBatch
+from hybrid.core import NUM_RESERVED_IDS, CTRBatch
 
 NUM_ITEMS = 200
 SYNTHETIC_VOCAB_SIZES: dict[str, int] = {

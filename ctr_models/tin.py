@@ -36,12 +36,17 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ctr_models._config import freeze_lists, require, require_choice, require_positive_ints
-from ctr_models.base import Ranker, validate_task_names
-from ctr_models.features import CTRFeatures, FeatureConfig, FeatureSpec
-from ctr_models.layers import MLP, TaskHeads, masked_softmax
-from ctr_models.multimodal import MultimodalConfig, build_multimodal
-from hybrid_base import CTRBatch
+from hybrid.core import CTRBatch
+from hybrid.ctr_models._config import (
+    freeze_lists,
+    require,
+    require_choice,
+    require_positive_ints,
+)
+from hybrid.ctr_models.base import Ranker, validate_task_names
+from hybrid.ctr_models.features import CTRFeatures, FeatureConfig, FeatureSpec
+from hybrid.ctr_models.layers import MLP, TaskHeads, masked_softmax
+from hybrid.ctr_models.multimodal import MultimodalConfig, build_multimodal
 
 TEMPORAL_ENCODINGS = ("position", "time", "both", "none")
 

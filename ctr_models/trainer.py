@@ -20,16 +20,16 @@ optimizers attached — to the *trainable* tables only, so a frozen table gets n
 
 Sharded runs (``DistributedModelParallel``) call the inner ranker (``dmp.module(batch)``) as the
 pretraining trainer does: its sharded tables still run their collective lookups, and the dense gradients
-are averaged explicitly (``hybrid_base.training.average_dense_gradients``). ``batch_size`` is the global
+are averaged explicitly (``hybrid.core.training.average_dense_gradients``). ``batch_size`` is the global
 batch: each of ``W`` ranks takes ``batch_size / W`` (the loader's job). Evaluation spreads the test batches
 over the ranks and gathers every prediction, so each rank computes the same metrics on the *full* split
 and takes the same best-checkpoint decision.
 
-Checkpoints (``hybrid_base.checkpoint``, DCP + manifest) hold the model weights only:
+Checkpoints (``hybrid.core.checkpoint``, DCP + manifest) hold the model weights only:
 ``<checkpoint_dir>/best/step-…`` (the weights at the best evaluation, by the primary task's AUC) and
 ``<checkpoint_dir>/last/step-…``. Fine-tuning is short, so there is no mid-run resume.
 
-This module imports ``hybrid_base``, torch and torchrec only — never ``hybrid``: metrics leave through a
+This module imports ``hybrid.core``, torch and torchrec only — never ``hybrid``: metrics leave through a
 plain callback ``log_metrics(metrics, step, epoch)`` and loaders come in as arguments.
 
 Example:
@@ -58,13 +58,11 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from ctr_models.base import Ranker
-from ctr_models.metrics import OneEpochDrop, ctr_metrics, one_epoch_drop
-from hybrid_base.batch import CTRBatch
-from hybrid_base.checkpoint import save_checkpoint
-from hybrid_base.progress import MetricsCallback, ThroughputWindow, rank0_callback
-from hybrid_base.tables import embedding_modules, is_table_key
-from hybrid_base.training import (
+from hybrid.core.batch import CTRBatch
+from hybrid.core.checkpoint import save_checkpoint
+from hybrid.core.progress import MetricsCallback, ThroughputWindow, rank0_callback
+from hybrid.core.tables import embedding_modules, is_table_key
+from hybrid.core.training import (
     DEFAULT_SHARDING,
     DistributedContext,
     OptimConfig,
@@ -77,6 +75,8 @@ from hybrid_base.training import (
     shard_model,
     unwrap_dmp,
 )
+from hybrid.ctr_models.base import Ranker
+from hybrid.ctr_models.metrics import OneEpochDrop, ctr_metrics, one_epoch_drop
 
 BEST, LAST = "best", "last"
 
@@ -100,7 +100,7 @@ class CTRTrainConfig:
         max_steps: stop after this many steps (the schedule then spans ``min(max_steps, epochs x steps per
             epoch)``); ``None``: train all ``epochs``.
         one_epoch_tolerance: AUC dip below the end-of-epoch-1 value that counts as the one-epoch drop
-            (:func:`ctr_models.metrics.detect_one_epoch_drop`; ~1e-3 suits ~10^5 test samples).
+            (:func:`hybrid.ctr_models.metrics.detect_one_epoch_drop`; ~1e-3 suits ~10^5 test samples).
         progress: show a tqdm progress bar (rank 0 only).
 
     Example:
@@ -232,7 +232,7 @@ def prepare_for_training(model: Ranker, optim: OptimConfig, *, ctx: DistributedC
         model: a ranker; for a sharded run built with ``embedding_device="meta"`` (DMP materialises the
             tables on their shards).
         optim: its ``sparse_optimizer`` / ``sparse_lr`` are attached to the tables here.
-        ctx: from ``hybrid_base.training.init_distributed`` (default: one CPU process, no sharding).
+        ctx: from ``hybrid.core.training.init_distributed`` (default: one CPU process, no sharding).
         sharding_types: table → sharding type (default :data:`DEFAULT_SHARDING`).
 
     Returns:
@@ -248,7 +248,7 @@ def prepare_for_training(model: Ranker, optim: OptimConfig, *, ctx: DistributedC
 
 
 def unwrap(model: nn.Module) -> Ranker:
-    """The :class:`~ctr_models.base.Ranker` inside a ``DistributedModelParallel`` (or the model itself)."""
+    """The :class:`~hybrid.ctr_models.base.Ranker` inside a ``DistributedModelParallel`` (or the model itself)."""
     return unwrap_dmp(model, Ranker)
 
 
@@ -457,7 +457,7 @@ def predict(model: nn.Module, loader: Iterable[CTRBatch], *,
 
     Every rank iterates the whole ``loader``; rank ``r`` scores batches ``r, r + W, ...``. Sharded lookups
     are collective, so a rank with fewer batches repeats one and discards the result
-    (``hybrid_base.training.eval_rounds``). The model is left in eval mode.
+    (``hybrid.core.training.eval_rounds``). The model is left in eval mode.
 
     Returns:
         ``(labels [N, T], logits [N, T], user_index [N])`` numpy arrays, every sample once (sharded runs:
@@ -488,7 +488,7 @@ def predict(model: nn.Module, loader: Iterable[CTRBatch], *,
 
 
 def evaluate(model: nn.Module, loader: Iterable[CTRBatch], *, ctx: DistributedContext | None = None) -> dict[str, float]:
-    """AUC, logloss and gAUC of every task on the whole ``loader`` (``ctr_models.metrics.ctr_metrics``).
+    """AUC, logloss and gAUC of every task on the whole ``loader`` (``hybrid.ctr_models.metrics.ctr_metrics``).
 
     Returns:
         ``eval/auc``, ``eval/logloss``, ``eval/gauc`` (the primary task = the model's first task),

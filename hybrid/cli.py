@@ -24,7 +24,9 @@ from typing import TypeVar
 
 import yaml
 
-from hybrid.errors import HybridInputError
+from hybrid import __version__
+from hybrid.bootstrap import bootstrap, check_stack
+from hybrid.core.errors import HybridInputError
 
 EXIT_BAD_INPUT = 2
 _Config = TypeVar("_Config")
@@ -61,6 +63,7 @@ def _load_config(config_cls: type[_Config], args: argparse.Namespace,
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hybrid", description="Hybrid generative-discriminative CTR stacks.")
+    parser.add_argument("--version", action="version", version=f"hybrid {__version__}")
     _add_common(parser, top=True)
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -106,6 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
     review.add_argument("--out", default="runs/review", help="output directory (default: runs/review)")
     _add_common(review)
 
+    boot = commands.add_parser("bootstrap", help="install torchrec without its CUDA-only deps, check the stack")
+    _add_common(boot)
+
     quick = commands.add_parser("quickstart", help="the whole story on real ML-100K")
     quick.add_argument("--out", default="runs/quickstart", help="output directory (default: runs/quickstart)")
     quick.add_argument("--tracking-uri", help="MLflow tracking URI")
@@ -122,7 +128,7 @@ def _cmd_fetch(args: argparse.Namespace) -> int:
 
 
 def _cmd_prepare(args: argparse.Namespace) -> int:
-    from hybrid.prepare import PrepareConfig, run_prepare
+    from hybrid.jobs.prepare import PrepareConfig, run_prepare
 
     cfg = _load_config(PrepareConfig, args, (("data.dataset", args.dataset), ("data.path", args.path),
                                              ("protocol.protocol", args.protocol), ("out", args.out)))
@@ -134,7 +140,7 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def _cmd_pretrain(args: argparse.Namespace) -> int:
-    from hybrid.pretrain_job import PretrainConfig, run_pretrain
+    from hybrid.jobs.pretrain import PretrainConfig, run_pretrain
     from hybrid.tracking import is_rank_zero
 
     cfg = _load_config(PretrainConfig, args)
@@ -150,7 +156,7 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
 
 
 def _cmd_finetune(args: argparse.Namespace) -> int:
-    from hybrid.finetune_job import FinetuneConfig, run_finetune
+    from hybrid.jobs.finetune import FinetuneConfig, run_finetune
     from hybrid.tracking import is_rank_zero
 
     cfg = _load_config(FinetuneConfig, args)
@@ -170,7 +176,7 @@ def _transfer(args: argparse.Namespace):
     """``(strategy, prepare_model hook or None)`` of ``--init`` / ``--strategy`` / ``--transfer``."""
     if args.init is None and args.strategy is None and not args.transfer_options:
         return "nt", None
-    from hybrid.transfer_job import transfer_config, transfer_hook
+    from hybrid.jobs.transfer import transfer_config, transfer_hook
 
     options = {}
     for item in args.transfer_options:
@@ -188,7 +194,7 @@ def _transfer(args: argparse.Namespace):
 
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
-    from hybrid.sweep import SweepConfig, run_sweep
+    from hybrid.jobs.sweep import SweepConfig, run_sweep
 
     cfg = _load_config(SweepConfig, args)
     result = run_sweep(cfg)
@@ -216,7 +222,7 @@ def _cmd_review(args: argparse.Namespace) -> int:
 
 
 def _cmd_quickstart(args: argparse.Namespace) -> int:
-    from hybrid.quickstart import run_quickstart
+    from hybrid.jobs.quickstart import run_quickstart
 
     run_quickstart(Path(args.out), tracking_uri=args.tracking_uri)
     return 0
@@ -234,7 +240,10 @@ def _print_stats(stats: dict) -> None:
 
 COMMANDS = {("data", "fetch"): _cmd_fetch, ("data", "prepare"): _cmd_prepare, ("pretrain", None): _cmd_pretrain,
             ("finetune", None): _cmd_finetune,
-            ("sweep", None): _cmd_sweep, ("review", None): _cmd_review, ("quickstart", None): _cmd_quickstart}
+            ("sweep", None): _cmd_sweep, ("review", None): _cmd_review, ("quickstart", None): _cmd_quickstart,
+            ("bootstrap", None): lambda args: bootstrap()}
+#: commands that build TorchRec models: the stack is checked before they start
+NEEDS_TORCHREC = {"pretrain", "finetune", "sweep", "quickstart"}
 
 
 def _quiet_third_party_logs() -> None:
@@ -252,8 +261,10 @@ def main(argv: list[str] | None = None) -> int:
     _quiet_third_party_logs()
     handler = COMMANDS[(args.command, getattr(args, "data_command", None))]
     try:
+        if args.command in NEEDS_TORCHREC:
+            check_stack()
         return handler(args)
-    except HybridInputError as err:
+    except HybridInputError as err:  # the whole hierarchy (config, checkpoint, transfer, dependency errors)
         if args.debug:
             raise
         print(f"error: {err}", file=sys.stderr)

@@ -27,8 +27,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ctr_models.metrics import one_epoch_drop
-from hybrid.errors import HybridInputError
+from hybrid.core.errors import HybridInputError
+from hybrid.ctr_models.metrics import one_epoch_drop
 from hybrid.tracking import TAGS, Tracker
 
 AUC_METRIC = "eval/auc"

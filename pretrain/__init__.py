@@ -1,15 +1,15 @@
 """Generative pretraining (GPSD-style): the model, its objectives and its training loop.
 
-Imports ``hybrid_base`` and torch only (never ``hybrid``). The job glue that reads prepared data and logs
-to MLflow is ``hybrid.pretrain_job``; the command is ``hybrid pretrain``.
+Imports ``hybrid.core`` and torch only (never ``hybrid``). The job glue that reads prepared data and logs
+to MLflow is ``hybrid.jobs.pretrain``; the command is ``hybrid pretrain``.
 
 Example:
     >>> from pretrain import GenerativeModelConfig, PretrainTrainConfig, build_model, train
     >>> model = build_model(GenerativeModelConfig.tiny(), vocab_sizes, PretrainTrainConfig().optim)
 """
-from pretrain.model import GenerativeModel, GenerativeModelConfig, table_name
-from pretrain.objectives import ObjectiveConfig, hr_ndcg_at_k
-from pretrain.trainer import (
+from hybrid.pretrain.model import GenerativeModel, GenerativeModelConfig, table_name
+from hybrid.pretrain.objectives import ObjectiveConfig, hr_ndcg_at_k
+from hybrid.pretrain.trainer import (
     DEFAULT_SHARDING,
     PretrainResult,
     PretrainTrainConfig,

@@ -1,7 +1,7 @@
 """The generative pretraining model: TorchRec embedding tables + a causal sequence backbone.
 
 Token of event ``t`` = sum of its feature embeddings (item, side features such as category, and the action
-as side information, GenRank-style); PAD ids contribute zero. The backbone (``hybrid_base.backbones``,
+as side information, GenRank-style); PAD ids contribute zero. The backbone (``hybrid.core.backbones``,
 the same module the CTR "GPSD sequence ranker" owns) encodes the right-padded tokens; position ``t``
 predicts event ``t + 1``. Output item vectors are the rows of the input item table (tied, L2-normalised).
 
@@ -23,18 +23,17 @@ from torchrec.modules.embedding_configs import EmbeddingConfig
 from torchrec.modules.embedding_modules import EmbeddingCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from hybrid_base.backbones import (
+from hybrid.core.backbones import (
     BackboneConfig,
     NormalLinear,
     build_backbone,
     jagged_to_padded,
-    lengths_to_mask,
     lengths_to_offsets,
 )
-from hybrid_base.batch import SequenceBatch
-from hybrid_base.config import from_mapping
-from hybrid_base.ids import NUM_RESERVED_IDS, PAD_ID
-from pretrain.objectives import (
+from hybrid.core.batch import SequenceBatch
+from hybrid.core.config import from_mapping
+from hybrid.core.feature_map import NUM_RESERVED_IDS, PAD_ID, table_name
+from hybrid.pretrain.objectives import (
     ObjectiveConfig,
     full_softmax_loss,
     hr_ndcg_at_k,
@@ -45,11 +44,6 @@ from pretrain.objectives import (
 )
 
 ITEM_FEATURE = "item_id"
-
-
-def table_name(feature: str) -> str:
-    """Name of the embedding table of a feature (``item_id`` → ``t_item_id``)."""
-    return f"t_{feature}"
 
 
 @dataclass(frozen=True)
@@ -65,7 +59,7 @@ class GenerativeModelConfig:
             (where items are scored).
         features: KJT keys embedded into the token, one table ``t_<feature>`` each; ``item_id`` is
             required, e.g. ``("item_id", "category", "action")``.
-        objective: loss settings (:class:`~pretrain.objectives.ObjectiveConfig`).
+        objective: loss settings (:class:`~hybrid.pretrain.objectives.ObjectiveConfig`).
         init_std: embedding rows are drawn from U(±init_std·√3), i.e. std ``init_std`` (GPSD: N(0, 0.02));
             uniform because TorchRec's sharded kernels initialise tables uniformly from the same bounds, so
             sharded and unsharded runs start from the same distribution.
@@ -376,7 +370,7 @@ class GenerativeModel(nn.Module):
         reserved id (PAD, OOV) are skipped.
 
         Args:
-            batch: a :class:`~hybrid_base.batch.SequenceBatch` with every feature of ``config.features``.
+            batch: a :class:`~hybrid.core.batch.SequenceBatch` with every feature of ``config.features``.
             item_counts: ``[V_item]`` item frequencies, required for in-batch negatives with logQ correction.
             generator: RNG of the negative sampling (default: torch's global RNG).
 

@@ -21,8 +21,8 @@ from typing import Any, Literal, Mapping, Sequence
 import torch
 import torch.nn.functional as F
 
-from hybrid_base.config import from_mapping
-from hybrid_base.ids import NUM_RESERVED_IDS, OOV_ID, PAD_ID
+from hybrid.core.config import from_mapping
+from hybrid.core.feature_map import NUM_RESERVED_IDS, OOV_ID, PAD_ID
 
 NegativeSampling = Literal["uniform", "in_batch"]
 

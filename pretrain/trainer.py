@@ -12,20 +12,20 @@
 Sharded runs wrap the model in ``DistributedModelParallel`` (:func:`build_model`). The trainer calls
 ``dmp.module.loss(...)`` because DMP's forward only runs ``forward``; that bypasses the DDP wrapper DMP
 puts around the dense modules, whose gradient hooks only fire after a DDP forward. So the dense
-gradients are averaged across ranks explicitly (``hybrid_base.training.average_dense_gradients``) — one
+gradients are averaged across ranks explicitly (``hybrid.core.training.average_dense_gradients``) — one
 all-reduce of one flat buffer per step — and the ranks keep identical dense weights (the distributed test
 checks it).
 
 Batch sizes: ``batch_size`` is the *global* batch per step; each of ``W`` ranks gets ``batch_size / W``
 sequences, so one config gives the same number of steps and the same schedule on 1 or ``W`` processes.
 
-Checkpoints (``hybrid_base.checkpoint``) hold the model (``ShardedTensor`` tables when sharded), the
+Checkpoints (``hybrid.core.checkpoint``) hold the model (``ShardedTensor`` tables when sharded), the
 dense AdamW and schedule state, the tables' optimizer state (DMP's fused optimizer, or the in-backward
 ``torch.optim`` instances of an unsharded model), and each rank's RNG states (negative sampling, torch's
 global RNG). The data order is a function of ``seed`` and the epoch, so a resumed run skips the batches
 of the current epoch it already consumed and ends with the same weights as an uninterrupted one.
 
-This module imports ``hybrid_base`` and torch only — never ``hybrid``: metrics leave through a plain
+This module imports ``hybrid.core`` and torch only — never ``hybrid``: metrics leave through a plain
 callback ``log_metrics(metrics, step, epoch)`` and loaders come in as arguments.
 
 Example:
@@ -52,11 +52,17 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from hybrid_base.batch import SequenceBatch
-from hybrid_base.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, read_manifest, save_checkpoint
-from hybrid_base.ids import NUM_RESERVED_IDS
-from hybrid_base.progress import MetricsCallback, ThroughputWindow, rank0_callback
-from hybrid_base.training import (
+from hybrid.core.batch import SequenceBatch
+from hybrid.core.checkpoint import (
+    CheckpointError,
+    latest_checkpoint,
+    load_checkpoint,
+    read_manifest,
+    save_checkpoint,
+)
+from hybrid.core.feature_map import NUM_RESERVED_IDS
+from hybrid.core.progress import MetricsCallback, ThroughputWindow, rank0_callback
+from hybrid.core.training import (
     DEFAULT_SHARDING,
     DistributedContext,
     OptimConfig,
@@ -70,8 +76,9 @@ from hybrid_base.training import (
     shard_model,
     unwrap_dmp,
 )
-from pretrain.model import ITEM_FEATURE, GenerativeModel, GenerativeModelConfig
-from pretrain.objectives import hr_ndcg_at_k
+from hybrid.pretrain.layout import MODEL_KEY
+from hybrid.pretrain.model import ITEM_FEATURE, GenerativeModel, GenerativeModelConfig
+from hybrid.pretrain.objectives import hr_ndcg_at_k
 
 # Seeds of the per-rank negative-sampling generators are spread apart so ranks draw different negatives.
 _RANK_SEED_STRIDE = 1_000_003
@@ -171,7 +178,7 @@ def build_model(config: GenerativeModelConfig, vocab_sizes: Mapping[str, int], o
         vocab_sizes: rows per feature table (``FeatureMap.vocab_sizes()``).
         optim: its ``sparse_optimizer`` / ``sparse_lr`` are attached to the tables here.
         seed: seeds the initialisation.
-        ctx: from ``hybrid_base.training.init_distributed`` (default: one CPU process).
+        ctx: from ``hybrid.core.training.init_distributed`` (default: one CPU process).
         sharding_types: table → sharding type (default :data:`DEFAULT_SHARDING`).
 
     Returns:
@@ -370,7 +377,7 @@ def evaluate(model: nn.Module, eval_loader: Iterable[SequenceBatch], *, ctx: Dis
 
     Every rank iterates the whole ``eval_loader``; rank ``r`` scores batches ``r, r + W, ...`` and the
     sums are all-reduced. Sharded lookups are collective, so a rank with fewer batches repeats one and
-    discards the result (every rank issues the same number of lookups: ``hybrid_base.training.eval_rounds``
+    discards the result (every rank issues the same number of lookups: ``hybrid.core.training.eval_rounds``
     gives each rank its turns). The loss draws its negatives from its own generator, seeded per batch, so
     evaluating never changes the training RNG and gives the same numbers on any number of ranks.
 
@@ -421,7 +428,7 @@ def popularity_metrics(eval_loader: Iterable[SequenceBatch], item_counts: torch.
     """The most-popular baseline: every user gets the same ranking, by training frequency.
 
     Same targets as :func:`evaluate` (the trailing ``num_eval_targets`` events that have a predecessor,
-    reserved ids skipped) and the same ranking rule (:func:`~pretrain.objectives.hr_ndcg_at_k`: ties count
+    reserved ids skipped) and the same ranking rule (:func:`~hybrid.pretrain.objectives.hr_ndcg_at_k`: ties count
     against the target, reserved ids never ranked). The history is not excluded, as in the model's metric.
 
     Args:
@@ -470,7 +477,7 @@ def training_state(model: nn.Module, optimizer: torch.optim.Optimizer, schedule:
     per-rank keys, since DCP keeps one copy of a replicated key.
     """
     return {
-        "model": model.state_dict(),
+        MODEL_KEY: model.state_dict(),
         "dense_optim": optimizer.state_dict(),
         "schedule": schedule.state_dict(),
         "sparse_optim": sparse_optimizer_state(model),
@@ -557,7 +564,7 @@ def check_resumable(path: Path, saved: Mapping[str, Any], current: Mapping[str, 
         a, b = saved_tables.get(name), tables.get(name)
         if a != b:
             problems.append(f"table {name}: checkpoint {_shape(a)} vs model {_shape(b)}")
-    saved_model, model = saved.get("model", {}), current["model"]
+    saved_model, model = saved.get("model", {}), current["model"]  # manifest keys (model config)
     differing = sorted(k for k in set(saved_model) | set(model) if saved_model.get(k) != model.get(k))
     if differing and not problems:
         problems.append("model config differs in " + ", ".join(
@@ -593,7 +600,7 @@ def restore_training_state(path: str | Path, model: nn.Module, optimizer: torch.
                 init_optimizer_state(_single_in_backward_optimizer(name, p))
     state = training_state(model, optimizer, schedule, negatives, rank)
     load_checkpoint(path, state)
-    model.load_state_dict(state["model"])  # a no-op copy for plain tensors; re-applies sharded ones
+    model.load_state_dict(state[MODEL_KEY])  # a no-op copy for plain tensors; re-applies sharded ones
     optimizer.load_state_dict(state["dense_optim"])
     schedule.load_state_dict(state["schedule"])
     load_sparse_optimizer_state(model, state["sparse_optim"])

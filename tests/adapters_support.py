@@ -1,5 +1,5 @@
 """Builders shared by the adapter tests: small feature maps with overlapping raw ids, a pretraining
-checkpoint written the way ``pretrain.trainer`` writes it (state under ``model``, feature map in the
+checkpoint written the way ``hybrid.pretrain.trainer`` writes it (state under ``model``, feature map in the
 manifest), and the raw-id ground truth computed without the code under test."""
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ import pandas as pd
 import pytest
 import torch
 
-from hybrid.data.feature_map import FeatureMap
-from hybrid_base.checkpoint import save_checkpoint
-from pretrain import GenerativeModel, GenerativeModelConfig
+from hybrid.core.checkpoint import save_checkpoint
+from hybrid.core.feature_map import FeatureMap
+from hybrid.pretrain import GenerativeModel, GenerativeModelConfig
 
 SHARED = {"hist_item_id": "item_id", "hist_category": "category", "hist_action": "action"}
 CATEGORIES = ["Drama", "Comedy", "Action", "Horror", "War"]
@@ -66,7 +66,7 @@ def one_rank_group():
     """A 1-rank gloo process group for in-process DMP, torn down afterwards (only if we started it)."""
     import torch.distributed as dist
 
-    from hybrid_base.training import init_distributed
+    from hybrid.core.training import init_distributed
 
     started = not dist.is_initialized()
     ctx = init_distributed(single_process_group=True)
@@ -106,7 +106,7 @@ def random_ctr_batch(vocab_sizes: dict[str, int], batch_size: int, generator: to
     histories), ids drawn inside ``vocab_sizes`` (known ids, >= 2), random labels."""
     from torchrec import KeyedJaggedTensor
 
-    from hybrid_base import CTRBatch
+    from hybrid.core import CTRBatch
 
     g, B = generator, batch_size
 

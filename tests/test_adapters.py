@@ -1,4 +1,4 @@
-"""Transfer adapters (``adapters.apply_transfer``) on small models, tensor by tensor.
+"""Transfer adapters (``hybrid.adapters.apply_transfer``) on small models, tensor by tensor.
 
 Every strategy loads exactly what GPSD's table says (checked row by row against the checkpoint, aligned by
 raw id through two feature maps whose ids differ), new rows follow their policy, built-in rankers and
@@ -9,18 +9,36 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
 import torch
+from adapters_support import (
+    one_thread,  # noqa: F401 (autouse fixture)
+    raw_alignment,
+    snapshot,
+    source_and_target_maps,
+    write_pretrain_checkpoint,
+)
 from torch import nn
 from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
 
-from adapters import Strategy, TableTarget, TransferConfig, TransferError, TransferReport, apply_transfer, project
-from adapters_support import one_thread  # noqa: F401 (autouse fixture)
-from adapters_support import raw_alignment, snapshot, source_and_target_maps, write_pretrain_checkpoint
-from ctr_models import DCNv2Config, FeatureConfig, GPSDRankerConfig, HistoryConfig, build_ranker
-from hybrid_base.backbones import BackboneConfig
-from hybrid_base.training import OptimConfig, apply_sparse_optimizer
+from hybrid.adapters import (
+    Strategy,
+    TableTarget,
+    TransferConfig,
+    TransferError,
+    TransferReport,
+    apply_transfer,
+    project,
+)
+from hybrid.core.backbones import BackboneConfig
+from hybrid.core.training import OptimConfig, apply_sparse_optimizer
+from hybrid.ctr_models import (
+    DCNv2Config,
+    FeatureConfig,
+    GPSDRankerConfig,
+    HistoryConfig,
+    build_ranker,
+)
 
 TABLES = ("t_item_id", "t_category", "t_action")
 
@@ -341,7 +359,7 @@ def test_report_round_trips_and_logs_as_json(maps, pretrained, tmp_path):
 
 
 def test_ft_moves_the_input_projection_when_tables_are_narrower_than_the_backbone(maps, tmp_path):
-    from pretrain import GenerativeModelConfig
+    from hybrid.pretrain import GenerativeModelConfig
 
     src_fm, tgt_fm = maps
     narrow = GenerativeModelConfig(backbone=BackboneConfig.tiny(), embedding_dim=8,

@@ -8,10 +8,10 @@ import json
 from pathlib import Path
 
 import pytest
+from adapters_support import one_thread  # noqa: F401 (autouse fixture)
 from mlflow import MlflowClient
 
-from adapters import TransferReport
-from adapters_support import one_thread  # noqa: F401 (autouse fixture)
+from hybrid.adapters import TransferReport
 from hybrid.cli import EXIT_BAD_INPUT, main
 
 REPO = Path(__file__).resolve().parents[1]

@@ -4,14 +4,23 @@ other way round, where protocol A knows items protocol B never saw."""
 from __future__ import annotations
 
 import torch
+from adapters_support import (
+    one_thread,  # noqa: F401 (autouse fixture)
+    raw_alignment,
+    snapshot,
+    write_pretrain_checkpoint,
+)
 
-from adapters import TransferConfig, apply_transfer
-from adapters_support import one_thread  # noqa: F401 (autouse fixture)
-from adapters_support import raw_alignment, snapshot, write_pretrain_checkpoint
-from ctr_models import build_ranker
+from hybrid.adapters import TransferConfig, apply_transfer
+from hybrid.ctr_models import build_ranker
 from hybrid.data.batching import CTRBatchConverter, SequenceBatchConverter, make_loader
-from hybrid.finetune_job import ctr_vocab_sizes
-from pretrain import GenerativeModelConfig, PretrainTrainConfig, build_model, train
+from hybrid.jobs.finetune import ctr_vocab_sizes
+from hybrid.pretrain import (
+    GenerativeModelConfig,
+    PretrainTrainConfig,
+    build_model,
+    train,
+)
 
 DCN = {"features": {"embedding_dim": 16, "max_len": 20}, "history": {"attention_hidden": [16]}, "deep_hidden": [16]}
 FEATURES = ("item_id", "category", "action")

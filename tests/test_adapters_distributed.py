@@ -14,15 +14,21 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from adapters import TransferConfig, apply_transfer
+from adapters_support import (
+    local_table,
+    one_rank_group,
+    one_thread,  # noqa: F401 (autouse fixture)
+    raw_alignment,
+    snapshot,
+    source_and_target_maps,
+    write_pretrain_checkpoint,
+)
 from torchrun_support import run_torchrun
-from adapters_support import one_thread  # noqa: F401 (autouse fixture)
-from adapters_support import local_table, one_rank_group, raw_alignment, snapshot, source_and_target_maps
-from adapters_support import write_pretrain_checkpoint
-from ctr_models import GPSDRankerConfig, build_ranker
-from ctr_models.trainer import embedding_modules
-from hybrid_base.training import OptimConfig, apply_sparse_optimizer, shard_model
+
+from hybrid.adapters import TransferConfig, apply_transfer
+from hybrid.core.training import OptimConfig, apply_sparse_optimizer, shard_model
+from hybrid.ctr_models import GPSDRankerConfig, build_ranker
+from hybrid.ctr_models.trainer import embedding_modules
 
 REPO = Path(__file__).resolve().parents[1]
 TABLES = ("t_item_id", "t_category", "t_action")
@@ -34,14 +40,14 @@ WORKER = textwrap.dedent('''
     out, single_ckpt, repo = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
     sys.path[:0] = [repo, repo + "/tests"]
     import torch, torch.distributed as dist
-    from adapters import TransferConfig, apply_transfer
+    from hybrid.adapters import TransferConfig, apply_transfer
     from adapters_support import random_ctr_batch, source_and_target_maps
-    from ctr_models import GPSDRankerConfig, build_ranker
-    from ctr_models.trainer import bce_per_task, prepare_for_training
-    from hybrid_base.checkpoint import save_checkpoint
-    from hybrid_base.training import OptimConfig, average_dense_gradients, dense_parameters, init_distributed
-    from hybrid_base.training import make_dense_optimizer
-    from pretrain import GenerativeModelConfig, build_model
+    from hybrid.ctr_models import GPSDRankerConfig, build_ranker
+    from hybrid.ctr_models.trainer import bce_per_task, prepare_for_training
+    from hybrid.core.checkpoint import save_checkpoint
+    from hybrid.core.training import OptimConfig, average_dense_gradients, dense_parameters, init_distributed
+    from hybrid.core.training import make_dense_optimizer
+    from hybrid.pretrain import GenerativeModelConfig, build_model
 
     torch.set_num_threads(1)
     ctx = init_distributed()

@@ -6,21 +6,36 @@ from __future__ import annotations
 
 import pytest
 import torch
+from adapters_support import (
+    SHARED,
+    local_table,
+    one_rank_group,
+    one_thread,  # noqa: F401 (autouse fixture)
+    snapshot,
+    write_pretrain_checkpoint,
+)
 from torchrec.distributed.embedding import EmbeddingCollectionSharder
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 from torchrec.distributed.model_parallel import DistributedModelParallel
 from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
 
-from adapters import TransferConfig, TransferError, apply_transfer
-from adapters_support import one_thread  # noqa: F401 (autouse fixture)
-from adapters_support import SHARED, local_table, one_rank_group, snapshot, write_pretrain_checkpoint
-from ctr_models import build_ranker
-from ctr_models.synthetic import SYNTHETIC_VOCAB_SIZES, make_synthetic_batch
-from ctr_models.trainer import bce_per_task, embedding_modules, prepare_for_training
-from hybrid.data.feature_map import FeatureMap, Vocabulary
-from hybrid_base.tables import is_table_key
-from hybrid_base.training import (OptimConfig, apply_sparse_optimizer, dense_parameters, make_dense_optimizer,
-                                  shard_model)
+from hybrid.adapters import TransferConfig, TransferError, apply_transfer
+from hybrid.core.feature_map import FeatureMap, Vocabulary
+from hybrid.core.tables import is_table_key
+from hybrid.core.training import (
+    OptimConfig,
+    apply_sparse_optimizer,
+    dense_parameters,
+    make_dense_optimizer,
+    shard_model,
+)
+from hybrid.ctr_models import build_ranker
+from hybrid.ctr_models.synthetic import SYNTHETIC_VOCAB_SIZES, make_synthetic_batch
+from hybrid.ctr_models.trainer import (
+    bce_per_task,
+    embedding_modules,
+    prepare_for_training,
+)
 
 OPTIM = OptimConfig(lr=1e-2, warmup_steps=0, schedule="constant", sparse_optimizer="adagrad", sparse_lr=0.1)
 STEPS = 5

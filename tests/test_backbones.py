@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hybrid_base.backbones import (
+from hybrid.core.backbones import (
     BackboneConfig,
     HSTUBackbone,
     LlamaBackbone,
@@ -24,7 +24,7 @@ from hybrid_base.backbones import (
     swiglu_hidden_dim,
     time_gap_buckets,
 )
-from hybrid_base.backbones import jagged as jagged_mod
+from hybrid.core.backbones import jagged as jagged_mod
 
 KINDS = ("llama", "hstu")
 

@@ -4,12 +4,16 @@ import pandas as pd
 import pytest
 import torch
 
-from hybrid.data.batching import (BucketBatchSampler, CTRBatchConverter, SequenceBatchConverter,
-                                  make_loader)
+from hybrid.core.errors import HybridInputError
+from hybrid.data.batching import (
+    BucketBatchSampler,
+    CTRBatchConverter,
+    SequenceBatchConverter,
+    make_loader,
+)
 from hybrid.data.protocols import ProtocolConfig, prepare
 from hybrid.data.schema import RawDataset
 from hybrid.data.store import load_prepared, save_prepared
-from hybrid.errors import HybridInputError
 
 
 @pytest.fixture(scope="module")

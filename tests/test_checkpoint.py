@@ -2,9 +2,14 @@
 import pytest
 import torch
 
-from hybrid_base import checkpoint as ckpt
-from hybrid_base.checkpoint import (CheckpointError, latest_checkpoint, load_checkpoint, read_manifest,
-                                    save_checkpoint)
+from hybrid.core import checkpoint as ckpt
+from hybrid.core.checkpoint import (
+    CheckpointError,
+    latest_checkpoint,
+    load_checkpoint,
+    read_manifest,
+    save_checkpoint,
+)
 
 
 def _model(rows=10):

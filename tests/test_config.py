@@ -5,8 +5,8 @@ import pytest
 import yaml
 
 from hybrid.config import flatten, load_config, to_yaml
-from hybrid.errors import HybridInputError
-from hybrid.prepare import PrepareConfig
+from hybrid.core.errors import HybridInputError
+from hybrid.jobs.prepare import PrepareConfig
 
 
 @dataclass
@@ -101,7 +101,7 @@ def test_exponent_floats_without_a_dot_are_floats(tmp_path):
 
 
 def test_exponent_float_override_of_a_job_config():
-    from hybrid.finetune_job import FinetuneConfig
+    from hybrid.jobs.finetune import FinetuneConfig
 
     lr = load_config(FinetuneConfig, overrides=["train.optim.lr=1e-05"]).train.optim.lr
     assert lr == 1e-05 and isinstance(lr, float)
@@ -109,22 +109,28 @@ def test_exponent_float_override_of_a_job_config():
 
 def test_one_error_class_and_one_loader_on_both_import_paths():
     import hybrid.config
-    import hybrid_base.config
-    import hybrid_base.errors
+    import hybrid.core.config
+    import hybrid.core.errors
 
-    assert HybridInputError is hybrid_base.errors.HybridInputError and issubclass(HybridInputError, ValueError)
+    assert HybridInputError is hybrid.core.errors.HybridInputError and issubclass(HybridInputError, ValueError)
     for name in ("load_config", "from_mapping", "to_dict", "to_yaml", "flatten"):
-        assert getattr(hybrid.config, name) is getattr(hybrid_base.config, name)
+        assert getattr(hybrid.config, name) is getattr(hybrid.core.config, name)
 
 
 def _ranker_and_model_configs():
-    from ctr_models import (
-        DCNv2Config, FeatureConfig, GPSDRankerConfig, HistoryConfig, MMoEConfig, MultiEmbeddingMoEConfig,
-        MultimodalConfig, TINConfig,
+    from hybrid.core.backbones import BackboneConfig
+    from hybrid.ctr_models import (
+        DCNv2Config,
+        FeatureConfig,
+        GPSDRankerConfig,
+        HistoryConfig,
+        MMoEConfig,
+        MultiEmbeddingMoEConfig,
+        MultimodalConfig,
+        TINConfig,
     )
-    from hybrid_base.backbones import BackboneConfig
-    from pretrain.model import GenerativeModelConfig
-    from pretrain.objectives import ObjectiveConfig
+    from hybrid.pretrain.model import GenerativeModelConfig
+    from hybrid.pretrain.objectives import ObjectiveConfig
 
     return [DCNv2Config, MMoEConfig, MultiEmbeddingMoEConfig, TINConfig, GPSDRankerConfig, FeatureConfig,
             HistoryConfig, MultimodalConfig, BackboneConfig, ObjectiveConfig, GenerativeModelConfig]
@@ -139,7 +145,7 @@ def test_model_configs_round_trip_through_the_loader(cls):
 
     configs = [cls()] + ([cls.tiny()] if hasattr(cls, "tiny") else [])
     if cls.__name__ == "HistoryConfig":
-        from hybrid_base.backbones import BackboneConfig
+        from hybrid.core.backbones import BackboneConfig
 
         configs.append(cls(encoder="transformer", backbone=BackboneConfig.tiny("hstu")))
     for cfg in configs:
@@ -156,8 +162,8 @@ def test_ranker_configs_are_rebuilt_from_manifest_json():
     import dataclasses
     import json
 
-    from ctr_models import RANKER_NAMES, FeatureConfig, ranker_classes
-    from ctr_models._config import config_from_dict
+    from hybrid.ctr_models import RANKER_NAMES, FeatureConfig, ranker_classes
+    from hybrid.ctr_models._config import config_from_dict
 
     for name in RANKER_NAMES:
         config_cls, _ = ranker_classes(name)
@@ -169,11 +175,11 @@ def test_ranker_configs_are_rebuilt_from_manifest_json():
 
 
 def test_model_config_types_are_checked_and_the_key_named():
-    from ctr_models import DCNv2Config, GPSDRankerConfig
-    from ctr_models._config import config_from_dict
-    from hybrid_base.backbones import BackboneConfig
-    from pretrain.model import GenerativeModelConfig
-    from pretrain.objectives import ObjectiveConfig
+    from hybrid.core.backbones import BackboneConfig
+    from hybrid.ctr_models import DCNv2Config, GPSDRankerConfig
+    from hybrid.ctr_models._config import config_from_dict
+    from hybrid.pretrain.model import GenerativeModelConfig
+    from hybrid.pretrain.objectives import ObjectiveConfig
 
     with pytest.raises(HybridInputError, match="key 'backbone.norm_eps' expects a number, got 'abc'"):
         config_from_dict(GPSDRankerConfig, {"backbone": {"norm_eps": "abc"}})

@@ -9,15 +9,30 @@ import pytest
 import torch
 from torchrec import KeyedJaggedTensor
 
-from ctr_models.dcn_v2 import build_cross_net
-from ctr_models.features import CTRFeatures, FeatureConfig, FeatureSpec, jagged_to_padded, table_name
-from ctr_models.history import PooledHistory, TargetAttentionHistory, TransformerHistory, gather_last
-from ctr_models.layers import masked_softmax
-from ctr_models.moe import TaskGates, cross_expert_correlation
-from ctr_models.synthetic import SYNTHETIC_VOCAB_SIZES, make_synthetic_batch
-from ctr_models.tin import (TargetAwareTemporalEncoding, relative_positions, target_aware_attention,
-                            time_gap_buckets)
-from hybrid_base import CTRBatch
+from hybrid.core import CTRBatch
+from hybrid.ctr_models.dcn_v2 import build_cross_net
+from hybrid.ctr_models.features import (
+    CTRFeatures,
+    FeatureConfig,
+    FeatureSpec,
+    jagged_to_padded,
+    table_name,
+)
+from hybrid.ctr_models.history import (
+    PooledHistory,
+    TargetAttentionHistory,
+    TransformerHistory,
+    gather_last,
+)
+from hybrid.ctr_models.layers import masked_softmax
+from hybrid.ctr_models.moe import TaskGates, cross_expert_correlation
+from hybrid.ctr_models.synthetic import SYNTHETIC_VOCAB_SIZES, make_synthetic_batch
+from hybrid.ctr_models.tin import (
+    TargetAwareTemporalEncoding,
+    relative_positions,
+    target_aware_attention,
+    time_gap_buckets,
+)
 
 # --------------------------------------------------------------------------- jagged → padded
 
@@ -158,7 +173,7 @@ def test_masked_softmax_all_masked_row_is_zero_not_nan():
 
 
 def test_transformer_history_reads_last_real_event_and_ignores_padding():
-    from hybrid_base.backbones import BackboneConfig, build_backbone
+    from hybrid.core.backbones import BackboneConfig, build_backbone
 
     torch.manual_seed(0)
     enc = TransformerHistory(build_backbone(BackboneConfig.tiny()), dim=8)   # 8 → 16 projection

@@ -8,7 +8,15 @@ import pytest
 import torch
 from sklearn.metrics import log_loss, roc_auc_score
 
-from ctr_models.metrics import auc, ctr_metrics, detect_one_epoch_drop, gauc, logloss, one_epoch_drop, sigmoid
+from hybrid.ctr_models.metrics import (
+    auc,
+    ctr_metrics,
+    detect_one_epoch_drop,
+    gauc,
+    logloss,
+    one_epoch_drop,
+    sigmoid,
+)
 
 
 def _gauc_loop(labels, scores, users):

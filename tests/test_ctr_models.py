@@ -7,15 +7,20 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
-from ctr_models import RANKER_NAMES, build_ranker
-from ctr_models._config import config_from_dict
-from ctr_models.dcn_v2 import DCNv2, DCNv2Config
-from ctr_models.features import FeatureConfig
-from ctr_models.gpsd_ranker import GPSDRanker, GPSDRankerConfig
-from ctr_models.history import HistoryConfig
-from ctr_models.moe import MMoE, MMoEConfig, MultiEmbeddingMoE, MultiEmbeddingMoEConfig
-from ctr_models.synthetic import SYNTHETIC_VOCAB_SIZES, make_synthetic_batch
-from ctr_models.tin import TIN, TINConfig
+from hybrid.ctr_models import RANKER_NAMES, build_ranker
+from hybrid.ctr_models._config import config_from_dict
+from hybrid.ctr_models.dcn_v2 import DCNv2, DCNv2Config
+from hybrid.ctr_models.features import FeatureConfig
+from hybrid.ctr_models.gpsd_ranker import GPSDRanker, GPSDRankerConfig
+from hybrid.ctr_models.history import HistoryConfig
+from hybrid.ctr_models.moe import (
+    MMoE,
+    MMoEConfig,
+    MultiEmbeddingMoE,
+    MultiEmbeddingMoEConfig,
+)
+from hybrid.ctr_models.synthetic import SYNTHETIC_VOCAB_SIZES, make_synthetic_batch
+from hybrid.ctr_models.tin import TIN, TINConfig
 
 FEATURES = FeatureConfig(embedding_dim=16, max_len=12)
 ATTENTION = HistoryConfig(encoder="target", attention_hidden=(32,))
@@ -158,7 +163,7 @@ def test_dcn_with_transformer_history_trains():
 
 
 def test_gpsd_candidate_is_appended_after_the_last_event():
-    from hybrid_base.backbones import BackboneConfig
+    from hybrid.core.backbones import BackboneConfig
 
     cfg = GPSDRankerConfig(features=FeatureConfig(embedding_dim=8, max_len=6),
                            backbone=BackboneConfig(num_layers=1, dim=16, num_heads=2))
@@ -187,7 +192,7 @@ def test_gpsd_candidate_is_appended_after_the_last_event():
 
 
 def test_gpsd_with_hstu_backbone_uses_timestamps():
-    from hybrid_base.backbones import BackboneConfig
+    from hybrid.core.backbones import BackboneConfig
 
     cfg = GPSDRankerConfig(features=FeatureConfig(embedding_dim=16, max_len=6), backbone=BackboneConfig.tiny("hstu"))
     model = GPSDRanker(cfg, SYNTHETIC_VOCAB_SIZES, ("click", "rating5"))

@@ -10,10 +10,13 @@ from pathlib import Path
 import pytest
 import torch
 from mlflow import MlflowClient
+from torchrun_support import run_torchrun
 
-from ctr_models import build_ranker
-from ctr_models.metrics import one_epoch_drop
-from ctr_models.trainer import (
+from hybrid.core.checkpoint import latest_checkpoint, load_checkpoint, read_manifest
+from hybrid.core.training import OptimConfig
+from hybrid.ctr_models import build_ranker
+from hybrid.ctr_models.metrics import one_epoch_drop
+from hybrid.ctr_models.trainer import (
     BEST,
     LAST,
     CTRTrainConfig,
@@ -25,10 +28,7 @@ from ctr_models.trainer import (
 )
 from hybrid.data.batching import CTRBatchConverter, make_loader
 from hybrid.data.store import load_prepared
-from hybrid.finetune_job import load_finetuned
-from hybrid_base.checkpoint import latest_checkpoint, load_checkpoint, read_manifest
-from hybrid_base.training import OptimConfig
-from torchrun_support import run_torchrun
+from hybrid.jobs.finetune import load_finetuned
 
 REPO = Path(__file__).resolve().parents[1]
 H = 20  # history window of every test model

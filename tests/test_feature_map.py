@@ -4,9 +4,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from hybrid.data.feature_map import FeatureMap, Vocabulary
-from hybrid.errors import HybridInputError
-from hybrid_base.ids import OOV_ID, PAD_ID
+from hybrid.core.errors import HybridInputError
+from hybrid.core.feature_map import OOV_ID, PAD_ID, FeatureMap, Vocabulary
 
 
 def test_reserved_ids_oov_and_missing():

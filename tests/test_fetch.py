@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 import hybrid.data.fetch as fetch
+from hybrid.core.errors import HybridInputError
 from hybrid.data.fetch import (
     ML100K_MD5,
     FetchError,
@@ -17,7 +18,6 @@ from hybrid.data.fetch import (
     find_shared_data,
 )
 from hybrid.data.readers import read_movielens, read_recbole
-from hybrid.errors import HybridInputError
 
 
 def _fake_ml100k(directory: Path) -> Path:

@@ -9,12 +9,17 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from ctr_models.metrics import one_epoch_drop
 from hybrid.cli import EXIT_BAD_INPUT, main
 from hybrid.config import load_config
+from hybrid.core.feature_map import FeatureMap
+from hybrid.ctr_models.metrics import one_epoch_drop
 from hybrid.data.batching import CTRBatchConverter
-from hybrid.data.feature_map import FeatureMap
-from hybrid.finetune_job import FinetuneConfig, build_model, load_finetuned, run_finetune
+from hybrid.jobs.finetune import (
+    FinetuneConfig,
+    build_model,
+    load_finetuned,
+    run_finetune,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = str(REPO / "configs/finetune_tiny.yaml")
@@ -37,7 +42,8 @@ def test_cli_trains_logs_and_writes_checkpoints(prepared_ratings_dir, tmp_path, 
     consistent with the logged curve, outputs on disk."""
     out = tmp_path / "out"
     rc = main(["finetune", "--config", TINY, "--set", f"data={prepared_ratings_dir}", "--set", f"out={out}",
-               "--set", "train.batch_size=1024", "--set", "train.eval_every=30", "--tracking-uri", _store(tmp_path), "--experiment", "ft"])
+               "--set", "train.batch_size=1024", "--set", "train.eval_every=30",
+               "--tracking-uri", _store(tmp_path), "--experiment", "ft"])
     assert rc == 0
     printed = capsys.readouterr().out
     assert "fine-tuned dcn_v2 for 156 steps (2.00 epochs)" in printed and "one-epoch drop:" in printed

@@ -10,9 +10,15 @@ import pytest
 import torch
 from torchrec import KeyedJaggedTensor
 
-from ctr_models import build_ranker
-from ctr_models.features import CTRFeatures, FeatureConfig, FeatureSpec, jagged_to_padded
-from ctr_models.multimodal import (
+from hybrid.core import CTRBatch
+from hybrid.core.errors import HybridInputError
+from hybrid.ctr_models import build_ranker
+from hybrid.ctr_models.features import (
+    CTRFeatures,
+    FeatureConfig,
+    FeatureSpec,
+)
+from hybrid.ctr_models.multimodal import (
     MNSE,
     MultimodalConfig,
     MultimodalFeatures,
@@ -34,8 +40,6 @@ from hybrid.data.item_vectors import (
     text_item_vectors,
 )
 from hybrid.data.text_encoder import TextEncoder
-from hybrid.errors import HybridInputError
-from hybrid_base import CTRBatch
 
 # --------------------------------------------------------------------------------------------- helpers
 
@@ -251,7 +255,7 @@ def test_mk_mmd_gradients_are_finite_with_duplicate_points_and_memory_is_quadrat
 
 
 def _fm(tokens):
-    from hybrid.data.feature_map import FeatureMap
+    from hybrid.core.feature_map import FeatureMap
 
     return FeatureMap.fit({"item_id": pd.Series(tokens)})
 
@@ -332,7 +336,7 @@ def title_vectors(ml100k, prepared_ratings, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def ratings_batches(prepared_ratings):
-    from hybrid.finetune_job import ctr_vocab_sizes
+    from hybrid.jobs.finetune import ctr_vocab_sizes
 
     conv = CTRBatchConverter(prepared_ratings, "ctr_train", max_history=20, task_names=("click",))
     loader = make_loader(conv, batch_size=256, shuffle=True, seed=0)
@@ -413,7 +417,7 @@ def test_finetune_job_passes_file_vectors_to_the_ranker_and_reloads_them(title_v
     from mlflow import MlflowClient
 
     from hybrid.config import load_config
-    from hybrid.finetune_job import FinetuneConfig, load_finetuned, run_finetune
+    from hybrid.jobs.finetune import FinetuneConfig, load_finetuned, run_finetune
 
     fm = prepared_ratings.feature_map
     raw_ids = fm["item_id"].tokens

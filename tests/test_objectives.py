@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pretrain.objectives import (
+from hybrid.pretrain.objectives import (
     ObjectiveConfig,
     full_softmax_loss,
     hr_ndcg_at_k,

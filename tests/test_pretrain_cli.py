@@ -11,14 +11,14 @@ import pytest
 import torch
 import yaml
 from mlflow import MlflowClient
+from torchrun_support import run_torchrun
 
 from hybrid.cli import EXIT_BAD_INPUT, main
 from hybrid.config import load_config
-from hybrid.data.feature_map import FeatureMap
-from hybrid.pretrain_job import PretrainConfig
-from hybrid.prepare import PrepareConfig
-from torchrun_support import run_torchrun
-from hybrid_base.checkpoint import latest_checkpoint, read_manifest
+from hybrid.core.checkpoint import latest_checkpoint, read_manifest
+from hybrid.core.feature_map import FeatureMap
+from hybrid.jobs.prepare import PrepareConfig
+from hybrid.jobs.pretrain import PretrainConfig
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "pretrain_tiny.yaml"

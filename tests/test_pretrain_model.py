@@ -10,10 +10,10 @@ import torch
 import torch.distributed as dist
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from hybrid_base.backbones import BackboneConfig, jagged_to_padded
-from hybrid_base.batch import SequenceBatch
-from pretrain.model import GenerativeModel, GenerativeModelConfig
-from pretrain.objectives import (
+from hybrid.core.backbones import BackboneConfig, jagged_to_padded
+from hybrid.core.batch import SequenceBatch
+from hybrid.pretrain.model import GenerativeModel, GenerativeModelConfig
+from hybrid.pretrain.objectives import (
     ObjectiveConfig,
     full_softmax_loss,
     sample_uniform_negatives,

@@ -8,9 +8,6 @@ shared 2-core machine a second busy process slows 2-thread OpenMP kernels down b
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import textwrap
 import warnings
 from pathlib import Path
@@ -21,12 +18,17 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
+from hybrid.core.backbones import BackboneConfig
+from hybrid.core.checkpoint import (
+    CheckpointError,
+    latest_checkpoint,
+    load_checkpoint,
+    read_manifest,
+)
+from hybrid.core.training import OptimConfig, make_dense_optimizer
 from hybrid.data.batching import SequenceBatchConverter, make_loader
-from hybrid.pretrain_job import training_item_counts
-from hybrid_base.backbones import BackboneConfig
-from hybrid_base.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, read_manifest
-from hybrid_base.training import OptimConfig, make_dense_optimizer
-from pretrain import (
+from hybrid.jobs.pretrain import training_item_counts
+from hybrid.pretrain import (
     GenerativeModel,
     GenerativeModelConfig,
     ObjectiveConfig,
@@ -221,7 +223,7 @@ def test_incompatible_checkpoints_are_refused(prepared_last_item, tmp_path):
     with pytest.raises(CheckpointError, match=r"model config differs in objective .*temperature"):
         other = {**saved["model"], "objective": {**saved["model"]["objective"], "temperature": 0.1}}
         check_resumable(path, saved, {**saved, "model": other})
-    # and hybrid_base's shape check still guards a direct load
+    # and hybrid.core's shape check still guards a direct load
     with pytest.raises(CheckpointError, match="'model.embeddings.embeddings.t_item_id.weight'"):
         load_checkpoint(path, {"model": wider.state_dict()})
 
@@ -235,8 +237,8 @@ WORKER = textwrap.dedent('''
     sys.path.insert(0, sys.argv[3])
     from hybrid.data.store import load_prepared
     from hybrid.data.batching import SequenceBatchConverter, make_loader
-    from hybrid_base.training import init_distributed, dense_parameters
-    from pretrain import build_model, train, unwrap
+    from hybrid.core.training import init_distributed, dense_parameters
+    from hybrid.pretrain import build_model, train, unwrap
     from tests.test_pretrain_trainer import FEATURES, model_config, train_config
 
     torch.set_num_threads(1)
@@ -278,7 +280,9 @@ def test_sharded_two_processes_agree_with_unsharded(prepared_last_item, prepared
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
     out = tmp_path / "sharded.json"
-    from torchrun_support import run_torchrun   # here: worker.py imports this module outside pytest
+    from torchrun_support import (
+        run_torchrun,  # here: worker.py imports this module outside pytest
+    )
 
     done = run_torchrun([script, prepared_last_item_dir, out, REPO], timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -303,12 +307,3 @@ def test_sharded_two_processes_agree_with_unsharded(prepared_last_item, prepared
     again = evaluate(plain, eval_loader)
     for name in ("eval/hr_at_10", "eval/ndcg_at_10", "eval/loss", "eval/category_loss"):
         assert again[name] == pytest.approx(s[name], rel=1e-5), name  # float summation order only
-
-
-def test_pretrain_never_imports_hybrid():
-    """DESIGN's import arrows: ``pretrain`` may use ``hybrid_base``, never ``hybrid``."""
-    code = "import sys, pretrain; print(sorted(m for m in sys.modules if m == 'hybrid' or m.startswith('hybrid.')))"
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "PYTHONPATH": str(REPO)}, cwd=REPO)
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.strip().splitlines()[-1] == "[]"

@@ -3,9 +3,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from hybrid.core.errors import HybridInputError
 from hybrid.data.protocols import ProtocolConfig, prepare
 from hybrid.data.schema import RawDataset
-from hybrid.errors import HybridInputError
 
 
 def _sorted(events):

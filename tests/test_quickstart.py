@@ -3,7 +3,7 @@ under one parent run, and the review report is written."""
 import pytest
 from mlflow import MlflowClient
 
-from hybrid import quickstart
+from hybrid.jobs import quickstart
 
 
 @pytest.mark.slow

@@ -8,7 +8,13 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from hybrid.data.fetch import ML100K_MD5, FetchError, fetch_movielens_100k, find_shared_data
+from hybrid.core.errors import HybridInputError
+from hybrid.data.fetch import (
+    ML100K_MD5,
+    FetchError,
+    fetch_movielens_100k,
+    find_shared_data,
+)
 from hybrid.data.readers import (
     read_dataset,
     read_events_table,
@@ -17,7 +23,6 @@ from hybrid.data.readers import (
     read_taobao,
 )
 from hybrid.data.schema import EVENT_COLUMNS, ITEM_COLUMNS, USER_COLUMNS
-from hybrid.errors import HybridInputError
 
 # ------------------------------------------------------------------------------------------- real data
 

@@ -105,7 +105,7 @@ def test_rankers_without_a_size_get_their_own_rows(tmp_path):
     table = summary_table(load_curves(tracker)).set_index(["ranker", "strategy", "model_size"])
     assert len(table) == 2
     for ranker, auc in best.items():
-        assert table.loc[(ranker, "nt", "-"), "best_auc_mean"] == pytest.approx(auc + 0.01 + 0.001)   # last eval, mean seed offset
+        assert table.loc[(ranker, "nt", "-"), "best_auc_mean"] == pytest.approx(auc + 0.01 + 0.001)  # last eval, mean seed
     result = run_review(tracker, tmp_path / "review")
     assert "| dcn_v2 | nt | - |" in result["markdown"] and "| tin | nt | - |" in result["markdown"]
 

@@ -2,15 +2,14 @@
 skip finished points, and `hybrid review` over the store it fills (table values = logged metrics)."""
 from pathlib import Path
 
-import numpy as np
 import pytest
 from mlflow import MlflowClient
 
 from hybrid.cli import main
 from hybrid.config import load_config
 from hybrid.data.store import save_prepared
+from hybrid.jobs.sweep import SweepConfig, run_sweep
 from hybrid.review import load_curves, summary_table
-from hybrid.sweep import SweepConfig, run_sweep
 from hybrid.tracking import PARENT_TAG, Tracker
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "sweep_tiny.yaml"
@@ -22,8 +21,8 @@ def test_tiny_sweep_with_a_failing_point_then_review(tmp_path, prepared_last_ite
     # no tracking URI anywhere: the sweep's default store (in its out) must receive every stage's runs
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     store = f"sqlite:///{(tmp_path / 'sweep' / 'mlflow.db').resolve()}"
-    overrides = [f"pretrain.data={data}", f"finetune.data={data}", f"out={tmp_path / 'sweep'}",
-                 "sizes=[L1H8A2, L1H10A3, L1H16A2]", "pretrain.train.epochs=1", "finetune.train.epochs=2"]
+    overrides = [f"hybrid.pretrain.data={data}", f"finetune.data={data}", f"out={tmp_path / 'sweep'}",
+                 "sizes=[L1H8A2, L1H10A3, L1H16A2]", "hybrid.pretrain.train.epochs=1", "finetune.train.epochs=2"]
     cfg = load_config(SweepConfig, CONFIG, overrides)
     result = run_sweep(cfg)
     # L1H10A3 is not a valid size (10 % 3 != 0): its three points fail, the other six complete

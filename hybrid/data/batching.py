@@ -23,9 +23,10 @@ import torch
 from torch.utils.data import DataLoader, Sampler
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+from hybrid.core.batch import CTRBatch, SequenceBatch
+from hybrid.core.errors import HybridInputError
+from hybrid.core.feature_map import history_key
 from hybrid.data.protocols import USER_FIELDS, PreparedData
-from hybrid.errors import HybridInputError
-from hybrid_base.batch import CTRBatch, SequenceBatch
 
 SEQUENCE_FEATURES = ("item_id", "category", "action")
 CANDIDATE_FIELDS = ("item_id", "category", "year")
@@ -74,7 +75,7 @@ class _Converter(torch.utils.data.Dataset):
 
 
 class CTRBatchConverter(_Converter):
-    """Rows of a CTR split → :class:`~hybrid_base.batch.CTRBatch`.
+    """Rows of a CTR split → :class:`~hybrid.core.batch.CTRBatch`.
 
     Args:
         prepared: the output of a protocol (or :func:`hybrid.data.store.load_prepared`).
@@ -109,7 +110,7 @@ class CTRBatchConverter(_Converter):
         self.multi: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         if "genres" in samples:
             self.multi["genres"] = _list_column(samples, "genres")
-        self.history = {f"hist_{name}": events[name].to_numpy(np.int64)
+        self.history = {history_key(name): events[name].to_numpy(np.int64)
                         for name in SEQUENCE_FEATURES if name in events and name in prepared.feature_map}
         available = [*self.single, *self.multi, *self.history]
         self.fields = list(fields) if fields is not None else available
@@ -162,7 +163,7 @@ class CTRBatchConverter(_Converter):
 
 
 class SequenceBatchConverter(_Converter):
-    """Pretraining windows → :class:`~hybrid_base.batch.SequenceBatch`.
+    """Pretraining windows → :class:`~hybrid.core.batch.SequenceBatch`.
 
     Args:
         prepared: the output of a protocol.

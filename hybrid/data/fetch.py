@@ -30,7 +30,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from hybrid.errors import HybridInputError
+from hybrid.core.errors import HybridInputError
 
 __all__ = [
     "FetchError",

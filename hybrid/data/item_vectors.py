@@ -11,7 +11,7 @@ Alignment: row ``i`` of the result is the vector of the item whose id is ``i`` i
 ``item_id`` vocabulary (``fm["item_id"].tokens[i - 2]``); rows 0 (PAD) and 1 (OOV) and items the source has no
 vector for follow the **missing policy**:
 
-* ``"zero"`` (default): a zero row. The CTR modules (``ctr_models.multimodal``) treat a zero row as "no
+* ``"zero"`` (default): a zero row. The CTR modules (``hybrid.ctr_models.multimodal``) treat a zero row as "no
   vector": never counted by SimTier, no similarity for MNSE (a learned *missing* embedding instead), left out
   of MK-MMD. :attr:`ItemVectors.has_vector` is the same mask.
 * ``"mean"``: OOV and missing known items get the mean of the known items' vectors (PAD stays zero); they then
@@ -38,10 +38,14 @@ import numpy as np
 import pandas as pd
 import torch
 
-from hybrid.data.feature_map import FeatureMap
-from hybrid.data.text_encoder import DEFAULT_MODEL, DEFAULT_TEXT_FIELDS, TextEncoder, item_texts
-from hybrid.errors import HybridInputError
-from hybrid_base.ids import NUM_RESERVED_IDS, OOV_ID
+from hybrid.core.errors import HybridInputError
+from hybrid.core.feature_map import NUM_RESERVED_IDS, OOV_ID, FeatureMap
+from hybrid.data.text_encoder import (
+    DEFAULT_MODEL,
+    DEFAULT_TEXT_FIELDS,
+    TextEncoder,
+    item_texts,
+)
 
 SOURCES = ("none", "file", "text")
 MISSING_POLICIES = ("zero", "mean")
@@ -275,19 +279,3 @@ def load_item_vectors(cfg: ItemVectorsConfig, feature_map: FeatureMap, items: pd
         raise HybridInputError("item_vectors.source 'text': the dataset has no items table to take the text from")
     encoder = TextEncoder(cfg.model, batch_size=cfg.batch_size, cache_dir=cfg.cache_dir)
     return text_item_vectors(items, feature_map, cfg.text_fields, encoder, missing=cfg.missing)
-
-
-def items_of_prepared(prepared_dir: str | os.PathLike) -> pd.DataFrame | None:
-    """The raw items table behind a prepared directory (re-read from the dataset its ``config.yaml`` names)."""
-    import yaml
-
-    from hybrid.config import from_mapping
-    from hybrid.prepare import DataConfig
-
-    config_file = Path(prepared_dir) / "config.yaml"
-    if not config_file.is_file():
-        raise HybridInputError(f"{config_file}: not found; item text needs the prepared data's config to find "
-                               "the dataset's items table")
-    raw = yaml.safe_load(config_file.read_text()) or {}
-    data = from_mapping(DataConfig, raw.get("data") or {}, prefix="data.", source=str(config_file))
-    return data.read().items

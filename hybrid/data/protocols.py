@@ -27,10 +27,15 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from hybrid.data.feature_map import FeatureMap, Vocabulary
+from hybrid.core.errors import HybridInputError
+from hybrid.core.feature_map import (
+    NUM_RESERVED_IDS,
+    PAD_ID,
+    FeatureMap,
+    Vocabulary,
+    history_key,
+)
 from hybrid.data.schema import RawDataset
-from hybrid.errors import HybridInputError
-from hybrid_base.ids import NUM_RESERVED_IDS, PAD_ID
 
 Protocol = Literal["last-item", "ratings"]
 PROTOCOLS = ("last-item", "ratings")
@@ -152,7 +157,7 @@ def _fit_feature_map(train_events: pd.DataFrame, side: pd.DataFrame | None, user
         for name in USER_FIELDS:
             if name in seen:
                 vocabs[name] = from_counts(name, seen[name].dropna().astype(str).value_counts(), cfg.min_count)
-    shared = {f"hist_{name}": name for name in ("item_id", "category", "action") if name in vocabs}
+    shared = {history_key(name): name for name in ("item_id", "category", "action") if name in vocabs}
     metadata = {"dataset": dataset, "protocol": cfg.protocol, "fit_events": int(len(train_events))}
     return FeatureMap(vocabs, shared=shared, metadata=metadata)
 

@@ -8,7 +8,7 @@ Supported sources:
 * Tianchi Taobao ``UserBehavior.csv`` — :func:`read_taobao`;
 * a generic CSV/TSV/parquet events table with configurable column names — :func:`read_events_table`.
 
-:func:`read_dataset` dispatches on a dataset name. Every reader raises :class:`~hybrid.errors.HybridInputError`
+:func:`read_dataset` dispatches on a dataset name. Every reader raises :class:`~hybrid.core.errors.HybridInputError`
 with one message naming the file and, where it applies, the 1-based file line number and the column.
 
 Parsing is pandas' (``pd.read_csv`` with ``dtype``); this module only checks the result. Clean files take a
@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from hybrid.core.errors import HybridInputError
 from hybrid.data.schema import (
     EVENT_COLUMNS,
     ITEM_COLUMNS,
@@ -40,7 +41,6 @@ from hybrid.data.schema import (
     USER_COLUMNS,
     RawDataset,
 )
-from hybrid.errors import HybridInputError
 
 __all__ = [
     "read_dataset",

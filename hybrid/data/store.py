@@ -6,23 +6,36 @@ leaves a half-written dataset (and an existing one is replaced only by a complet
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from hybrid.data.feature_map import FeatureMap
+from hybrid.core.errors import HybridInputError
+from hybrid.core.feature_map import FeatureMap
 from hybrid.data.protocols import PreparedData
-from hybrid.errors import HybridInputError
-from hybrid.tracking import hash_files
 
 FEATURE_MAP_FILE = "feature_map.json"
 STATS_FILE = "stats.json"
+
+
+
+def hash_files(paths: Iterable[str | os.PathLike]) -> str:
+    """sha256 (first 16 hex digits) over the names and bytes of ``paths``, in sorted order."""
+    digest = hashlib.sha256()
+    for path in sorted(Path(p) for p in paths):
+        digest.update(path.name.encode())
+        with open(path, "rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()[:16]
 
 
 def _arrow_lists(arrow_type: pa.DataType):

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from hybrid.errors import HybridInputError
+from hybrid.core.errors import HybridInputError
 
 DEFAULT_MODEL = "all-MiniLM-L6-v2"
 #: Known model name → the package that ships it (its ``get_model_path()`` is the model directory).

@@ -27,8 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hybrid_base.backbones.common import Backbone, NormalLinear, lengths_to_mask
-from hybrid_base.backbones.config import BackboneConfig
+from hybrid.core.backbones.common import Backbone, NormalLinear, lengths_to_mask
+from hybrid.core.backbones.config import BackboneConfig
 
 
 def time_gap_buckets(timestamps: torch.Tensor, num_buckets: int, divisor: float) -> torch.Tensor:

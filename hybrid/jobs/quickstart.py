@@ -13,6 +13,7 @@ Everything nests under one ``quickstart`` parent run in the experiment ``quickst
 """
 from __future__ import annotations
 
+import importlib.resources
 import time
 from collections.abc import Sequence
 from dataclasses import replace
@@ -21,14 +22,21 @@ from pathlib import Path
 from hybrid.config import load_config
 from hybrid.data.fetch import fetch_movielens_100k
 from hybrid.data.protocols import ProtocolConfig
-from hybrid.finetune_job import FinetuneConfig, run_finetune
-from hybrid.prepare import DataConfig, PrepareConfig, TrackingConfig, make_tracker, run_prepare
-from hybrid.pretrain_job import PretrainConfig, run_pretrain
+from hybrid.jobs.finetune import FinetuneConfig, run_finetune
+from hybrid.jobs.prepare import (
+    DataConfig,
+    PrepareConfig,
+    TrackingConfig,
+    make_tracker,
+    run_prepare,
+)
+from hybrid.jobs.pretrain import PretrainConfig, run_pretrain
+from hybrid.jobs.transfer import transfer_hook
 from hybrid.review import run_review
-from hybrid.transfer_job import transfer_hook
 
 EXPERIMENT = "quickstart-ml-100k"
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+#: the stage configs ship inside the package (``configs/`` of the repository is ``hybrid.configs``)
+CONFIGS = importlib.resources.files("hybrid.configs")
 STRATEGIES = ("nt", "st_sf")
 PROTOCOLS = ("last-item", "ratings")
 #: ranker → (protocol, stage config)
@@ -36,6 +44,14 @@ FINETUNES = {"gpsd": ("last-item", "quickstart_finetune_gpsd.yaml"),
              "dcn_v2": ("ratings", "quickstart_finetune_dcn_v2.yaml")}
 #: fine-tuning seeds per ranker (a GPSD-ranker run takes seconds on ML-100K, a DCN-v2 run about a minute)
 SEEDS = {"gpsd": (0, 1, 2), "dcn_v2": (0,)}
+
+
+def _packaged(name: str) -> Path:
+    """A config file shipped in ``hybrid.configs`` as a filesystem path (wheels install it unzipped)."""
+    path = Path(str(CONFIGS / name))
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: packaged config missing; reinstall hybrid-ctr")
+    return path
 
 
 def _step(n: int, text: str) -> None:
@@ -77,7 +93,7 @@ def run_quickstart(out: Path, tracking_uri: str | None = None,
         results["prepare"] = prepared
 
         _step(3, "pretraining a small generative model (L2H32A2, next-item sampled softmax) per protocol")
-        pcfg = load_config(PretrainConfig, CONFIGS / "quickstart_pretrain.yaml", overrides.get("pretrain", []))
+        pcfg = load_config(PretrainConfig, _packaged("quickstart_pretrain.yaml"), overrides.get("pretrain", []))
         for protocol in PROTOCOLS:
             target = out / "pretrain" / protocol
             cfg = replace(pcfg, data=prepared[protocol], out=str(target), tracking=tracking)
@@ -89,7 +105,7 @@ def run_quickstart(out: Path, tracking_uri: str | None = None,
 
         _step(4, "fine-tuning without transfer (NT) and with transferred + frozen tables (ST&SF)")
         for ranker, (protocol, config) in FINETUNES.items():
-            fcfg = load_config(FinetuneConfig, CONFIGS / config, overrides.get(ranker, []))
+            fcfg = load_config(FinetuneConfig, _packaged(config), overrides.get(ranker, []))
             checkpoint = results["pretrain"][protocol]["checkpoint"]
             for strategy in STRATEGIES:
                 for seed in seeds[ranker]:

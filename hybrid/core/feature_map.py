@@ -1,10 +1,19 @@
-"""FeatureMap: the vocabularies of every categorical feature, fitted on training data only.
+"""The feature map: vocabularies, reserved ids, alignment by raw id and the table naming rule — one home.
 
-Every id a model sees comes from here. Reserved ids (``hybrid_base.ids``): 0 = padding, 1 = out of
-vocabulary; known values get ids from 2 in a stable order (most frequent first, ties by raw value), so
-fitting twice on the same data gives the same ids whatever the row order. A feature map is saved as JSON
-beside every prepared dataset, checkpoint and model; two feature maps are aligned by raw value
-(:meth:`FeatureMap.align`), which is what lets pretrained tables move into a model with other ids.
+Every id a model sees comes from here, and every package (``hybrid.data``, ``hybrid.pretrain``,
+``hybrid.ctr_models``, ``hybrid.adapters``) imports it from here.
+
+* **Reserved ids**: 0 = padding (never a real value, never counted), 1 = out of vocabulary (a value not
+  seen when the map was fitted); known values get ids from 2 in a stable order (most frequent first, ties
+  by raw value), so fitting twice on the same data gives the same ids whatever the row order.
+* **Alignment by raw id**: two maps are aligned by raw value (:meth:`FeatureMap.align`,
+  :func:`align_tokens`, :func:`align_feature_maps` on the JSON form a checkpoint manifest stores), which is
+  what lets pretrained tables move into a model whose ids were assigned differently.
+* **Table naming**: the embedding table of base feature ``f`` is ``t_<f>`` (:func:`table_name`); a history
+  sequence of ``f`` travels as KJT key ``hist_<f>`` (:func:`history_key`) and shares ``f``'s vocabulary and
+  table. Pretraining, the rankers and the adapters all name tables through these functions.
+
+A feature map is saved as JSON beside every prepared dataset, checkpoint and model.
 
 Example:
     >>> fm = FeatureMap.fit({"item_id": pd.Series(["b", "a", "b"])})
@@ -12,24 +21,99 @@ Example:
     [2, 3, 1]
     >>> fm.vocab_sizes()
     {'item_id': 4}
+    >>> table_name("hist_item_id"), history_key("item_id"), table_feature("t_item_id")
+    ('t_item_id', 'hist_item_id', 'item_id')
+    >>> align_tokens(["y", "z", "x"], ["x", "y"]).tolist()    # target ids 2..4 are y, z, x
+    [0, 1, 3, -1, 2]
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from hybrid.errors import HybridInputError
-from hybrid_base.ids import NUM_RESERVED_IDS, OOV_ID, PAD_ID
-from hybrid_base.vocab import align_tokens
+from hybrid.core.errors import HybridInputError
 
 FORMAT_VERSION = 1
+
+#: Reserved ids of every vocabulary: padding, out-of-vocabulary; known values start at ``NUM_RESERVED_IDS``.
+PAD_ID = 0
+OOV_ID = 1
+NUM_RESERVED_IDS = 2
+
+#: Prefix of a table name (``t_item_id``) and of a history sequence's KJT key (``hist_item_id``).
+TABLE_PREFIX = "t_"
+HISTORY_PREFIX = "hist_"
+
+
+# -- naming ------------------------------------------------------------------------------------------------
+def base_feature(key: str) -> str:
+    """The base feature of a KJT key: ``"hist_item_id" → "item_id"``; other keys are returned unchanged."""
+    return key[len(HISTORY_PREFIX):] if key.startswith(HISTORY_PREFIX) else key
+
+
+def history_key(feature: str) -> str:
+    """The KJT key of ``feature``'s history sequence: ``"item_id" → "hist_item_id"``."""
+    return HISTORY_PREFIX + feature
+
+
+def table_name(key: str) -> str:
+    """The embedding table serving a feature or KJT key: ``"item_id"`` and ``"hist_item_id" → "t_item_id"``."""
+    return TABLE_PREFIX + base_feature(key)
+
+
+def table_feature(table: str) -> str:
+    """The feature a table embeds (``"t_item_id" → "item_id"``); a name without the prefix is returned as is."""
+    return table[len(TABLE_PREFIX):] if table.startswith(TABLE_PREFIX) else table
+
+
+# -- alignment by raw value ----------------------------------------------------------------------------------
+def align_tokens(target_tokens: Sequence[str] | pd.Index, source_tokens: Sequence[str] | pd.Index) -> np.ndarray:
+    """For each target id, the source id of the same raw value, ``-1`` where the source lacks it.
+
+    Args:
+        target_tokens: raw values of the target vocabulary in id order (id ``i + 2`` for position ``i``).
+        source_tokens: the same for the source vocabulary (a ``pd.Index`` is used as is, so callers that
+            keep one avoid rebuilding it).
+
+    Returns:
+        int64 ``[len(target_tokens) + NUM_RESERVED_IDS]``; reserved ids map to themselves.
+    """
+    source = source_tokens if isinstance(source_tokens, pd.Index) else pd.Index(list(source_tokens), dtype=object)
+    positions = source.get_indexer(pd.Index(list(target_tokens), dtype=object))
+    mapped = np.where(positions < 0, -1, positions + NUM_RESERVED_IDS)
+    return np.concatenate([np.arange(NUM_RESERVED_IDS), mapped]).astype(np.int64)
+
+
+def vocabulary_tokens(feature_map: Mapping, feature: str) -> list[str]:
+    """Tokens (id order) of ``feature`` in a feature map's dict form, following its ``shared`` links.
+
+    Raises:
+        KeyError: naming the feature and the features the map has.
+    """
+    vocabularies = feature_map.get("vocabularies", {})
+    base = feature_map.get("shared", {}).get(feature, feature)
+    if base not in vocabularies:
+        known = sorted(vocabularies) + sorted(feature_map.get("shared", {}))
+        raise KeyError(f"feature map has no feature '{feature}' (known: {', '.join(known)})")
+    return list(vocabularies[base]["tokens"])
+
+
+def align_feature_maps(target: Mapping, source: Mapping, feature: str, source_feature: str | None = None) -> np.ndarray:
+    """:func:`align_tokens` for two feature maps in dict form (``FeatureMap.to_dict()``, as manifests store them).
+
+    Args:
+        target: the map whose ids index the result.
+        source: the map whose ids the result holds.
+        feature: feature of ``target``; ``source_feature`` (default: the same name) of ``source``.
+    """
+    return align_tokens(vocabulary_tokens(target, feature), vocabulary_tokens(source, source_feature or feature))
 
 
 @dataclass
@@ -158,7 +242,6 @@ class FeatureMap:
             >>> b.align(a, "item_id").tolist()   # b's ids 2..4 are x, z, y
             [0, 1, 3, -1, 2]
         """
-        # the logic lives in hybrid_base.vocab so the transfer adapters (which cannot import hybrid) share it
         return align_tokens(self[feature].tokens, source[source_feature or feature]._index)
 
     # -- persistence -------------------------------------------------------------------------------------

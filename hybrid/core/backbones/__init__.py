@@ -15,17 +15,22 @@ from __future__ import annotations
 
 import torch
 
-from hybrid_base.backbones.common import Backbone, NormalLinear, lengths_to_mask
-from hybrid_base.backbones.config import BackboneConfig
-from hybrid_base.backbones.hstu import HSTUBackbone, HSTUBlock, RelativeBias, time_gap_buckets
-from hybrid_base.backbones.jagged import (
+from hybrid.core.backbones.common import Backbone, NormalLinear, lengths_to_mask
+from hybrid.core.backbones.config import BackboneConfig
+from hybrid.core.backbones.hstu import (
+    HSTUBackbone,
+    HSTUBlock,
+    RelativeBias,
+    time_gap_buckets,
+)
+from hybrid.core.backbones.jagged import (
     jagged_to_padded,
     jagged_to_padded_reference,
     lengths_to_offsets,
     padded_to_jagged,
     padded_to_jagged_reference,
 )
-from hybrid_base.backbones.llama import (
+from hybrid.core.backbones.llama import (
     LlamaAttention,
     LlamaBackbone,
     LlamaBlock,

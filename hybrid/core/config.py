@@ -3,7 +3,7 @@
 The one config loader of the project. Every job's config is a tree of dataclasses (the models' own config
 dataclasses included), and the models' configs are rebuilt from mappings with it too
 (``BackboneConfig.from_dict``, ``ObjectiveConfig.from_dict``, ``GenerativeModelConfig.from_dict``, the
-rankers' configs through ``ctr_models.build_ranker``). Loading checks every key and type against the
+rankers' configs through ``hybrid.ctr_models.build_ranker``). Loading checks every key and type against the
 dataclass fields, so a typo is an error that names the key — it never silently falls back to a default.
 Lists are accepted for tuple fields (YAML and JSON have no tuples), nested mappings become the nested config
 dataclasses, and a string that is a float literal is accepted for a ``float`` field (PyYAML reads ``1e-3``,
@@ -20,12 +20,13 @@ Example:
     Train(lr=0.005, epochs=5)
     >>> load_config(Train, overrides=["epoch=5"])
     Traceback (most recent call last):
-    hybrid_base.errors.HybridInputError: --set: unknown key 'epoch' (did you mean 'epochs'?)
+    hybrid.core.errors.ConfigError: --set: unknown key 'epoch' (did you mean 'epochs'?)
 """
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import enum
 import os
 import re
 import types
@@ -36,7 +37,7 @@ from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_
 
 import yaml
 
-from hybrid_base.errors import HybridInputError
+from hybrid.core.errors import ConfigError
 
 T = TypeVar("T")
 
@@ -51,17 +52,17 @@ def load_config(cls: type[T], path: str | os.PathLike | None = None, overrides: 
     if path is not None:
         path = Path(path)
         if not path.is_file():
-            raise HybridInputError(f"{path}: config file not found")
+            raise ConfigError(f"{path}: config file not found")
         try:
             raw = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as err:
-            raise HybridInputError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+            raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
         if not isinstance(raw, dict):
-            raise HybridInputError(f"{path}: the top level must be a mapping of keys, got {type(raw).__name__}")
+            raise ConfigError(f"{path}: the top level must be a mapping of keys, got {type(raw).__name__}")
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
-            raise HybridInputError(f"--set {item!r}: expected key.path=value")
+            raise ConfigError(f"--set {item!r}: expected key.path=value")
         _set_path(raw, key.strip().split("."), yaml.safe_load(value) if value.strip() else "")
     if path is not None and overrides:
         source = f"{path} (with --set overrides)"
@@ -83,13 +84,17 @@ def from_mapping(cls: type[T], raw: Mapping[str, Any] | None, prefix: str = "", 
         ...     epochs: int = 3
         >>> from_mapping(Train, {"epoch": 5}, prefix="train.", source="cfg.yaml")
         Traceback (most recent call last):
-        hybrid_base.errors.HybridInputError: cfg.yaml: unknown key 'train.epoch' (did you mean 'train.epochs'?)
+        hybrid.core.errors.ConfigError: cfg.yaml: unknown key 'train.epoch' (did you mean 'train.epochs'?)
     """
     return _build(cls, raw, prefix=prefix, source=source)
 
 
 def to_dict(cfg: Any) -> Any:
     """A plain dict/list tree of a config (what :func:`to_yaml` writes and MLflow logs as params)."""
+    if dataclasses.is_dataclass(cfg) and callable(getattr(cfg, "to_dict", None)):
+        return cfg.to_dict()  # a config with its own JSON form (e.g. TransferConfig)
+    if isinstance(cfg, enum.Enum):
+        return cfg.value
     if dataclasses.is_dataclass(cfg):
         return {f.name: to_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
     if isinstance(cfg, (list, tuple)):
@@ -133,13 +138,13 @@ def _build(cls: type, raw: Any, prefix: str, source: str) -> Any:
     if raw is None:
         raw = {}
     if not isinstance(raw, Mapping):
-        raise HybridInputError(f"{source}: key '{where}' must be a mapping, got {raw!r}")
+        raise ConfigError(f"{source}: key '{where}' must be a mapping, got {raw!r}")
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     for key in raw:
         if key not in fields:
             close = difflib.get_close_matches(str(key), fields, n=1)
             hint = f" (did you mean '{prefix}{close[0]}'?)" if close else f" (known: {', '.join(fields)})"
-            raise HybridInputError(f"{source}: unknown key '{prefix}{key}'{hint}")
+            raise ConfigError(f"{source}: unknown key '{prefix}{key}'{hint}")
     hints = get_type_hints(cls)
     kwargs = {}
     for name, field in fields.items():
@@ -149,20 +154,20 @@ def _build(cls: type, raw: Any, prefix: str, source: str) -> Any:
                 and field.default_factory is dataclasses.MISSING:
             kwargs[name] = _build(hints[name], {}, f"{prefix}{name}.", source)
         elif field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
-            raise HybridInputError(f"{source}: missing required key '{prefix}{name}'")
+            raise ConfigError(f"{source}: missing required key '{prefix}{name}'")
     try:
         return cls(**kwargs)
     except (ValueError, TypeError) as err:
-        if isinstance(err, HybridInputError):
+        if isinstance(err, ConfigError):
             raise
-        raise HybridInputError(f"{source}: {where}: {err}" if prefix else f"{source}: {err}") from None
+        raise ConfigError(f"{source}: {where}: {err}" if prefix else f"{source}: {err}") from None
 
 
 def _coerce(tp: Any, value: Any, key: str, source: str) -> Any:
     origin, args = get_origin(tp), get_args(tp)
 
-    def bad(expected: str) -> HybridInputError:
-        return HybridInputError(f"{source}: key '{key}' expects {expected}, got {value!r}")
+    def bad(expected: str) -> ConfigError:
+        return ConfigError(f"{source}: key '{key}' expects {expected}, got {value!r}")
 
     if tp is Any:
         return value
@@ -174,7 +179,7 @@ def _coerce(tp: Any, value: Any, key: str, source: str) -> Any:
                 continue
             try:
                 return _coerce(arg, value, key, source)
-            except HybridInputError:
+            except ConfigError:
                 continue
         raise bad(" or ".join(_type_name(a) for a in args))
     if origin is Literal:

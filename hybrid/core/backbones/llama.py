@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hybrid_base.backbones.common import Backbone, NormalLinear, lengths_to_mask
-from hybrid_base.backbones.config import BackboneConfig
+from hybrid.core.backbones.common import Backbone, NormalLinear, lengths_to_mask
+from hybrid.core.backbones.config import BackboneConfig
 
 
 def swiglu_hidden_dim(dim: int, multiple_of: int) -> int:

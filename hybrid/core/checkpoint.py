@@ -31,12 +31,10 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
+from hybrid.core.errors import CheckpointError
+
 MANIFEST = "manifest.json"
 LATEST = "LATEST"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that is missing, incomplete, or does not match the model or data it is loaded into."""
 
 
 def _distributed() -> bool:

@@ -2,7 +2,7 @@
 
 ``hybrid finetune --config cfg.yaml`` (one process) and ``torchrun --nproc_per_node=N -m hybrid finetune
 ...`` (sharded) both call :func:`run_finetune`. It is the glue between the data pipeline
-(:mod:`hybrid.data`), the training loop (:mod:`ctr_models.trainer`, which knows nothing of ``hybrid``) and
+(:mod:`hybrid.data`), the training loop (:mod:`hybrid.ctr_models.trainer`, which knows nothing of ``hybrid``) and
 MLflow (:mod:`hybrid.tracking`).
 
 The model is built in one place (:func:`build_model`); a ``prepare_model`` hook then sees it before any
@@ -34,9 +34,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 
-from ctr_models import Ranker, build_ranker, ranker_classes
-from ctr_models.trainer import (
+from hybrid.config import from_mapping, to_dict, to_yaml
+from hybrid.core.checkpoint import (
+    latest_checkpoint,
+    load_checkpoint,
+    read_manifest,
+)
+from hybrid.core.errors import HybridInputError
+from hybrid.core.feature_map import FeatureMap
+from hybrid.core.training import init_distributed, seed_everything
+from hybrid.ctr_models import Ranker, build_ranker, ranker_classes
+from hybrid.ctr_models.trainer import (
     BEST,
     LAST,
     CTRTrainConfig,
@@ -45,16 +55,16 @@ from ctr_models.trainer import (
     train,
     unwrap,
 )
-from hybrid.config import from_mapping, to_dict, to_yaml
-from hybrid.data.batching import CANDIDATE_FIELDS, SEQUENCE_FEATURES, CTRBatchConverter, make_loader
-from hybrid.data.feature_map import FeatureMap
-from hybrid.data.item_vectors import ItemVectorsConfig, items_of_prepared, load_item_vectors
+from hybrid.data.batching import (
+    CANDIDATE_FIELDS,
+    SEQUENCE_FEATURES,
+    CTRBatchConverter,
+    make_loader,
+)
+from hybrid.data.item_vectors import ItemVectorsConfig, load_item_vectors
 from hybrid.data.protocols import USER_FIELDS
 from hybrid.data.store import data_hash, load_prepared
-from hybrid.errors import HybridInputError
-from hybrid.prepare import TrackingConfig, make_tracker
-from hybrid_base.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, read_manifest
-from hybrid_base.training import init_distributed, seed_everything
+from hybrid.jobs.prepare import DataConfig, TrackingConfig, make_tracker
 
 CHECKPOINTS = "checkpoints"
 #: Features a CTR batch can carry (``CTRBatchConverter``): user fields, candidate fields, the genres bag and
@@ -96,7 +106,7 @@ class RankerSpec:
         try:
             config_cls, _ = ranker_classes(self.name)
         except ValueError:
-            from ctr_models import RANKER_NAMES
+            from hybrid.ctr_models import RANKER_NAMES
 
             raise ValueError(f"name: unknown ranker {self.name!r}; expected one of {list(RANKER_NAMES)}") from None
         raw = dict(self.config)
@@ -122,7 +132,7 @@ class FinetuneConfig:
         ranker: which ranker and its config (:class:`RankerSpec`).
         task_names: label columns to train, in order; the first is the primary task (``eval/auc``, best
             checkpoint). ``ratings`` data has ``click`` and ``rating5``.
-        train: the loop (:class:`~ctr_models.trainer.CTRTrainConfig`).
+        train: the loop (:class:`~hybrid.ctr_models.trainer.CTRTrainConfig`).
         out: output directory (checkpoints, resolved config, feature map, default MLflow store).
         tracking: MLflow settings.
         item_vectors: source of the item vectors for the ranker's multimodal features
@@ -177,6 +187,17 @@ def build_model(cfg: FinetuneConfig, feature_map: FeatureMap, *,
                             embedding_device=embedding_device, item_vectors=item_vectors)
     except ValueError as err:
         raise HybridInputError(f"ranker ({cfg.ranker.name}): {err}") from None
+
+
+def items_of_prepared(prepared_dir: str | Path):
+    """The raw items table behind a prepared directory (re-read from the dataset its ``config.yaml`` names)."""
+    config_file = Path(prepared_dir) / "config.yaml"
+    if not config_file.is_file():
+        raise HybridInputError(f"{config_file}: not found; item text needs the prepared data's config to find "
+                               "the dataset's items table")
+    raw = yaml.safe_load(config_file.read_text()) or {}
+    data = from_mapping(DataConfig, raw.get("data") or {}, prefix="data.", source=str(config_file))
+    return data.read().items
 
 
 def job_item_vectors(cfg: FinetuneConfig, feature_map: FeatureMap) -> torch.Tensor | None:
@@ -315,8 +336,6 @@ def run_finetune(cfg: FinetuneConfig, parent_run: str | None = None, prepare_mod
                 (out / "result.json").write_text(json.dumps(summary, indent=2))
             tracker.log_json(run, summary, "finetune_result.json")
         return summary
-    except CheckpointError as err:  # an unreadable / mismatched checkpoint is bad input: one line, exit 2
-        raise HybridInputError(str(err)) from None
     finally:
         if own_group and dist.is_initialized():
             dist.destroy_process_group()
@@ -359,9 +378,6 @@ def load_finetuned(checkpoint: str | Path) -> tuple[Ranker, dict[str, Any]]:
     except (KeyError, ValueError) as err:
         raise HybridInputError(f"{path}: not a fine-tuning checkpoint this version can rebuild ({err})") from None
     state = {"model": model.state_dict()}
-    try:
-        load_checkpoint(path, state)
-    except CheckpointError as err:
-        raise HybridInputError(str(err)) from None
+    load_checkpoint(path, state)  # a CheckpointError is a HybridInputError: one line, exit 2
     model.load_state_dict(state["model"])
     return model.eval(), manifest

@@ -207,9 +207,13 @@ def shard_model(model: nn.Module, ctx: DistributedContext,
     from torchrec.distributed.embedding import EmbeddingCollectionSharder
     from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
     from torchrec.distributed.model_parallel import DistributedModelParallel
-    from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
+    from torchrec.distributed.planner import (
+        EmbeddingShardingPlanner,
+        ParameterConstraints,
+        Topology,
+    )
 
-    from hybrid_base.tables import is_table_key
+    from hybrid.core.tables import is_table_key
 
     constraints = {name: ParameterConstraints(sharding_types=[kind]) for name, kind in (sharding_types or {}).items()}
     for name in _frozen_table_names(model):
@@ -237,7 +241,7 @@ def shard_model(model: nn.Module, ctx: DistributedContext,
 
 
 def _frozen_table_names(model: nn.Module) -> set[str]:
-    from hybrid_base.tables import table_parameters
+    from hybrid.core.tables import table_parameters
 
     return {name for _, name, weight in table_parameters(model) if not weight.requires_grad}
 
@@ -247,7 +251,7 @@ def _restore_table_values(dmp: nn.Module, preset: Mapping[str, torch.Tensor]) ->
     """Write full (unsharded) table values into a freshly sharded model; replicated tables from rank 0."""
     import torch.distributed as dist
 
-    from hybrid_base.tables import copy_full_into
+    from hybrid.core.tables import copy_full_into
 
     state = dmp.state_dict()
     for key, full in preset.items():

@@ -2,7 +2,7 @@
 
 ``hybrid pretrain --config cfg.yaml`` (one process) and ``torchrun --nproc_per_node=N -m hybrid pretrain
 ...`` (sharded) both call :func:`run_pretrain`. It is the glue between the data pipeline
-(:mod:`hybrid.data`), the training loop (:mod:`pretrain.trainer`, which knows nothing of ``hybrid``) and
+(:mod:`hybrid.data`), the training loop (:mod:`hybrid.pretrain.trainer`, which knows nothing of ``hybrid``) and
 MLflow (:mod:`hybrid.tracking`).
 
 Output layout under ``cfg.out``::
@@ -30,19 +30,25 @@ import numpy as np
 import torch
 
 from hybrid.config import from_mapping, to_dict, to_yaml
+from hybrid.core.backbones import BackboneConfig
+from hybrid.core.backbones.config import BackboneKind
+from hybrid.core.checkpoint import CheckpointError, latest_checkpoint, read_manifest
+from hybrid.core.errors import HybridInputError
+from hybrid.core.feature_map import FeatureMap, table_name
+from hybrid.core.training import init_distributed
 from hybrid.data.batching import SEQUENCE_FEATURES, SequenceBatchConverter, make_loader
-from hybrid.data.feature_map import FeatureMap
 from hybrid.data.protocols import PreparedData
 from hybrid.data.store import data_hash, load_prepared
-from hybrid.errors import HybridInputError
-from hybrid.prepare import TrackingConfig, make_tracker
-from hybrid_base.backbones import BackboneConfig
-from hybrid_base.backbones.config import BackboneKind
-from hybrid_base.checkpoint import CheckpointError, latest_checkpoint, read_manifest
-from hybrid_base.training import init_distributed
-from pretrain.model import GenerativeModelConfig
-from pretrain.objectives import ObjectiveConfig
-from pretrain.trainer import PretrainTrainConfig, build_model, popularity_metrics, train, unwrap
+from hybrid.jobs.prepare import TrackingConfig, make_tracker
+from hybrid.pretrain.model import GenerativeModelConfig
+from hybrid.pretrain.objectives import ObjectiveConfig
+from hybrid.pretrain.trainer import (
+    PretrainTrainConfig,
+    build_model,
+    popularity_metrics,
+    train,
+    unwrap,
+)
 
 CHECKPOINTS = "checkpoints"
 
@@ -60,7 +66,7 @@ class PretrainModelSpec:
         dropout: backbone dropout.
         init_std: std of the table initialisation.
         objective: losses (negatives, temperature, category loss weight...).
-        backbone: any other :class:`~hybrid_base.backbones.BackboneConfig` field, e.g.
+        backbone: any other :class:`~hybrid.core.backbones.BackboneConfig` field, e.g.
             ``{hstu_num_time_buckets: 64}``; ``max_len`` follows ``train.max_len``.
 
     Example:
@@ -110,7 +116,7 @@ class PretrainConfig:
     Args:
         data: a prepared data directory (``hybrid data prepare --out ...``).
         model: the model (:class:`PretrainModelSpec`).
-        train: the loop (:class:`~pretrain.trainer.PretrainTrainConfig`).
+        train: the loop (:class:`~hybrid.pretrain.trainer.PretrainTrainConfig`).
         out: output directory (checkpoints, resolved config, feature map, default MLflow store).
         tracking: MLflow settings.
     """
@@ -148,7 +154,7 @@ def check_feature_map(path: Path, manifest: dict, fm: FeatureMap, features: tupl
         a, b = saved_sizes.get(f), sizes.get(f)
         same = a == b and f in saved_fm and f in fm and saved_fm[f].tokens == fm[f].tokens
         if not same:
-            parts.append(f"{f} (table t_{f}): {a} rows in the checkpoint vs {b} in the data"
+            parts.append(f"{f} (table {table_name(f)}): {a} rows in the checkpoint vs {b} in the data"
                          + (" — same size, different ids" if a == b else ""))
     detail = "; ".join(parts) if parts else "vocabularies of features the model does not embed differ"
     raise CheckpointError(f"{path}: trained on a different feature map than {data_dir} "
@@ -245,8 +251,6 @@ def run_pretrain(cfg: PretrainConfig, resume: bool = False, parent_run: str | No
                 (out / "result.json").write_text(json.dumps(summary, indent=2))
             tracker.log_json(run, summary, "pretrain_result.json")
         return summary
-    except CheckpointError as err:  # a mismatched or unreadable checkpoint is bad input: one line, exit 2
-        raise HybridInputError(str(err)) from None
     finally:
         if own_group and dist.is_initialized():
             dist.destroy_process_group()

@@ -12,13 +12,13 @@ import math
 
 import torch
 
-from hybrid_base.backbones.common import lengths_to_mask
+from hybrid.core.backbones.common import lengths_to_mask
 
 try:  # fbgemm_gpu registers torch.ops.fbgemm.* on import (CPU and CUDA builds ship the same module).
     import fbgemm_gpu  # noqa: F401
 
     _HAS_FBGEMM = hasattr(torch.ops.fbgemm, "jagged_to_padded_dense")
-except Exception:  # pragma: no cover - the stack pins fbgemm; this only keeps hybrid_base importable
+except Exception:  # pragma: no cover - the stack pins fbgemm; this only keeps hybrid.core importable
     _HAS_FBGEMM = False
 
 # dtypes the fbgemm CPU/CUDA kernels are registered for (float64 is not).

@@ -1,5 +1,5 @@
 """Glue between the fine-tuning stage and the adapters: a strategy + a pretraining checkpoint → the
-``prepare_model`` hook that :func:`hybrid.finetune_job.run_finetune` calls on the freshly built ranker
+``prepare_model`` hook that :func:`hybrid.jobs.finetune.run_finetune` calls on the freshly built ranker
 (before its tables get optimizers and before sharding, so sparse-frozen tables get none).
 
 Used by ``hybrid finetune --init CKPT --strategy ...`` and by ``hybrid sweep``.
@@ -13,19 +13,16 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from adapters import Strategy, TransferConfig, TransferError, apply_transfer
-from hybrid.errors import HybridInputError
+from hybrid.adapters import Strategy, TransferConfig, apply_transfer
 from hybrid.tracking import is_rank_zero
 
 STRATEGIES = tuple(s.value for s in Strategy)
 
 
 def transfer_config(strategy: str, checkpoint: str | None, options: Mapping[str, Any] | None = None) -> TransferConfig:
-    """A :class:`~adapters.TransferConfig`; bad strategy / options become one-line input errors."""
-    try:
-        return TransferConfig.from_dict({"strategy": strategy, "checkpoint": checkpoint, **(options or {})})
-    except TransferError as err:
-        raise HybridInputError(str(err)) from None
+    """A :class:`~hybrid.adapters.TransferConfig` (a bad strategy / option raises ``TransferError``, a
+    ``HybridInputError``: one line, exit 2)."""
+    return TransferConfig.from_dict({"strategy": strategy, "checkpoint": checkpoint, **(options or {})})
 
 
 def transfer_hook(strategy: str, checkpoint: str | None, options: Mapping[str, Any] | None = None):
@@ -33,10 +30,7 @@ def transfer_hook(strategy: str, checkpoint: str | None, options: Mapping[str, A
     config = transfer_config(strategy, checkpoint, options)
 
     def prepare_model(model, feature_map) -> dict[str, Any]:
-        try:
-            report = apply_transfer(model, config, feature_map)
-        except TransferError as err:
-            raise HybridInputError(str(err)) from None
+        report = apply_transfer(model, config, feature_map)
         if is_rank_zero():   # every rank applies the transfer; one prints what it did
             print(report, flush=True)
         return report.to_dict()

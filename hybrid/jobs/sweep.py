@@ -25,13 +25,13 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from hybrid.errors import HybridInputError
-from hybrid.finetune_job import FinetuneConfig, RankerSpec, run_finetune
-from hybrid.prepare import TrackingConfig, make_tracker
-from hybrid.pretrain_job import PretrainConfig, run_pretrain
+from hybrid.core.backbones import BackboneConfig
+from hybrid.core.errors import HybridInputError
+from hybrid.jobs.finetune import FinetuneConfig, RankerSpec, run_finetune
+from hybrid.jobs.prepare import TrackingConfig, make_tracker
+from hybrid.jobs.pretrain import PretrainConfig, run_pretrain
+from hybrid.jobs.transfer import STRATEGIES, transfer_hook
 from hybrid.tracking import TAGS
-from hybrid.transfer_job import STRATEGIES, transfer_hook
-from hybrid_base.backbones import BackboneConfig
 
 RESULT = "result.json"
 

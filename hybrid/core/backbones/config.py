@@ -9,7 +9,7 @@ import re
 from dataclasses import asdict, dataclass
 from typing import Any, Literal, Mapping
 
-from hybrid_base.config import from_mapping
+from hybrid.core.config import from_mapping
 
 BackboneKind = Literal["llama", "hstu"]
 _KINDS = ("llama", "hstu")

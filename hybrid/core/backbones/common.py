@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from hybrid_base.backbones.config import BackboneConfig
+from hybrid.core.backbones.config import BackboneConfig
 
 
 class NormalLinear(nn.Linear):

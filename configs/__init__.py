@@ -1,0 +1,1 @@
+"""Configs shipped with the package (read with ``importlib.resources.files("hybrid.configs")``)."""

@@ -1,0 +1,47 @@
+"""The one error hierarchy for bad input. The ``hybrid`` CLI maps every one of them, in one place, to one
+line on stderr and exit code 2 (``--debug`` shows the traceback).
+
+::
+
+    ValueError
+    └── HybridInputError          a missing file / column / key, a wrong type, a NaN label, unknown ids
+        ├── ConfigError           a config key or value refused (names the key, with a suggestion)
+        ├── CheckpointError       a checkpoint missing, incomplete, or not matching the model / data
+        ├── TransferError         a transfer that cannot be done as asked (names tables and shapes)
+        └── DependencyError       torch / fbgemm-gpu / torchrec missing or mismatched (says what to install)
+
+They live here, below every other package, so the config loader, the checkpoint I/O, the model configs and
+the adapters raise them without importing the jobs. All are ``ValueError``s, so code that catches
+``ValueError`` (e.g. around a config's ``from_dict``) also catches them.
+
+Example:
+    >>> issubclass(TransferError, HybridInputError), issubclass(CheckpointError, ValueError)
+    (True, True)
+"""
+
+
+class HybridInputError(ValueError):
+    """Bad user input: a missing file, column or key, a wrong type, a NaN label, a mismatched checkpoint.
+
+    The message names the file / row / column / key and what was expected.
+    """
+
+
+class ConfigError(HybridInputError):
+    """A config key or value refused: the message names the key (full dotted path) and what was expected."""
+
+
+class CheckpointError(HybridInputError):
+    """A checkpoint that is missing, incomplete, or does not match the model or data it is loaded into."""
+
+
+class TransferError(HybridInputError):
+    """A transfer that cannot be done as asked: the message names the table/module and both shapes."""
+
+
+class DependencyError(HybridInputError):
+    """A required package (torch, fbgemm-gpu, torchrec) is missing or mismatched; the message says what to
+    install."""
+
+
+__all__ = ["HybridInputError", "ConfigError", "CheckpointError", "TransferError", "DependencyError"]
