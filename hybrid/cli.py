@@ -156,12 +156,11 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
 
 
 def _cmd_finetune(args: argparse.Namespace) -> int:
-    from hybrid.jobs.finetune import FinetuneConfig, run_finetune
+    from hybrid.jobs.finetune import run_finetune
     from hybrid.tracking import is_rank_zero
 
-    cfg = _load_config(FinetuneConfig, args)
-    strategy, hook = _transfer(args)
-    result = run_finetune(cfg, prepare_model=hook, strategy=strategy)
+    cfg = _load_finetune_config(args)
+    result = run_finetune(cfg)
     if is_rank_zero():
         print(f"fine-tuned {cfg.ranker.name} for {result['steps']} steps ({result['epochs']:.2f} epochs) in "
               f"{result['seconds']:.1f} s: AUC end of epoch 1 {result['auc_epoch1']:.4f}, best "
@@ -172,25 +171,29 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     return 0
 
 
-def _transfer(args: argparse.Namespace):
-    """``(strategy, prepare_model hook or None)`` of ``--init`` / ``--strategy`` / ``--transfer``."""
-    if args.init is None and args.strategy is None and not args.transfer_options:
-        return "nt", None
-    from hybrid.jobs.transfer import transfer_config, transfer_hook
+def _load_finetune_config(args: argparse.Namespace):
+    """The finetune config; ``--init`` / ``--strategy`` / ``--transfer k=v`` override its ``transfer`` section
+    (``--init`` alone means ST&SF unless the config names a strategy)."""
+    from hybrid.adapters import Strategy
+    from hybrid.jobs.finetune import FinetuneConfig
 
-    options = {}
+    flags: list[tuple[str, object]] = []
     for item in args.transfer_options:
         key, sep, value = item.partition("=")
-        if not sep or not key:
+        if not sep or not key.strip():
             raise HybridInputError(f"--transfer {item!r}: expected KEY=VALUE, e.g. new_rows=mean")
-        options[key.strip()] = yaml.safe_load(value)
-    strategy = args.strategy or ("st_sf" if args.init else "nt")
-    if args.init is None and strategy.strip().lower() != "nt":
-        transfer_config(strategy, "-", options)  # an unknown strategy name is reported first
-        raise HybridInputError(f"--strategy {strategy} needs --init PRETRAIN_CHECKPOINT (a `hybrid pretrain` "
-                               "checkpoint)")
-    config = transfer_config(strategy, args.init, options)
-    return config.strategy.value, transfer_hook(config.strategy.value, args.init, options)
+        flags.append((f"transfer.{key.strip()}", yaml.safe_load(value)))
+    if args.strategy is not None:
+        flags.append(("transfer.strategy", Strategy.parse(args.strategy).value))  # an unknown name: one line
+    if args.init is not None:
+        flags.append(("transfer.checkpoint", args.init))
+    try:
+        return _load_config(FinetuneConfig, args, tuple(flags))
+    except HybridInputError as err:
+        if args.init is None and args.strategy is not None and "needs a pretraining checkpoint" in str(err):
+            raise HybridInputError(f"--strategy {args.strategy} needs --init PRETRAIN_CHECKPOINT (a `hybrid "
+                                   "pretrain` checkpoint) or transfer.checkpoint in the config") from None
+        raise
 
 
 def _cmd_sweep(args: argparse.Namespace) -> int:

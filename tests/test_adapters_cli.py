@@ -67,3 +67,21 @@ def test_finetune_init_strategy_transfers_and_records_it(prepared_ratings_dir, t
     assert ft.data.params["transfer.new_rows"] == "mean" and ft.data.params["transfer.strategy"] == "st_sf"
     assert ft.data.metrics["transfer/frozen_params"] == report.frozen_params > 0
     assert ft.data.metrics["transfer/rows_aligned/input.features.ec/t_item_id"] == 1616
+
+    # the same transfer written as the config's `transfer:` section (no flags) does the same thing, and the
+    # resolved config saved beside the run holds it, so the run can be repeated from its config.yaml alone
+    import yaml
+
+    raw = yaml.safe_load((REPO / "configs/finetune_tiny.yaml").read_text())
+    raw["ranker"]["config"].setdefault("features", {})["embedding_dim"] = 16
+    raw["transfer"] = {"strategy": "ST&SF", "checkpoint": str(tmp_path / "pre" / "checkpoints"), "new_rows": "mean"}
+    section = tmp_path / "with_transfer.yaml"
+    section.write_text(yaml.safe_dump(raw))
+    out2 = tmp_path / "ft-yaml"
+    assert main(["finetune", "--config", str(section), "--set", data, "--set", "train.epochs=1",
+                 "--set", "train.eval_every=0", "--set", f"out={out2}", *common]) == 0
+    report2 = TransferReport.from_dict(json.loads((out2 / "transfer_report.json").read_text()))
+    assert report2.tables == report.tables and report2.frozen_params == report.frozen_params
+    saved = yaml.safe_load((out2 / "config.yaml").read_text())["transfer"]
+    assert saved["strategy"] == "st_sf" and saved["new_rows"] == "mean"
+    assert yaml.safe_load((out / "config.yaml").read_text())["transfer"] == saved   # flags → the same section

@@ -190,3 +190,28 @@ print("ok", out.last_hidden_state.shape[-1], cfg.strategy.label)
     done = subprocess.run([str(py), "-m", "hybrid", "--version"], cwd=work, capture_output=True, text=True,
                           timeout=120, env=env)
     assert done.returncode == 0 and done.stdout.strip() == f"hybrid {hybrid.__version__}", done.stderr
+
+
+def test_every_import_path_in_the_readme_resolves():
+    """The README's ``from hybrid... import ...`` lines and dotted ``hybrid.x.y`` names all exist."""
+    import re
+
+    text = (REPO / "README.md").read_text()
+    checked = 0
+    for module, names in re.findall(r"^from (hybrid[\w.]*) import ([\w, ]+)$", text, re.M):
+        imported = importlib.import_module(module)
+        for name in (n.strip() for n in names.split(",")):
+            assert hasattr(imported, name), f"README: {module} has no {name}"
+            checked += 1
+    for dotted in set(re.findall(r"`(hybrid(?:\.[a-z_]+)+)`", text)):
+        parts = dotted.split(".")
+        for cut in range(len(parts), 0, -1):   # the longest importable prefix, then attributes
+            try:
+                obj = importlib.import_module(".".join(parts[:cut]))
+                break
+            except ModuleNotFoundError:
+                continue
+        for attr in parts[cut:]:
+            obj = getattr(obj, attr)
+        checked += 1
+    assert checked >= 10

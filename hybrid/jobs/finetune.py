@@ -36,6 +36,7 @@ from typing import Any
 import torch
 import yaml
 
+from hybrid.adapters import TransferConfig
 from hybrid.config import from_mapping, to_dict, to_yaml
 from hybrid.core.checkpoint import (
     latest_checkpoint,
@@ -65,6 +66,7 @@ from hybrid.data.item_vectors import ItemVectorsConfig, load_item_vectors
 from hybrid.data.protocols import USER_FIELDS
 from hybrid.data.store import data_hash, load_prepared
 from hybrid.jobs.prepare import DataConfig, TrackingConfig, make_tracker
+from hybrid.jobs.transfer import transfer_hook
 
 CHECKPOINTS = "checkpoints"
 #: Features a CTR batch can carry (``CTRBatchConverter``): user fields, candidate fields, the genres bag and
@@ -135,6 +137,10 @@ class FinetuneConfig:
         train: the loop (:class:`~hybrid.ctr_models.trainer.CTRTrainConfig`).
         out: output directory (checkpoints, resolved config, feature map, default MLflow store).
         tracking: MLflow settings.
+        transfer: what to transfer from a pretraining checkpoint before training
+            (:class:`~hybrid.adapters.TransferConfig`: ``strategy``, ``checkpoint``, ``table_map``, ``tables``,
+            ``new_rows``, ...); ``strategy: nt`` (the default) transfers nothing. ``hybrid finetune --init CKPT
+            --strategy st_sf --transfer key=value`` override this section.
         item_vectors: source of the item vectors for the ranker's multimodal features
             (``ranker.config.multimodal``): ``file`` or ``text`` (:mod:`hybrid.data.item_vectors`); ``none`` by default.
     """
@@ -146,6 +152,7 @@ class FinetuneConfig:
     out: str = "runs/finetune"
     tracking: TrackingConfig = field(default_factory=lambda: TrackingConfig(experiment="finetune"))
     item_vectors: ItemVectorsConfig = field(default_factory=ItemVectorsConfig)
+    transfer: TransferConfig = field(default_factory=lambda: TransferConfig(strategy="nt"))
 
     def __post_init__(self) -> None:
         if not self.task_names or len(set(self.task_names)) != len(self.task_names):
@@ -210,7 +217,7 @@ def job_item_vectors(cfg: FinetuneConfig, feature_map: FeatureMap) -> torch.Tens
 
 
 def run_finetune(cfg: FinetuneConfig, parent_run: str | None = None, prepare_model: PrepareModel | None = None,
-                 strategy: str = "nt") -> dict[str, Any]:
+                 strategy: str | None = None) -> dict[str, Any]:
     """Train the ranker of ``cfg`` (sharded under ``torchrun``); log to MLflow on rank 0.
 
     Args:
@@ -222,7 +229,8 @@ def run_finetune(cfg: FinetuneConfig, parent_run: str | None = None, prepare_mod
             returned mapping is saved as ``transfer_report.json`` (out dir and MLflow artifact); its
             ``tags`` (e.g. ``pretrain_run_id``), ``config`` (logged as ``transfer.*`` params) and ``metrics``
             (e.g. ``transfer/frozen_params``) are logged with the run.
-        strategy: transfer strategy recorded in the ``strategy`` tag (``nt`` = no transfer).
+            Default: the transfer of ``cfg.transfer`` (none for ``nt``); a hook given here replaces it.
+        strategy: the ``strategy`` tag; default ``cfg.transfer.strategy`` (``nt`` = no transfer).
 
     Returns:
         ``auc_epoch1``, ``best_auc``, ``best_epoch``, ``best_step``, ``best_logloss``, ``best_gauc``,
@@ -236,6 +244,9 @@ def run_finetune(cfg: FinetuneConfig, parent_run: str | None = None, prepare_mod
     started = time.perf_counter()
     if not cfg.data:
         raise HybridInputError("data: set the prepared data directory (data: runs/ml1m/ratings)")
+    if prepare_model is None and cfg.transfer.strategy.moves_tables:
+        prepare_model = transfer_hook(cfg.transfer)
+    strategy = strategy or cfg.transfer.strategy.value
     prepared = load_prepared(cfg.data)
     fm = prepared.feature_map
     out = Path(cfg.out)

@@ -31,7 +31,7 @@ from hybrid.jobs.prepare import (
     run_prepare,
 )
 from hybrid.jobs.pretrain import PretrainConfig, run_pretrain
-from hybrid.jobs.transfer import transfer_hook
+from hybrid.jobs.transfer import transfer_config
 from hybrid.review import run_review
 
 EXPERIMENT = "quickstart-ml-100k"
@@ -110,9 +110,9 @@ def run_quickstart(out: Path, tracking_uri: str | None = None,
             for strategy in STRATEGIES:
                 for seed in seeds[ranker]:
                     cfg = replace(fcfg, data=prepared[protocol], train=replace(fcfg.train, seed=seed),
-                                  out=str(out / "finetune" / ranker / strategy / f"seed{seed}"), tracking=tracking)
-                    hook = None if strategy == "nt" else transfer_hook(strategy, checkpoint)
-                    summary = run_finetune(cfg, parent_run=parent, prepare_model=hook, strategy=strategy)
+                                  out=str(out / "finetune" / ranker / strategy / f"seed{seed}"), tracking=tracking,
+                                  transfer=transfer_config(strategy, checkpoint))
+                    summary = run_finetune(cfg, parent_run=parent)
                     results["finetune"][(ranker, strategy, seed)] = summary
                     print(f"      {ranker} ({protocol}) {strategy} seed {seed}: AUC end of epoch 1 "
                           f"{summary['auc_epoch1']:.4f}, best {summary['best_auc']:.4f}, final "

@@ -30,7 +30,7 @@ from hybrid.core.errors import HybridInputError
 from hybrid.jobs.finetune import FinetuneConfig, RankerSpec, run_finetune
 from hybrid.jobs.prepare import TrackingConfig, make_tracker
 from hybrid.jobs.pretrain import PretrainConfig, run_pretrain
-from hybrid.jobs.transfer import STRATEGIES, transfer_hook
+from hybrid.jobs.transfer import STRATEGIES, transfer_config
 from hybrid.tracking import TAGS
 
 RESULT = "result.json"
@@ -160,9 +160,9 @@ def run_sweep(cfg: SweepConfig) -> dict[str, Any]:
                         if strategy != "nt" and checkpoint is None:
                             raise RuntimeError(f"no pretrained checkpoint for {size} ({pretrain_error})")
                         print(f"[sweep] {point}", flush=True)
-                        hook = None if strategy == "nt" else transfer_hook(strategy, checkpoint, cfg.transfer)
-                        run_finetune(finetune_for(cfg, size, strategy, seed), parent_run=parent,
-                                     prepare_model=hook, strategy=strategy)
+                        point_cfg = replace(finetune_for(cfg, size, strategy, seed),
+                                            transfer=transfer_config(strategy, checkpoint, cfg.transfer))
+                        run_finetune(point_cfg, parent_run=parent)
                         done.append(point)
                     except Exception as err:  # noqa: BLE001
                         record_failure(point, out, err)

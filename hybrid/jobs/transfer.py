@@ -5,8 +5,8 @@
 Used by ``hybrid finetune --init CKPT --strategy ...`` and by ``hybrid sweep``.
 
 Example:
-    >>> hook = transfer_hook("st_sf", "runs/pretrain/checkpoints")
-    >>> run_finetune(cfg, prepare_model=hook, strategy="st_sf")
+    >>> hook = transfer_hook(transfer_config("st_sf", "runs/pretrain/checkpoints"))
+    >>> run_finetune(cfg, prepare_model=hook)        # usually: cfg.transfer = that config, no hook
 """
 from __future__ import annotations
 
@@ -25,9 +25,8 @@ def transfer_config(strategy: str, checkpoint: str | None, options: Mapping[str,
     return TransferConfig.from_dict({"strategy": strategy, "checkpoint": checkpoint, **(options or {})})
 
 
-def transfer_hook(strategy: str, checkpoint: str | None, options: Mapping[str, Any] | None = None):
-    """``prepare_model(model, feature_map)`` applying the transfer; returns the report as a dict."""
-    config = transfer_config(strategy, checkpoint, options)
+def transfer_hook(config: TransferConfig):
+    """``prepare_model(model, feature_map)`` applying the transfer ``config``; returns the report as a dict."""
 
     def prepare_model(model, feature_map) -> dict[str, Any]:
         report = apply_transfer(model, config, feature_map)
