@@ -14,6 +14,7 @@ from adapters_support import (
     snapshot,
     write_pretrain_checkpoint,
 )
+from ctr_synthetic import SYNTHETIC_VOCAB_SIZES, make_synthetic_batch
 from torchrec.distributed.embedding import EmbeddingCollectionSharder
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 from torchrec.distributed.model_parallel import DistributedModelParallel
@@ -30,7 +31,6 @@ from hybrid.core.training import (
     shard_model,
 )
 from hybrid.ctr_models import build_ranker
-from hybrid.ctr_models.synthetic import SYNTHETIC_VOCAB_SIZES, make_synthetic_batch
 from hybrid.ctr_models.trainer import (
     bce_per_task,
     embedding_modules,

@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from ctr_synthetic import SYNTHETIC_VOCAB_SIZES, make_synthetic_batch
 from torchrec import KeyedJaggedTensor
 
 from hybrid.core import CTRBatch
@@ -26,7 +27,6 @@ from hybrid.ctr_models.history import (
 )
 from hybrid.ctr_models.layers import masked_softmax
 from hybrid.ctr_models.moe import TaskGates, cross_expert_correlation
-from hybrid.ctr_models.synthetic import SYNTHETIC_VOCAB_SIZES, make_synthetic_batch
 from hybrid.ctr_models.tin import (
     TargetAwareTemporalEncoding,
     relative_positions,

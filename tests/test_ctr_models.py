@@ -5,6 +5,7 @@ import dataclasses
 
 import pytest
 import torch
+from ctr_synthetic import SYNTHETIC_VOCAB_SIZES, make_synthetic_batch
 from sklearn.metrics import roc_auc_score
 
 from hybrid.ctr_models import RANKER_NAMES, build_ranker
@@ -19,7 +20,6 @@ from hybrid.ctr_models.moe import (
     MultiEmbeddingMoE,
     MultiEmbeddingMoEConfig,
 )
-from hybrid.ctr_models.synthetic import SYNTHETIC_VOCAB_SIZES, make_synthetic_batch
 from hybrid.ctr_models.tin import TIN, TINConfig
 
 FEATURES = FeatureConfig(embedding_dim=16, max_len=12)

@@ -21,8 +21,8 @@ def test_tiny_sweep_with_a_failing_point_then_review(tmp_path, prepared_last_ite
     # no tracking URI anywhere: the sweep's default store (in its out) must receive every stage's runs
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     store = f"sqlite:///{(tmp_path / 'sweep' / 'mlflow.db').resolve()}"
-    overrides = [f"hybrid.pretrain.data={data}", f"finetune.data={data}", f"out={tmp_path / 'sweep'}",
-                 "sizes=[L1H8A2, L1H10A3, L1H16A2]", "hybrid.pretrain.train.epochs=1", "finetune.train.epochs=2"]
+    overrides = [f"pretrain.data={data}", f"finetune.data={data}", f"out={tmp_path / 'sweep'}",
+                 "sizes=[L1H8A2, L1H10A3, L1H16A2]", "pretrain.train.epochs=1", "finetune.train.epochs=2"]
     cfg = load_config(SweepConfig, CONFIG, overrides)
     result = run_sweep(cfg)
     # L1H10A3 is not a valid size (10 % 3 != 0): its three points fail, the other six complete
