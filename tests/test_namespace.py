@@ -84,8 +84,11 @@ def test_every_module_imports_and_imports_flow_one_way():
     assert not OLD_TOP_LEVEL & {m.split(".")[0] for m in sys.modules}
 
 
-def test_importing_hybrid_loads_no_torch():
-    code = "import sys, hybrid; print('torch' in sys.modules, hybrid.__version__)"
+def test_importing_hybrid_and_its_cli_loads_no_torch():
+    """``hybrid --version``, ``hybrid bootstrap`` and the one-line dependency errors work before torchrec
+    (or torch) is installed: the CLI module imports neither."""
+    code = ("import sys, hybrid, hybrid.cli; "
+            "print(any(m.split('.')[0] in ('torch', 'torchrec', 'fbgemm_gpu') for m in sys.modules), hybrid.__version__)")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd="/")
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["False", hybrid.__version__]
@@ -215,3 +218,18 @@ def test_every_import_path_in_the_readme_resolves():
             obj = getattr(obj, attr)
         checked += 1
     assert checked >= 10
+
+
+@pytest.mark.parametrize("missing, message", [
+    ("torchrec", "torchrec is not installed: run `hybrid bootstrap`"),
+    ("torch", "hybrid needs torch 2.13.x (found no torch)"),
+])
+def test_a_missing_stack_package_is_one_line_and_exit_2(monkeypatch, capsys, missing, message):
+    from hybrid import bootstrap
+    from hybrid.cli import EXIT_BAD_INPUT, main
+
+    real = bootstrap._version
+    monkeypatch.setattr(bootstrap, "_version", lambda dist: None if dist == missing else real(dist))
+    assert main(["pretrain", "--config", str(REPO / "configs" / "pretrain_tiny.yaml")]) == EXIT_BAD_INPUT
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1

@@ -7,7 +7,16 @@ alignment, table naming (:mod:`hybrid.core.feature_map`) —, the batch types ev
 training runtime (:mod:`hybrid.core.training`). Import direction: ``hybrid.jobs`` / CLI → ``hybrid.adapters``
 → ``hybrid.pretrain`` / ``hybrid.ctr_models`` → ``hybrid.core`` (``hybrid.data`` → ``hybrid.core``).
 """
-from hybrid.core.batch import CTRBatch, SequenceBatch
 from hybrid.core.feature_map import NUM_RESERVED_IDS, OOV_ID, PAD_ID
 
 __all__ = ["CTRBatch", "SequenceBatch", "PAD_ID", "OOV_ID", "NUM_RESERVED_IDS"]
+
+
+def __getattr__(name: str):
+    # The batch types need torchrec; loaded on first use, so the CLI's error handling and `hybrid bootstrap`
+    # (which import hybrid.core.errors) work before torchrec is installed.
+    if name in ("CTRBatch", "SequenceBatch"):
+        from hybrid.core import batch
+
+        return getattr(batch, name)
+    raise AttributeError(f"module 'hybrid.core' has no attribute {name!r}")
