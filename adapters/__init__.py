@@ -13,8 +13,9 @@ Targets: the built-in rankers (tables found by name; FT also moves every ``hybri
 GPSD ranker's, a transformer history encoder's) and any model of your own built on TorchRec
 ``EmbeddingCollection`` / ``EmbeddingBagCollection`` (sharded under DMP or not) or ``nn.Embedding``
 tables, through ``table_map``. Rows are aligned by raw value through the two feature maps, never by
-position. Imports ``hybrid.core``, torch and torchrec only (never ``hybrid``): feature maps come in as
-``FeatureMap`` objects or their dict form, and the raw-id alignment is ``hybrid.core.feature_map``'s.
+position. Imports ``hybrid.core``, the checkpoint layout of ``hybrid.pretrain``, torch and torchrec (never
+the jobs): feature maps come in as ``FeatureMap`` objects or their dict form, and the raw-id alignment is
+``hybrid.core.feature_map``'s.
 
 Order matters for freezing: ``apply_transfer`` → optimizers (trainable tables only) → sharding with
 ``hybrid.core.training.shard_model`` (tables without an optimizer get a learning-rate-0 fused kernel).

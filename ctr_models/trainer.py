@@ -29,7 +29,7 @@ Checkpoints (``hybrid.core.checkpoint``, DCP + manifest) hold the model weights 
 ``<checkpoint_dir>/best/step-…`` (the weights at the best evaluation, by the primary task's AUC) and
 ``<checkpoint_dir>/last/step-…``. Fine-tuning is short, so there is no mid-run resume.
 
-This module imports ``hybrid.core``, torch and torchrec only — never ``hybrid``: metrics leave through a
+This module imports ``hybrid.core``, torch and torchrec only — never the jobs, data or MLflow: metrics leave through a
 plain callback ``log_metrics(metrics, step, epoch)`` and loaders come in as arguments.
 
 Example:

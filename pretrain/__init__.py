@@ -1,6 +1,6 @@
 """Generative pretraining (GPSD-style): the model, its objectives and its training loop.
 
-Imports ``hybrid.core`` and torch only (never ``hybrid``). The job glue that reads prepared data and logs
+Imports ``hybrid.core`` and torch only (never the jobs, data or MLflow). The job glue that reads prepared data and logs
 to MLflow is ``hybrid.jobs.pretrain``; the command is ``hybrid pretrain``.
 
 Example:

@@ -25,7 +25,7 @@ dense AdamW and schedule state, the tables' optimizer state (DMP's fused optimiz
 global RNG). The data order is a function of ``seed`` and the epoch, so a resumed run skips the batches
 of the current epoch it already consumed and ends with the same weights as an uninterrupted one.
 
-This module imports ``hybrid.core`` and torch only — never ``hybrid``: metrics leave through a plain
+This module imports ``hybrid.core`` and torch only — never the jobs, data or MLflow: metrics leave through a plain
 callback ``log_metrics(metrics, step, epoch)`` and loaders come in as arguments.
 
 Example:

@@ -128,8 +128,17 @@ def test_a_users_pretrain_py_does_not_break_hybrid_pretrain(prepared_last_item_d
 
 
 def _build_wheel(dest: Path) -> Path:
+    # from a copy of the tracked sources: a setuptools build/ left in the tree would leak stale files into it
+    import shutil
+
+    tracked = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout
+    src = dest / "src"
+    for rel in tracked.split():
+        if (REPO / rel).is_file():
+            (src / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / rel, src / rel)
     done = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-                           "-w", str(dest), str(REPO)], capture_output=True, text=True, timeout=300)
+                           "-w", str(dest), str(src)], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     return next(dest.glob("hybrid_ctr-*.whl"))
 

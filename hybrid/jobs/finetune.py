@@ -2,7 +2,7 @@
 
 ``hybrid finetune --config cfg.yaml`` (one process) and ``torchrun --nproc_per_node=N -m hybrid finetune
 ...`` (sharded) both call :func:`run_finetune`. It is the glue between the data pipeline
-(:mod:`hybrid.data`), the training loop (:mod:`hybrid.ctr_models.trainer`, which knows nothing of ``hybrid``) and
+(:mod:`hybrid.data`), the training loop (:mod:`hybrid.ctr_models.trainer`, which knows nothing of the jobs) and
 MLflow (:mod:`hybrid.tracking`).
 
 The model is built in one place (:func:`build_model`); a ``prepare_model`` hook then sees it before any

@@ -2,7 +2,7 @@
 
 ``hybrid pretrain --config cfg.yaml`` (one process) and ``torchrun --nproc_per_node=N -m hybrid pretrain
 ...`` (sharded) both call :func:`run_pretrain`. It is the glue between the data pipeline
-(:mod:`hybrid.data`), the training loop (:mod:`hybrid.pretrain.trainer`, which knows nothing of ``hybrid``) and
+(:mod:`hybrid.data`), the training loop (:mod:`hybrid.pretrain.trainer`, which knows nothing of the jobs) and
 MLflow (:mod:`hybrid.tracking`).
 
 Output layout under ``cfg.out``::
