@@ -78,7 +78,8 @@ QUICK_FINETUNE = {
 def prepare_quick(root: Path, tracking_uri: str) -> dict[str, str]:
     """ML-100K prepared with both protocols (fetched through the project's own path when needed)."""
     from hybrid.data.fetch import fetch_movielens_100k
-    from hybrid.jobs.prepare import PrepareConfig, TrackingConfig, run_prepare
+    from hybrid.jobs.prepare import PrepareConfig, run_prepare
+    from hybrid.tracking import TrackingConfig
 
     raw = fetch_movielens_100k(root / "ml-100k")
     out = {}

@@ -103,10 +103,6 @@ def build_ranker(name: str, config: Any, vocab_sizes: Mapping[str, int], task_na
     """
     config_cls, model_cls = ranker_classes(name)
     cfg = config_cls() if config is None else config_from_dict(config_cls, config)
-    if item_vectors is None:
-        return model_cls(cfg, vocab_sizes, task_names, embedding_device=embedding_device)
-    if not hasattr(cfg, "multimodal"):
-        raise ValueError(f"build_ranker: ranker {name!r} has no multimodal features; item_vectors must be None")
     return model_cls(cfg, vocab_sizes, task_names, embedding_device=embedding_device, item_vectors=item_vectors)
 
 

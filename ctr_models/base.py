@@ -1,12 +1,15 @@
-"""The interface every built-in ranker implements (see :class:`Ranker`)."""
+"""The interface every built-in ranker implements, and the constructor steps they share (:class:`Ranker`)."""
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn
 
 from hybrid.core import CTRBatch
+from hybrid.ctr_models.features import FeatureConfig, FeatureSpec
+from hybrid.ctr_models.multimodal import MultimodalFeatures
 
 
 def validate_task_names(task_names: Sequence[str], config: str) -> tuple[str, ...]:
@@ -30,29 +33,56 @@ def validate_task_names(task_names: Sequence[str], config: str) -> tuple[str, ..
 
 
 class Ranker(nn.Module):
-    """Base class of the built-in CTR rankers.
+    """Base class of the built-in CTR rankers: one constructor path, one interface.
 
-    Subclasses implement ``forward(batch: CTRBatch) -> logits [B, T]`` with one column per entry of
-    ``task_names`` (same order as ``CTRBatch.labels``), and may override:
+    Every ranker is built as ``Ranker(config, vocab_sizes, task_names, embedding_device=None,
+    item_vectors=None)`` (:func:`hybrid.ctr_models.build_ranker` calls exactly this). Its ``__init__`` calls
+    ``super().__init__(config, vocab_sizes, task_names)`` first, which sets what every ranker has:
+
+    * ``config`` — the ranker's frozen config dataclass;
+    * ``task_names`` — validated label columns (one logit per task, in this order);
+    * ``spec`` — the :class:`~hybrid.ctr_models.features.FeatureSpec` of ``config.features`` over
+      ``vocab_sizes`` (a ranker with its own defaults passes ``features=``).
+
+    Subclasses implement ``forward(batch: CTRBatch) -> logits [B, T]`` and may override:
 
     * :meth:`auxiliary_losses` — extra loss terms of the **last** forward, already weighted, to be added to
       the BCE by the trainer (e.g. ``{"decorrelation": λ·L}``); empty by default.
     * :meth:`logging_metrics` — detached diagnostics of the last forward for MLflow
       (e.g. ``{"moe/cross_expert_corr": 0.12}``); empty by default.
 
-    A ranker with multimodal features keeps them in ``self.multimodal``
-    (:class:`hybrid.ctr_models.multimodal.MultimodalFeatures`, or ``None``); their loss (``mkmmd``) and metrics
-    (``mm/...``) are included here, so subclasses that override these methods merge with ``super()``.
+    The multimodal features (at most one :class:`~hybrid.ctr_models.multimodal.MultimodalFeatures` per
+    ranker, wherever it sits: in :class:`~hybrid.ctr_models.inputs.FlatInput` for DCN-v2 and MMoE) are found
+    by :attr:`multimodal_features`; their loss (``mkmmd``) and metrics (``mm/...``) are included here, so
+    subclasses that override these methods merge with ``super()``.
+
+    Args:
+        config: the ranker's config dataclass (its class name prefixes every error).
+        vocab_sizes: feature → vocabulary size (reserved ids included).
+        task_names: label columns.
+        features: the feature layout, when it is not ``config.features`` as written.
     """
 
     task_names: tuple[str, ...]
 
+    def __init__(self, config: Any, vocab_sizes: Mapping[str, int], task_names: Sequence[str], *,
+                 features: FeatureConfig | None = None) -> None:
+        super().__init__()
+        self.config = config
+        self.task_names = validate_task_names(task_names, type(config).__name__)
+        self.spec = FeatureSpec.from_vocab_sizes(vocab_sizes, config.features if features is None else features)
+
+    @property
+    def multimodal_features(self) -> MultimodalFeatures | None:
+        """The ranker's multimodal feature module (item-vector buffer, SimTier, MNSE, projection), or None."""
+        return next((m for m in self.modules() if isinstance(m, MultimodalFeatures)), None)
+
     def auxiliary_losses(self) -> dict[str, torch.Tensor]:
-        multimodal = getattr(self, "multimodal", None)
+        multimodal = self.multimodal_features
         return multimodal.auxiliary_losses() if multimodal is not None else {}
 
     def logging_metrics(self) -> dict[str, float]:
-        multimodal = getattr(self, "multimodal", None)
+        multimodal = self.multimodal_features
         return multimodal.logging_metrics() if multimodal is not None else {}
 
     def forward(self, batch: CTRBatch) -> torch.Tensor:  # pragma: no cover - abstract

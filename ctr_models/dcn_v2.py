@@ -26,8 +26,8 @@ from hybrid.ctr_models._config import (
     require_choice,
     require_positive_ints,
 )
-from hybrid.ctr_models.base import Ranker, validate_task_names
-from hybrid.ctr_models.features import FeatureConfig, FeatureSpec
+from hybrid.ctr_models.base import Ranker
+from hybrid.ctr_models.features import FeatureConfig
 from hybrid.ctr_models.history import HistoryConfig
 from hybrid.ctr_models.inputs import FlatInput
 from hybrid.ctr_models.layers import MLP, TaskHeads
@@ -130,13 +130,9 @@ class DCNv2(Ranker):
     def __init__(self, config: DCNv2Config, vocab_sizes: Mapping[str, int], task_names: Sequence[str],
                  embedding_device: torch.device | str | None = None,
                  item_vectors: torch.Tensor | None = None) -> None:
-        super().__init__()
-        self.config = config
-        self.task_names = validate_task_names(task_names, "DCNv2Config")
-        self.spec = FeatureSpec.from_vocab_sizes(vocab_sizes, config.features)
-        self.multimodal = build_multimodal(config.multimodal, item_vectors, self.spec, "DCNv2Config")
+        super().__init__(config, vocab_sizes, task_names)
         self.input = FlatInput(self.spec, config.history, embedding_device,
-                               extra_dim=self.multimodal.output_dim if self.multimodal is not None else 0)
+                               multimodal=build_multimodal(config.multimodal, item_vectors, self.spec, "DCNv2Config"))
         d = self.input.output_dim
         self.cross = build_cross_net(config.cross_type, d, config.num_cross_layers, config.low_rank,
                                      config.num_experts)
@@ -146,11 +142,7 @@ class DCNv2(Ranker):
         self.heads = TaskHeads(head_in, len(self.task_names), config.tower_hidden, config.dropout)
 
     def forward(self, batch: CTRBatch) -> torch.Tensor:
-        if self.multimodal is None:
-            x0 = self.input(batch)
-        else:
-            inputs = self.input.features(batch)
-            x0 = self.input.flatten(inputs, self.multimodal(batch, inputs))
+        x0 = self.input(batch)
         if self.config.structure == "stacked":
             h = self.deep(self.cross(x0))
         else:

@@ -27,12 +27,11 @@ from torch import nn
 
 from hybrid.core import CTRBatch
 from hybrid.ctr_models._config import freeze_lists, require
-from hybrid.ctr_models.base import Ranker, validate_task_names
+from hybrid.ctr_models.base import Ranker
 from hybrid.ctr_models.features import (
     HISTORY_ONLY_FIELDS,
     CTRFeatures,
     FeatureConfig,
-    FeatureSpec,
     base_feature,
 )
 from hybrid.ctr_models.history import (
@@ -94,6 +93,7 @@ class GPSDRanker(Ranker):
         vocab_sizes: feature → vocabulary size.
         task_names: one head per task.
         embedding_device: where the tables are created.
+        item_vectors: must be ``None`` (the same constructor as every ranker; no multimodal features here).
 
     Shapes:
         ``forward(batch) → [B, T]``; the backbone runs on ``[B, max_len + 1, d]``.
@@ -105,11 +105,11 @@ class GPSDRanker(Ranker):
     """
 
     def __init__(self, config: GPSDRankerConfig, vocab_sizes: Mapping[str, int], task_names: Sequence[str],
-                 embedding_device: torch.device | str | None = None) -> None:
-        super().__init__()
-        self.config = config
-        self.task_names = validate_task_names(task_names, "GPSDRankerConfig")
-        self.spec = FeatureSpec.from_vocab_sizes(vocab_sizes, _sequence_only(config.features, vocab_sizes))
+                 embedding_device: torch.device | str | None = None,
+                 item_vectors: torch.Tensor | None = None) -> None:
+        super().__init__(config, vocab_sizes, task_names, features=_sequence_only(config.features, vocab_sizes))
+        require(item_vectors is None, "GPSDRankerConfig", "multimodal",
+                "the GPSD ranker has no multimodal features; item_vectors must be None")
         require(self.spec.has_history and self.spec.has_target, "GPSDRankerConfig", "features.history_fields",
                 "the GPSD ranker needs a history whose feature is also a candidate field (e.g. item_id); got "
                 f"history {self.spec.history_fields}, candidate fields {self.spec.single_fields}")

@@ -36,7 +36,7 @@ from hybrid.ctr_models._config import (
     require_choice,
     require_positive_ints,
 )
-from hybrid.ctr_models.base import Ranker, validate_task_names
+from hybrid.ctr_models.base import Ranker
 from hybrid.ctr_models.dcn_v2 import CROSS_TYPES, build_cross_net
 from hybrid.ctr_models.features import FeatureConfig, FeatureSpec
 from hybrid.ctr_models.history import HistoryConfig
@@ -234,24 +234,16 @@ class MMoE(_MoEMixin, Ranker):
     def __init__(self, config: MMoEConfig, vocab_sizes: Mapping[str, int], task_names: Sequence[str],
                  embedding_device: torch.device | str | None = None,
                  item_vectors: torch.Tensor | None = None) -> None:
-        super().__init__()
-        self.config = config
-        self.task_names = validate_task_names(task_names, "MMoEConfig")
-        self.spec = FeatureSpec.from_vocab_sizes(vocab_sizes, config.features)
-        self.multimodal = build_multimodal(config.multimodal, item_vectors, self.spec, "MMoEConfig")
+        super().__init__(config, vocab_sizes, task_names)
         self.input = FlatInput(self.spec, config.history, embedding_device,
-                               extra_dim=self.multimodal.output_dim if self.multimodal is not None else 0)
+                               multimodal=build_multimodal(config.multimodal, item_vectors, self.spec, "MMoEConfig"))
         d = self.input.output_dim
         self.experts = nn.ModuleList(MLP(d, config.expert_hidden, dropout=config.dropout)
                                      for _ in range(config.num_experts))
         self._build_mixture(d, config)
 
     def forward(self, batch: CTRBatch) -> torch.Tensor:
-        if self.multimodal is None:
-            x = self.input(batch)
-        else:
-            inputs = self.input.features(batch)
-            x = self.input.flatten(inputs, self.multimodal(batch, inputs))
+        x = self.input(batch)
         experts = torch.stack([e(x) for e in self.experts], 0)                     # [K, B, H]
         return self._mix(experts, x)
 
@@ -363,10 +355,9 @@ class MultiEmbeddingMoE(_MoEMixin, Ranker):
     def __init__(self, config: MultiEmbeddingMoEConfig, vocab_sizes: Mapping[str, int],
                  task_names: Sequence[str], embedding_device: torch.device | str | None = None,
                  item_vectors: torch.Tensor | None = None) -> None:
-        super().__init__()
-        self.config = config
-        self.task_names = validate_task_names(task_names, "MultiEmbeddingMoEConfig")
-        self.spec = FeatureSpec.from_vocab_sizes(vocab_sizes, config.features)
+        super().__init__(config, vocab_sizes, task_names)
+        # One multimodal module for all K embedding sets (computed once; MK-MMD sees every set's item
+        # embeddings), so it sits here and the experts' FlatInputs take its output as extra features.
         self.multimodal = build_multimodal(config.multimodal, item_vectors, self.spec, "MultiEmbeddingMoEConfig")
         extra_dim = self.multimodal.output_dim if self.multimodal is not None else 0
         self.experts = nn.ModuleList(InteractionExpert(self.spec, config, embedding_device, extra_dim)

@@ -43,8 +43,8 @@ from hybrid.ctr_models._config import (
     require_choice,
     require_positive_ints,
 )
-from hybrid.ctr_models.base import Ranker, validate_task_names
-from hybrid.ctr_models.features import CTRFeatures, FeatureConfig, FeatureSpec
+from hybrid.ctr_models.base import Ranker
+from hybrid.ctr_models.features import CTRFeatures, FeatureConfig
 from hybrid.ctr_models.layers import MLP, TaskHeads, masked_softmax
 from hybrid.ctr_models.multimodal import MultimodalConfig, build_multimodal
 
@@ -222,10 +222,7 @@ class TIN(Ranker):
     def __init__(self, config: TINConfig, vocab_sizes: Mapping[str, int], task_names: Sequence[str],
                  embedding_device: torch.device | str | None = None,
                  item_vectors: torch.Tensor | None = None) -> None:
-        super().__init__()
-        self.config = config
-        self.task_names = validate_task_names(task_names, "TINConfig")
-        self.spec = FeatureSpec.from_vocab_sizes(vocab_sizes, config.features)
+        super().__init__(config, vocab_sizes, task_names)
         require(self.spec.has_history and self.spec.has_target, "TINConfig", "features.history_fields",
                 "TIN needs a history sequence whose feature is also a candidate field (e.g. item_id); got "
                 f"history {self.spec.history_fields}, candidate fields {self.spec.single_fields}")

@@ -25,6 +25,7 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -205,6 +206,28 @@ class Tracker:
             target = Path(tmp) / file_name
             target.write_text(json.dumps(data, indent=2, default=str))
             self.client.log_artifact(run_id, str(target))
+
+
+@dataclass
+class TrackingConfig:
+    """MLflow settings (a section of every stage's config).
+
+    Args:
+        tracking_uri: explicit URI; empty → ``MLFLOW_TRACKING_URI`` → ``sqlite:///<out>/mlflow.db``.
+        experiment: experiment name (one per study).
+        enabled: ``false`` turns logging off.
+    """
+
+    tracking_uri: str | None = None
+    experiment: str = "hybrid"
+    enabled: bool = True
+
+
+
+def make_tracker(cfg: TrackingConfig, out_dir: str | os.PathLike) -> Tracker:
+    """The tracker a stage config asks for; its default store is ``sqlite:///<out_dir>/mlflow.db``."""
+    return Tracker(resolve_tracking_uri(cfg.tracking_uri, out_dir), cfg.experiment,
+                   enabled=None if cfg.enabled else False)
 
 
 def _param_value(value: Any) -> str:

@@ -2,13 +2,15 @@
 from __future__ import annotations
 
 import dataclasses
+import inspect
 
 import pytest
 import torch
 from ctr_synthetic import SYNTHETIC_VOCAB_SIZES, make_synthetic_batch
 from sklearn.metrics import roc_auc_score
 
-from hybrid.ctr_models import RANKER_NAMES, build_ranker
+from hybrid.core.feature_map import base_feature
+from hybrid.ctr_models import RANKER_NAMES, Ranker, build_ranker, ranker_classes
 from hybrid.ctr_models._config import config_from_dict
 from hybrid.ctr_models.dcn_v2 import DCNv2, DCNv2Config
 from hybrid.ctr_models.features import FeatureConfig
@@ -221,6 +223,21 @@ def test_registry_builds_every_ranker_and_forward_is_sane(name):
     one = make_synthetic_batch(1, torch.Generator().manual_seed(3), ("in_history",), max_hist=0)
     model.eval()
     assert torch.isfinite(model(one)).all()
+
+
+@pytest.mark.parametrize("name", RANKER_NAMES)
+def test_every_ranker_has_one_constructor_path(name):
+    """Same signature, and the Ranker base sets config / task_names / spec for all of them."""
+    _, model_cls = ranker_classes(name)
+    assert issubclass(model_cls, Ranker)
+    params = list(inspect.signature(model_cls.__init__).parameters)
+    assert params == ["self", "config", "vocab_sizes", "task_names", "embedding_device", "item_vectors"]
+    model = model_cls(_tiny(name), SYNTHETIC_VOCAB_SIZES, ["click"])
+    assert model.config == _tiny(name) and model.task_names == ("click",)
+    assert {base_feature(k) for k in model.spec.kjt_keys} <= set(SYNTHETIC_VOCAB_SIZES)
+    assert model.multimodal_features is None
+    with pytest.raises(ValueError, match=f"{type(_tiny(name)).__name__}: task_names has duplicates"):
+        model_cls(_tiny(name), SYNTHETIC_VOCAB_SIZES, ["click", "click"])
 
 
 def test_build_ranker_from_nested_mapping():

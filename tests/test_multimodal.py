@@ -352,7 +352,9 @@ def test_each_ranker_trains_with_each_feature_on_ml100k(ranker, feature, title_v
     config = {**RANKERS[ranker], "features": {"embedding_dim": 16, "max_len": 20},
               "multimodal": MULTIMODAL[feature]}
     model = build_ranker(ranker, config, vocab_sizes, ("click",), item_vectors=title_vectors.vectors)
-    assert "multimodal.item_vectors" in model.state_dict()                 # a buffer: saved, not trained
+    # one module per ranker (FlatInput's for DCN-v2 / MMoE), its vectors a buffer: saved, not trained
+    assert sum(k.endswith("multimodal.item_vectors") for k in model.state_dict()) == 1
+    assert model.multimodal_features is not None
     assert all("item_vectors" not in n for n, _ in model.named_parameters())
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     model.train()
@@ -366,7 +368,7 @@ def test_each_ranker_trains_with_each_feature_on_ml100k(ranker, feature, title_v
         opt.zero_grad()
         loss.backward()
         if step == 0:
-            mm = model.multimodal
+            mm = model.multimodal_features
             grads = {"simtier": mm.simtier.tier_embedding.grad if mm.simtier is not None else None,
                      "mnse": mm.mnse["max_similarity"].tables["base2"].weight.grad if len(mm.mnse) else None,
                      "mkmmd": mm.projection.layers[0].weight.grad if mm.projection is not None else None}
@@ -396,7 +398,7 @@ def test_multimodal_config_and_construction_errors(title_vectors):
     with pytest.raises(ValueError, match="expected shape"):
         build_ranker("dcn_v2", {"multimodal": {"simtier": True}}, vocab, ("click",),
                      item_vectors=title_vectors.vectors[:-1])
-    with pytest.raises(ValueError, match="'gpsd' has no multimodal features"):
+    with pytest.raises(ValueError, match="GPSDRankerConfig.multimodal: the GPSD ranker has no multimodal features"):
         build_ranker("gpsd", None, vocab, ("click",), item_vectors=title_vectors.vectors)
     with pytest.raises(ValueError, match="MultimodalConfig.mnse_inputs"):
         build_ranker("tin", {"multimodal": {"mnse": True, "mnse_inputs": ["similarity"]}}, vocab, ("click",))
@@ -435,7 +437,7 @@ def test_finetune_job_passes_file_vectors_to_the_ranker_and_reloads_them(title_v
     result = run_finetune(cfg)
     model, manifest = load_finetuned(result["last_checkpoint"])
     assert manifest["item_vectors_shape"] == list(title_vectors.vectors.shape)
-    torch.testing.assert_close(model.multimodal.item_vectors, title_vectors.vectors)
+    torch.testing.assert_close(model.multimodal_features.item_vectors, title_vectors.vectors)
     client = MlflowClient(store)
     [run] = client.search_runs([client.get_experiment_by_name("mm").experiment_id])
     metric_names = set(run.data.metrics)

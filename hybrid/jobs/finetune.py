@@ -25,7 +25,6 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import time
 from collections.abc import Callable, Mapping
@@ -37,7 +36,7 @@ import torch
 import yaml
 
 from hybrid.adapters import TransferConfig
-from hybrid.config import from_mapping, to_dict, to_yaml
+from hybrid.config import from_mapping, to_dict
 from hybrid.core.checkpoint import (
     latest_checkpoint,
     load_checkpoint,
@@ -45,7 +44,7 @@ from hybrid.core.checkpoint import (
 )
 from hybrid.core.errors import HybridInputError
 from hybrid.core.feature_map import FeatureMap
-from hybrid.core.training import init_distributed, seed_everything
+from hybrid.core.training import seed_everything
 from hybrid.ctr_models import Ranker, build_ranker, ranker_classes
 from hybrid.ctr_models.trainer import (
     BEST,
@@ -65,8 +64,10 @@ from hybrid.data.batching import (
 from hybrid.data.item_vectors import ItemVectorsConfig, load_item_vectors
 from hybrid.data.protocols import USER_FIELDS
 from hybrid.data.store import data_hash, load_prepared
-from hybrid.jobs.prepare import DataConfig, TrackingConfig, make_tracker
+from hybrid.jobs.prepare import DataConfig
+from hybrid.jobs.stage import refuse_existing, training_stage
 from hybrid.jobs.transfer import transfer_hook
+from hybrid.tracking import TrackingConfig
 
 CHECKPOINTS = "checkpoints"
 #: Features a CTR batch can carry (``CTRBatchConverter``): user fields, candidate fields, the genres bag and
@@ -252,19 +253,10 @@ def run_finetune(cfg: FinetuneConfig, parent_run: str | None = None, prepare_mod
     out = Path(cfg.out)
     root = out / CHECKPOINTS
     for kind in (BEST, LAST):
-        if latest_checkpoint(root / kind) is not None:
-            raise HybridInputError(f"{root / kind}: already holds a fine-tuned checkpoint; choose another out "
-                                   "(a finished run is never overwritten)")
+        refuse_existing(root / kind, "a fine-tuned run is never overwritten; choose another out")
 
-    import torch.distributed as dist
-
-    had_group = dist.is_initialized()
-    ctx = init_distributed()
-    own_group = ctx.is_distributed and not had_group  # a group we started is ours to end
-    try:
-        if cfg.train.batch_size % ctx.world_size:
-            raise HybridInputError(f"train.batch_size ({cfg.train.batch_size}) must be divisible by the "
-                                   f"{ctx.world_size} processes")
+    with training_stage(out, cfg.train.batch_size) as stage:
+        ctx = stage.ctx
         # Built on CPU on every rank (same seed, same values) even when sharded: prepare_model sees real
         # tables it can load into, and shard_model carries non-meta table values into the shards.
         item_vectors = job_item_vectors(cfg, fm)
@@ -286,12 +278,9 @@ def run_finetune(cfg: FinetuneConfig, parent_run: str | None = None, prepare_mod
             CTRBatchConverter(prepared, "ctr_test", max_history=window, fields=fields, task_names=tasks),
             batch_size=cfg.train.eval_batch_size, shuffle=False)  # whole split on every rank
 
-        if ctx.rank == 0:
-            out.mkdir(parents=True, exist_ok=True)
-            (out / "config.yaml").write_text(to_yaml(cfg))
-            fm.save(out / "feature_map.json")
-            if report is not None:
-                (out / "transfer_report.json").write_text(json.dumps(report, indent=2, default=str))
+        stage.write_inputs(cfg, fm)
+        if report is not None:
+            stage.write_json("transfer_report.json", report)
 
         dhash = prepared.stats.get("data_hash") or data_hash(cfg.data)
         # dense_params is GPSD's count (the backbone's) when the ranker has a transformer backbone — the N
@@ -299,8 +288,7 @@ def run_finetune(cfg: FinetuneConfig, parent_run: str | None = None, prepare_mod
         tags = {"stage": "finetune", "ranker": cfg.ranker.name, "strategy": strategy, "seed": cfg.train.seed,
                 "dense_params": counts["backbone"] or counts["dense"], "dense_params_total": counts["dense"],
                 "sparse_params": counts["sparse"], "data_hash": dhash,
-                "protocol": prepared.stats.get("protocol", "unknown"), "tasks": ",".join(tasks),
-                "world_size": ctx.world_size}
+                "protocol": prepared.stats.get("protocol", "unknown"), "tasks": ",".join(tasks)}
         backbone = _backbone_config(core.config)
         if backbone is not None:
             tags["model_size"] = backbone.size_name
@@ -308,9 +296,8 @@ def run_finetune(cfg: FinetuneConfig, parent_run: str | None = None, prepare_mod
             # a transfer report (adapters.TransferReport.to_dict) links the run to its pretraining run
             tags.update({k: v for k, v in (report.get("tags") or {}).items() if k not in tags})
 
-        tracker = make_tracker(cfg.tracking, out)
         run_name = f"finetune-{cfg.ranker.name}-{strategy}-seed{cfg.train.seed}"
-        with tracker.run(run_name, parent=parent_run, tags=tags) as run:
+        with stage.track(cfg.tracking, run_name, parent=parent_run, tags=tags) as (tracker, run):
             tracker.log_params(run, {**to_dict(cfg), "resolved_ranker": dataclasses.asdict(core.config)})
             if report is not None:
                 tracker.log_json(run, report, "transfer_report.json")
@@ -343,13 +330,9 @@ def run_finetune(cfg: FinetuneConfig, parent_run: str | None = None, prepare_mod
                            best_checkpoint=str(result.best_checkpoint) if result.best_checkpoint else None,
                            last_checkpoint=str(result.last_checkpoint) if result.last_checkpoint else None,
                            seconds=round(time.perf_counter() - started, 2))
-            if ctx.rank == 0:
-                (out / "result.json").write_text(json.dumps(summary, indent=2))
+            stage.write_json("result.json", summary)
             tracker.log_json(run, summary, "finetune_result.json")
         return summary
-    finally:
-        if own_group and dist.is_initialized():
-            dist.destroy_process_group()
 
 
 def _backbone_config(config: Any) -> Any:

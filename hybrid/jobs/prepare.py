@@ -5,14 +5,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from hybrid.config import to_dict, to_yaml
 from hybrid.data.protocols import PreparedData, ProtocolConfig, prepare
 from hybrid.data.readers import read_dataset
 from hybrid.data.schema import RawDataset
 from hybrid.data.store import save_prepared
-from hybrid.tracking import Tracker, resolve_tracking_uri
+from hybrid.tracking import Tracker, TrackingConfig, make_tracker
 
 
 @dataclass
@@ -39,21 +38,6 @@ class DataConfig:
 
 
 @dataclass
-class TrackingConfig:
-    """MLflow settings (see :mod:`hybrid.tracking`).
-
-    Args:
-        tracking_uri: explicit URI; empty → ``MLFLOW_TRACKING_URI`` → ``sqlite:///<out>/mlflow.db``.
-        experiment: experiment name (one per study).
-        enabled: ``false`` turns logging off.
-    """
-
-    tracking_uri: str | None = None
-    experiment: str = "hybrid"
-    enabled: bool = True
-
-
-@dataclass
 class PrepareConfig:
     """``hybrid data prepare``: data + protocol → ``out``."""
 
@@ -61,11 +45,6 @@ class PrepareConfig:
     protocol: ProtocolConfig = field(default_factory=ProtocolConfig)
     out: str = "runs/prepared"
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
-
-
-def make_tracker(cfg: TrackingConfig, out_dir: str | Path) -> Tracker:
-    return Tracker(resolve_tracking_uri(cfg.tracking_uri, out_dir), cfg.experiment,
-                   enabled=None if cfg.enabled else False)
 
 
 def run_prepare(cfg: PrepareConfig, tracker: Tracker | None = None, parent_run: str | None = None) -> PreparedData:

@@ -20,7 +20,6 @@ Example:
 """
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,17 +28,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from hybrid.config import from_mapping, to_dict, to_yaml
+from hybrid.config import from_mapping, to_dict
 from hybrid.core.backbones import BackboneConfig
 from hybrid.core.backbones.config import BackboneKind
-from hybrid.core.checkpoint import CheckpointError, latest_checkpoint, read_manifest
+from hybrid.core.checkpoint import CheckpointError, read_manifest
 from hybrid.core.errors import HybridInputError
 from hybrid.core.feature_map import FeatureMap, table_name
-from hybrid.core.training import init_distributed
 from hybrid.data.batching import SEQUENCE_FEATURES, SequenceBatchConverter, make_loader
 from hybrid.data.protocols import PreparedData
 from hybrid.data.store import data_hash, load_prepared
-from hybrid.jobs.prepare import TrackingConfig, make_tracker
+from hybrid.jobs.stage import refuse_existing, training_stage
 from hybrid.pretrain.model import GenerativeModelConfig
 from hybrid.pretrain.objectives import ObjectiveConfig
 from hybrid.pretrain.trainer import (
@@ -49,6 +47,7 @@ from hybrid.pretrain.trainer import (
     train,
     unwrap,
 )
+from hybrid.tracking import TrackingConfig
 
 CHECKPOINTS = "checkpoints"
 
@@ -186,27 +185,14 @@ def run_pretrain(cfg: PretrainConfig, resume: bool = False, parent_run: str | No
     model_cfg = cfg.model.build(cfg.train.max_len, available)
     out = Path(cfg.out)
     root = out / CHECKPOINTS
-    last = latest_checkpoint(root)
-    if last is not None and not resume:
-        raise HybridInputError(f"{root}: already holds a checkpoint ({last.name}); pass --resume to continue it "
-                               "or choose another out")
+    last = refuse_existing(root, "pass --resume to continue it or choose another out", allow=resume)
 
-    import torch.distributed as dist
-
-    had_group = dist.is_initialized()
-    ctx = init_distributed()
-    own_group = ctx.is_distributed and not had_group  # a group we started is ours to end
-    try:
+    with training_stage(out, cfg.train.batch_size) as stage:
+        ctx = stage.ctx
         # every check before the first write: a refused run leaves ``out`` as it was
         if last is not None:
             check_feature_map(last, read_manifest(last), fm, model_cfg.features, cfg.data)
-        if cfg.train.batch_size % ctx.world_size:
-            raise HybridInputError(f"train.batch_size ({cfg.train.batch_size}) must be divisible by the "
-                                   f"{ctx.world_size} processes")
-        if ctx.rank == 0:
-            out.mkdir(parents=True, exist_ok=True)
-            (out / "config.yaml").write_text(to_yaml(cfg))
-            fm.save(out / "feature_map.json")
+        stage.write_inputs(cfg, fm)
 
         features = list(model_cfg.features)
         train_loader = make_loader(
@@ -224,14 +210,12 @@ def run_pretrain(cfg: PretrainConfig, resume: bool = False, parent_run: str | No
         dhash = prepared.stats.get("data_hash") or data_hash(cfg.data)
         tags = {"stage": "pretrain", "strategy": "none", "model_size": model_cfg.backbone.size_name,
                 "backbone_kind": model_cfg.backbone.kind, "dense_params": core.dense_parameter_count(),
-                "sparse_params": core.sparse_parameter_count(), "data_hash": dhash,
-                "world_size": ctx.world_size}
+                "sparse_params": core.sparse_parameter_count(), "data_hash": dhash}
         if last is not None:
             tags["resumed_from"] = str(last)
 
-        tracker = make_tracker(cfg.tracking, out)
         run_name = f"pretrain-{model_cfg.backbone.size_name}-{model_cfg.backbone.kind}"
-        with tracker.run(run_name, parent=parent_run, tags=tags) as run:
+        with stage.track(cfg.tracking, run_name, parent=parent_run, tags=tags) as (tracker, run):
             tracker.log_params(run, {**to_dict(cfg), "resolved_model": model_cfg.to_dict()})
             tracker.log_metrics(run, {f"baseline/popularity_{k}": v for k, v in baseline.items()}, step=0)
 
@@ -247,10 +231,6 @@ def run_pretrain(cfg: PretrainConfig, resume: bool = False, parent_run: str | No
                        "step": result.step, "epoch": result.epoch,
                        "seconds_per_step": float(np.median(result.step_seconds)) if result.step_seconds else None,
                        "seconds": round(time.perf_counter() - started, 2)}
-            if ctx.rank == 0:
-                (out / "result.json").write_text(json.dumps(summary, indent=2))
+            stage.write_json("result.json", summary)
             tracker.log_json(run, summary, "pretrain_result.json")
         return summary
-    finally:
-        if own_group and dist.is_initialized():
-            dist.destroy_process_group()

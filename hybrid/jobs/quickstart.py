@@ -23,16 +23,11 @@ from hybrid.config import load_config
 from hybrid.data.fetch import fetch_movielens_100k
 from hybrid.data.protocols import ProtocolConfig
 from hybrid.jobs.finetune import FinetuneConfig, run_finetune
-from hybrid.jobs.prepare import (
-    DataConfig,
-    PrepareConfig,
-    TrackingConfig,
-    make_tracker,
-    run_prepare,
-)
+from hybrid.jobs.prepare import DataConfig, PrepareConfig, run_prepare
 from hybrid.jobs.pretrain import PretrainConfig, run_pretrain
 from hybrid.jobs.transfer import transfer_config
 from hybrid.review import run_review
+from hybrid.tracking import TrackingConfig, make_tracker
 
 EXPERIMENT = "quickstart-ml-100k"
 #: the stage configs ship inside the package (``configs/`` of the repository is ``hybrid.configs``)

@@ -28,10 +28,9 @@ from typing import Any
 from hybrid.core.backbones import BackboneConfig
 from hybrid.core.errors import HybridInputError
 from hybrid.jobs.finetune import FinetuneConfig, RankerSpec, run_finetune
-from hybrid.jobs.prepare import TrackingConfig, make_tracker
 from hybrid.jobs.pretrain import PretrainConfig, run_pretrain
 from hybrid.jobs.transfer import STRATEGIES, transfer_config
-from hybrid.tracking import TAGS
+from hybrid.tracking import TAGS, TrackingConfig, make_tracker
 
 RESULT = "result.json"
 

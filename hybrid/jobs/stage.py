@@ -1,0 +1,129 @@
+"""The skeleton every training stage shares (``hybrid pretrain``, ``hybrid finetune``).
+
+A stage checks everything it can before it writes anything, then runs inside :func:`training_stage`:
+
+1. :func:`refuse_existing` — a finished (or, for pretraining, resumable) ``out`` is never overwritten;
+2. :func:`training_stage` — joins or starts the process group (``torchrun``), ends the one it started, and
+   refuses a global batch size the processes cannot split evenly;
+3. :meth:`Stage.write_inputs` / :meth:`Stage.write_json` — files under ``out``, written by rank 0 only;
+4. :meth:`Stage.track` — the stage's MLflow run (rank 0 logs, other ranks get no-op calls).
+
+Errors need no translation here: every bad-input error of the library is a
+:class:`~hybrid.core.errors.HybridInputError`, which the CLI prints as one line (exit 2).
+
+Example:
+    >>> refuse_existing(Path(cfg.out) / "checkpoints", "choose another out")
+    >>> with training_stage(cfg.out, cfg.train.batch_size) as stage:
+    ...     stage.write_inputs(cfg, feature_map)
+    ...     with stage.track(cfg.tracking, "pretrain-L4H64A4", tags={"stage": "pretrain"}) as (tracker, run):
+    ...         tracker.log_metrics(run, {"eval/auc": 0.8}, step=100)
+    ...     stage.write_json("result.json", {"auc": 0.8})
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from hybrid.config import to_yaml
+from hybrid.core.checkpoint import latest_checkpoint
+from hybrid.core.errors import HybridInputError
+from hybrid.core.feature_map import FeatureMap
+from hybrid.core.training import DistributedContext, init_distributed
+from hybrid.tracking import Tracker, TrackingConfig, make_tracker
+
+
+def refuse_existing(root: str | Path, advice: str, *, allow: bool = False) -> Path | None:
+    """The newest complete checkpoint under ``root``; refused (one line naming it) unless ``allow``.
+
+    Args:
+        root: a checkpoint root (``<out>/checkpoints``, ``<out>/checkpoints/best``).
+        advice: what the user can do instead, e.g. ``"pass --resume to continue it or choose another out"``.
+        allow: return the checkpoint instead of refusing (``--resume``).
+
+    Raises:
+        HybridInputError: ``root`` already holds a checkpoint and ``allow`` is false.
+    """
+    root = Path(root)
+    last = latest_checkpoint(root)
+    if last is not None and not allow:
+        raise HybridInputError(f"{root}: already holds a checkpoint ({last.name}); {advice}")
+    return last
+
+
+@dataclass
+class Stage:
+    """One running stage: its output directory and its place in the process group.
+
+    Args:
+        out: the stage's output directory (created by the first write).
+        ctx: rank, world size and device (:func:`~hybrid.core.training.init_distributed`).
+    """
+
+    out: Path
+    ctx: DistributedContext
+
+    @property
+    def is_writer(self) -> bool:
+        """Rank 0 writes the output files and logs to MLflow; the other ranks only train."""
+        return self.ctx.rank == 0
+
+    def write_text(self, name: str, text: str) -> None:
+        """Write ``out/name`` (rank 0 only)."""
+        if self.is_writer:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / name).write_text(text)
+
+    def write_json(self, name: str, data: Any) -> None:
+        """Write ``data`` as indented JSON to ``out/name`` (rank 0 only)."""
+        self.write_text(name, json.dumps(data, indent=2, default=str))
+
+    def write_inputs(self, cfg: Any, feature_map: FeatureMap) -> None:
+        """What the stage ran with: ``config.yaml`` (the resolved config) and ``feature_map.json``."""
+        self.write_text("config.yaml", to_yaml(cfg))
+        if self.is_writer:
+            feature_map.save(self.out / "feature_map.json")
+
+    @contextlib.contextmanager
+    def track(self, tracking: TrackingConfig, name: str, *, parent: str | None = None,
+              tags: Mapping[str, Any] | None = None) -> Iterator[tuple[Tracker, str | None]]:
+        """The stage's MLflow run (nested under ``parent``); ends FAILED if the body raises.
+
+        Yields ``(tracker, run_id)``; ``run_id`` is ``None`` where nothing is logged (other ranks, tracking
+        disabled) and every tracker call is then a no-op.
+        """
+        tracker = make_tracker(tracking, self.out)
+        with tracker.run(name, parent=parent, tags={**(tags or {}), "world_size": self.ctx.world_size}) as run:
+            yield tracker, run
+
+
+@contextlib.contextmanager
+def training_stage(out: str | Path, batch_size: int) -> Iterator[Stage]:
+    """Run a training stage in the process group ``torchrun`` describes (or as one process).
+
+    A process group this call starts is destroyed when the stage ends, successfully or not; one that was
+    already running (a caller's, a test's) is left alone.
+
+    Args:
+        out: the stage's output directory.
+        batch_size: the global batch size, split evenly over the processes.
+
+    Raises:
+        HybridInputError: ``batch_size`` is not divisible by the number of processes.
+    """
+    import torch.distributed as dist
+
+    had_group = dist.is_initialized()
+    ctx = init_distributed()
+    own_group = ctx.is_distributed and not had_group
+    try:
+        if batch_size % ctx.world_size:
+            raise HybridInputError(f"train.batch_size ({batch_size}) must be divisible by the "
+                                   f"{ctx.world_size} processes")
+        yield Stage(Path(out), ctx)
+    finally:
+        if own_group and dist.is_initialized():
+            dist.destroy_process_group()
