@@ -16,8 +16,10 @@ Example:
     >>> cfg = TransferConfig(strategy="st_sf", checkpoint="runs/pretrain/checkpoints")
     >>> cfg.strategy.freezes_tables, cfg.strategy.moves_backbone
     (True, False)
-    >>> TransferConfig(strategy="ft", checkpoint="ckpt", table_map={"t_item_id": "item_emb"},
-    ...                new_rows="mean")
+    >>> cfg = TransferConfig(strategy="ft", checkpoint="ckpt", table_map={"t_item_id": "item_emb"},
+    ...                      new_rows="mean")
+    >>> cfg.strategy.moves_backbone, [t.path for t in cfg.table_map["t_item_id"]]      # one or more targets
+    (True, ['item_emb'])
 """
 from __future__ import annotations
 
@@ -92,7 +94,8 @@ class TableTarget:
             table's feature.
 
     Example:
-        >>> TableTarget("tower.item_table", feature="movie_id")
+        >>> TableTarget("tower.item_table", feature="movie_id").feature
+        'movie_id'
     """
 
     path: str

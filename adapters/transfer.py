@@ -109,9 +109,9 @@ def apply_transfer(
             table and both shapes), a table that cannot be frozen where it is, a missing feature map.
 
     Example:
-        >>> model = build_ranker("dcn_v2", None, fm.vocab_sizes(), ("click",))
-        >>> report = apply_transfer(model, TransferConfig("st_sf", "runs/pre/checkpoints"), fm)
-        >>> report.frozen_tables
+        >>> model = build_ranker("dcn_v2", None, fm.vocab_sizes(), ("click",))              # doctest: +SKIP
+        >>> report = apply_transfer(model, TransferConfig("st_sf", "runs/pre/checkpoints"), fm)  # doctest: +SKIP
+        >>> report.frozen_tables                                                              # doctest: +SKIP
         ['input.features.ec:t_item_id', 'input.features.ec:t_category', 'input.features.ec:t_action']
     """
     if not isinstance(config, TransferConfig):

@@ -44,12 +44,12 @@ sys.path.insert(0, str(REPO))
 from hybrid.config import load_config  # noqa: E402
 from hybrid.core.batch import CTRBatch  # noqa: E402
 from hybrid.core.feature_map import PAD_ID  # noqa: E402
+from hybrid.core.jagged import jagged_to_padded, lengths_to_mask  # noqa: E402
 from hybrid.core.training import OptimConfig, dense_parameters, make_dense_optimizer  # noqa: E402
 from hybrid.ctr_models.features import (  # noqa: E402
     HISTORY_PREFIX,
     CTRFeatures,
     CTRInputs,
-    jagged_to_padded,
     table_name,
 )
 from hybrid.ctr_models.trainer import bce_per_task, prepare_for_training  # noqa: E402
@@ -88,13 +88,15 @@ def pad_batch(batch: CTRBatch, spec) -> PaddedBatch:
     bags = {}
     for f in spec.multi_fields:
         width = max(1, int(kjt[f].lengths().max()))
-        bags[f] = jagged_to_padded(kjt[f].values(), kjt[f].lengths(), width)
+        bags[f] = (jagged_to_padded(kjt[f].values(), kjt[f].lengths(), width, keep="first"),
+                   lengths_to_mask(kjt[f].lengths(), width))
     history, mask = {}, None
     for f in spec.history_fields:
         jt = kjt[HISTORY_PREFIX + f]
-        history[f], mask = jagged_to_padded(jt.values(), jt.lengths(), spec.max_len)
+        history[f] = jagged_to_padded(jt.values(), jt.lengths(), spec.max_len, keep="recent")
     lengths = kjt[HISTORY_PREFIX + spec.history_fields[0]].lengths()
-    hist_ts, _ = jagged_to_padded(batch.hist_timestamps, lengths, spec.max_len)
+    mask = lengths_to_mask(lengths, spec.max_len)
+    hist_ts = jagged_to_padded(batch.hist_timestamps, lengths, spec.max_len, keep="recent")
     return PaddedBatch(ids, bags, history, mask, hist_ts, batch.timestamps, batch.dense, batch.labels,
                        batch.task_names)
 

@@ -32,7 +32,6 @@ from hybrid.ctr_models.features import (
     CTRInputs,
     FeatureConfig,
     FeatureSpec,
-    jagged_to_padded,
 )
 from hybrid.ctr_models.gpsd_ranker import GPSDRanker, GPSDRankerConfig
 from hybrid.ctr_models.history import HistoryConfig
@@ -108,7 +107,7 @@ def build_ranker(name: str, config: Any, vocab_sizes: Mapping[str, int], task_na
 
 __all__ = [
     "RANKER_NAMES", "build_ranker", "ranker_classes", "Ranker", "CTRFeatures", "CTRInputs", "FeatureConfig",
-    "FeatureSpec", "HistoryConfig", "jagged_to_padded", "DCNv2", "DCNv2Config", "MMoE", "MMoEConfig",
+    "FeatureSpec", "HistoryConfig", "DCNv2", "DCNv2Config", "MMoE", "MMoEConfig",
     "MultiEmbeddingMoE", "MultiEmbeddingMoEConfig", "cross_expert_correlation", "TIN", "TINConfig",
     "GPSDRanker", "GPSDRankerConfig", "auc", "logloss", "gauc", "ctr_metrics", "one_epoch_drop",
     "detect_one_epoch_drop", "MultimodalConfig", "MultimodalFeatures", "SimTier", "MNSE", "mk_mmd",

@@ -122,9 +122,9 @@ class DCNv2(Ranker):
         ``forward(batch) → [B, T]`` logits.
 
     Example:
-        >>> model = DCNv2(DCNv2Config.tiny(), {"user_id": 10, "item_id": 50, "category": 8}, ("click",))
-        >>> model(batch).shape
-        torch.Size([B, 1])
+        >>> model = DCNv2(DCNv2Config.tiny(), vocab_sizes, batch.task_names)
+        >>> batch.batch_size, batch.task_names, model(batch).shape
+        (16, ('in_history', 'parity'), torch.Size([16, 2]))
     """
 
     def __init__(self, config: DCNv2Config, vocab_sizes: Mapping[str, int], task_names: Sequence[str],

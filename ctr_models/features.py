@@ -19,10 +19,10 @@ Example:
     ...     FeatureConfig(embedding_dim=8, max_len=20))
     >>> spec.single_fields, spec.multi_fields, spec.history_fields, spec.target_fields
     (('user_id', 'item_id', 'category'), ('genres',), ('item_id', 'category', 'action'), ('item_id', 'category'))
-    >>> features = CTRFeatures(spec)
-    >>> inputs = features(batch)          # batch: hybrid.core.CTRBatch
-    >>> inputs.fields.shape, inputs.history.shape, inputs.target.shape
-    (torch.Size([B, 4, 8]), torch.Size([B, 20, 8]), torch.Size([B, 8]))
+    >>> spec = FeatureSpec.from_vocab_sizes(vocab_sizes, FeatureConfig(embedding_dim=8, max_len=20))
+    >>> inputs = CTRFeatures(spec)(batch)          # batch: a hybrid.core.CTRBatch of 16 samples
+    >>> inputs.fields.shape, inputs.history.shape, inputs.target.shape, inputs.mask.shape
+    (torch.Size([16, 8, 8]), torch.Size([16, 20, 8]), torch.Size([16, 8]), torch.Size([16, 20]))
 """
 from __future__ import annotations
 
@@ -42,8 +42,6 @@ from torchrec import (
 )
 
 from hybrid.core import CTRBatch
-from hybrid.core.backbones.jagged import jagged_to_padded as jagged_to_padded_first
-from hybrid.core.backbones.jagged import lengths_to_offsets
 from hybrid.core.feature_map import (
     HISTORY_PREFIX,
     NUM_RESERVED_IDS,
@@ -51,13 +49,13 @@ from hybrid.core.feature_map import (
     base_feature,
     table_name,
 )
+from hybrid.core.jagged import PAD_IMPLS, jagged_to_padded, lengths_to_mask
 from hybrid.ctr_models._config import freeze_lists, require, require_choice
 
 DEFAULT_MULTI_FIELDS: tuple[str, ...] = ("genres",)
 DEFAULT_HISTORY_FIELDS: tuple[str, ...] = ("item_id", "category", "action")
 # Base features that only exist as a history sequence (the candidate's action is what is predicted).
 HISTORY_ONLY_FIELDS: tuple[str, ...] = ("action",)
-PAD_IMPLS = ("gather", "fbgemm")
 
 
 @dataclass(frozen=True)
@@ -236,66 +234,6 @@ class CTRInputs:
     dense: torch.Tensor
 
 
-def recent_window(lengths: torch.Tensor, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Start offset (into the jagged values) and length of the most recent ``max_len`` events per row.
-
-    Returns:
-        ``(start [B], kept [B])`` int64.
-    """
-    lengths = lengths.to(torch.int64)
-    offsets = lengths_to_offsets(lengths)
-    kept = lengths.clamp(max=max_len)
-    return offsets[:-1] + (lengths - kept), kept
-
-
-def jagged_to_padded(values: torch.Tensor, lengths: torch.Tensor, max_len: int,
-                     impl: str = "gather") -> tuple[torch.Tensor, torch.Tensor]:
-    """Jagged sequences → right-padded dense, keeping the **most recent** ``max_len`` events of each row.
-
-    The CTR history view of ``hybrid.core.backbones.jagged_to_padded`` (which keeps the *first* rows and is
-    what the ``"fbgemm"`` path pads with): a fixed length, left truncation and the mask.
-
-    Args:
-        values: ``[N]`` or ``[N, D]`` concatenated sequences (chronological within a row, most recent last).
-        lengths: ``[B]`` events per row, ``sum(lengths) == N``.
-        max_len: output length ``T`` (always exactly ``max_len``: static shapes for the sequence models).
-        impl: ``"gather"`` — plain PyTorch index gather with no host sync (the reference, and the default
-            because it truncates for free); ``"fbgemm"`` — ``hybrid.core.backbones.jagged_to_padded``
-            (``torch.ops.fbgemm.jagged_to_padded_dense``), which keeps the *first* events of a row, so
-            over-long rows are first cut to their most recent events by a boolean selection (a host sync).
-            Both give identical outputs and gradients.
-
-    Returns:
-        ``(padded [B, T(, D)], mask [B, T] bool)``; padding is 0.
-
-    Example:
-        >>> v = torch.tensor([1, 2, 3, 4, 5, 6])
-        >>> jagged_to_padded(v, torch.tensor([2, 0, 4]), 3)[0]
-        tensor([[1, 2, 0],
-                [0, 0, 0],
-                [4, 5, 6]])
-    """
-    require_choice(impl, PAD_IMPLS, "jagged_to_padded", "impl")
-    start, kept = recent_window(lengths, max_len)
-    positions = torch.arange(max_len, device=values.device)
-    mask = positions.unsqueeze(0) < kept.unsqueeze(1)
-    if impl == "gather":
-        # Index N points at an appended zero row, so padding needs no masking and N == 0 works.
-        flat = torch.cat([values, values.new_zeros((1,) + tuple(values.shape[1:]))])
-        index = torch.where(mask, start.unsqueeze(1) + positions.unsqueeze(0),
-                            torch.full_like(mask, values.shape[0], dtype=torch.int64))
-        return flat[index], mask
-    lengths = lengths.to(torch.int64)
-    if values.shape[0] > 0 and bool((lengths > max_len).any()):
-        # Drop the oldest events of over-long rows: an event survives when its position from the end of
-        # its row is < max_len.
-        row_end = lengths_to_offsets(lengths)[1:]
-        row_of = torch.repeat_interleave(torch.arange(lengths.numel(), device=values.device), lengths)
-        from_end = row_end[row_of] - 1 - torch.arange(values.shape[0], device=values.device)
-        values = values[from_end < max_len]
-    return jagged_to_padded_first(values, kept, max_len), mask
-
-
 class CTRFeatures(nn.Module):
     """Embeds one :class:`CTRBatch` into the dense views every ranker consumes (:class:`CTRInputs`).
 
@@ -391,13 +329,17 @@ class CTRFeatures(nn.Module):
                 if jt.values().shape[0] != seq[spec.history_keys[0]].values().shape[0]:
                     raise ValueError(f"CTRBatch.sparse[{key!r}]: history sequences must all have the same "
                                      f"lengths as {spec.history_keys[0]!r}")
-                by_field[f], mask = jagged_to_padded(rows(key), jt.lengths(), spec.max_len, spec.pad_impl)
+                # the most recent max_len events of each history
+                by_field[f] = jagged_to_padded(rows(key), jt.lengths(), spec.max_len, keep="recent",
+                                               impl=spec.pad_impl)
             history = torch.stack(list(by_field.values()), 0).sum(0)
+            mask = lengths_to_mask(hist_lengths, spec.max_len)
             lengths = mask.sum(1)
             n_events = seq[spec.history_keys[0]].values().shape[0]
             n_ts = batch.hist_timestamps.numel()
             if n_ts == n_events:      # includes a batch whose histories are all empty
-                hist_ts, _ = jagged_to_padded(batch.hist_timestamps, hist_lengths, spec.max_len, "gather")
+                hist_ts = jagged_to_padded(batch.hist_timestamps, hist_lengths, spec.max_len, keep="recent",
+                                           impl="gather")
             elif n_ts > 0:
                 raise ValueError(f"CTRBatch.hist_timestamps: expected one timestamp per history event "
                                  f"({n_events}), got {n_ts}")

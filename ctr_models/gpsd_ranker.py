@@ -99,9 +99,11 @@ class GPSDRanker(Ranker):
         ``forward(batch) → [B, T]``; the backbone runs on ``[B, max_len + 1, d]``.
 
     Example:
-        >>> model = GPSDRanker(GPSDRankerConfig.tiny(), {"item_id": 50, "category": 8, "action": 4}, ("click",))
+        >>> model = GPSDRanker(GPSDRankerConfig.tiny(), vocab_sizes, ("click",))
+        >>> model.spec.kjt_keys                      # it reads the history and the candidate only
+        ('item_id', 'category', 'hist_item_id', 'hist_category', 'hist_action')
         >>> model(batch).shape
-        torch.Size([B, 1])
+        torch.Size([16, 1])
     """
 
     def __init__(self, config: GPSDRankerConfig, vocab_sizes: Mapping[str, int], task_names: Sequence[str],

@@ -35,13 +35,14 @@ from torch import nn
 
 from hybrid.core import CTRBatch
 from hybrid.core.feature_map import NUM_RESERVED_IDS, history_key, table_name
+from hybrid.core.jagged import jagged_to_padded, lengths_to_mask
 from hybrid.ctr_models._config import (
     freeze_lists,
     require,
     require_choice,
     require_positive_ints,
 )
-from hybrid.ctr_models.features import CTRInputs, FeatureSpec, jagged_to_padded
+from hybrid.ctr_models.features import CTRInputs, FeatureSpec
 from hybrid.ctr_models.layers import MLP
 
 TIER_NORMS = ("log1p", "fraction")
@@ -451,7 +452,8 @@ class MultimodalFeatures(nn.Module):
         parts: list[torch.Tensor] = []
         if cfg.simtier or cfg.mnse:
             hist = kjt[history_key(ITEM_FIELD)]
-            hist_ids, mask = jagged_to_padded(hist.values(), hist.lengths(), self.max_len, self.pad_impl)
+            hist_ids = jagged_to_padded(hist.values(), hist.lengths(), self.max_len, keep="recent", impl=self.pad_impl)
+            mask = lengths_to_mask(hist.lengths(), self.max_len)
             cos, valid = self.cosines(cand_ids, hist_ids, mask)
             # Kept as tensors: converting here would force a device sync on every step.
             self._last_coverage = (has_vector(cand_vec).float().mean().detach(),

@@ -215,8 +215,8 @@ class TIN(Ranker):
 
     Example:
         >>> model = TIN(TINConfig.tiny(), vocab_sizes, ("click",))
-        >>> model(batch).shape
-        torch.Size([B, 1])
+        >>> model(batch).shape, model.last_attention.shape
+        (torch.Size([16, 1]), torch.Size([16, 8]))
     """
 
     def __init__(self, config: TINConfig, vocab_sizes: Mapping[str, int], task_names: Sequence[str],

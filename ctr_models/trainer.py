@@ -33,12 +33,16 @@ This module imports ``hybrid.core``, torch and torchrec only — never the jobs,
 plain callback ``log_metrics(metrics, step, epoch)`` and loaders come in as arguments.
 
 Example:
+    >>> from hybrid.ctr_models import build_ranker
     >>> cfg = CTRTrainConfig(epochs=3, batch_size=1024, eval_every=100)
     >>> model = prepare_for_training(build_ranker("dcn_v2", None, vocab_sizes, ("click",)), cfg.optim)
-    >>> result = train(model, train_loader, test_loader, cfg, checkpoint_dir="runs/x/checkpoints",
-    ...                log_metrics=lambda m, step, epoch: print(step, epoch, m))
-    >>> result.summary()["best_auc"], result.one_epoch.flagged
+    >>> result = train(model, train_loader, eval_loader, cfg,                  # doctest: +SKIP
+    ...                checkpoint_dir="runs/x/checkpoints", log_metrics=lambda m, step, epoch: print(step, epoch, m))
+    >>> result.summary()["best_auc"], result.one_epoch.flagged                # doctest: +SKIP
     (0.7912, True)
+
+(the loaders come from :func:`hybrid.data.batching.make_loader` over a prepared dataset: ``hybrid finetune``
+wires them, and ``tests/test_ctr_trainer.py`` runs this loop.)
 """
 from __future__ import annotations
 
@@ -104,7 +108,9 @@ class CTRTrainConfig:
         progress: show a tqdm progress bar (rank 0 only).
 
     Example:
-        >>> CTRTrainConfig(epochs=3, batch_size=1024, eval_every=100, optim=OptimConfig(lr=1e-3))
+        >>> cfg = CTRTrainConfig(epochs=3, batch_size=1024, eval_every=100, optim=OptimConfig(lr=1e-3))
+        >>> cfg.optim.sparse_optimizer, cfg.max_history          # tables: in-backward adagrad; 50-event history
+        ('adagrad', 50)
     """
 
     epochs: int = 3

@@ -10,11 +10,14 @@
 - Only rank 0 logs: on other ranks every call is a no-op, so stage code need not check.
 
 Example:
-    >>> tracker = Tracker(resolve_tracking_uri(None, out_dir), experiment="ml-100k")
+    >>> tracker = Tracker(resolve_tracking_uri(None, out_dir), experiment="ml-100k", enabled=True)
     >>> with tracker.run("pipeline") as parent:
     ...     with tracker.run("pretrain", parent=parent) as stage:
     ...         tracker.log_params(stage, {"lr": 1e-3})
-    ...         tracker.log_metrics(stage, {"eval/hr@10": 0.12}, step=100, epoch=0.5)
+    ...         tracker.log_metrics(stage, {"eval/hr_at_10": 0.12}, step=100, epoch=0.5)
+    >>> run = tracker.client.get_run(stage)
+    >>> run.data.metrics["eval/hr_at_10"], run.data.tags["mlflow.parentRunId"] == parent, run.info.status
+    (0.12, True, 'FINISHED')
 """
 from __future__ import annotations
 

@@ -23,16 +23,11 @@ from torchrec.modules.embedding_configs import EmbeddingConfig
 from torchrec.modules.embedding_modules import EmbeddingCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from hybrid.core.backbones import (
-    BackboneConfig,
-    NormalLinear,
-    build_backbone,
-    jagged_to_padded,
-    lengths_to_offsets,
-)
+from hybrid.core.backbones import BackboneConfig, NormalLinear, build_backbone
 from hybrid.core.batch import SequenceBatch
 from hybrid.core.config import from_mapping
 from hybrid.core.feature_map import NUM_RESERVED_IDS, PAD_ID, table_name
+from hybrid.core.jagged import jagged_to_padded, lengths_to_offsets
 from hybrid.pretrain.objectives import (
     ObjectiveConfig,
     full_softmax_loss,
@@ -321,12 +316,12 @@ class GenerativeModel(nn.Module):
             tokens = rows if tokens is None else tokens + rows
         assert tokens is not None
         t = int(lengths.max().item()) if lengths.numel() else 0
-        x = jagged_to_padded(tokens, lengths, t)
+        x = jagged_to_padded(tokens, lengths, t, keep="first")
         if self.input_proj is not None:
             x = self.input_proj(x)
         timestamps = None
         if self.config.backbone.kind == "hstu":
-            timestamps = jagged_to_padded(batch.timestamps.to(x.device), lengths, t)
+            timestamps = jagged_to_padded(batch.timestamps.to(x.device), lengths, t, keep="first")
         return self.backbone(x, lengths, timestamps), lengths, t
 
     def forward(self, batch: SequenceBatch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -409,8 +404,8 @@ class GenerativeModel(nn.Module):
         query = self.query_vectors(hidden)
         has_next = self._target_mask(lengths, t, batch.num_eval_targets)
 
-        item_ids = _shift_left(jagged_to_padded(seq_ids[ITEM_FEATURE], lengths, t))  # [B, T] next item
-        item_vecs = _shift_left(jagged_to_padded(seq_emb[ITEM_FEATURE], lengths, t))  # [B, T, E]
+        item_ids = _shift_left(jagged_to_padded(seq_ids[ITEM_FEATURE], lengths, t, keep="first"))  # [B, T] next item
+        item_vecs = _shift_left(jagged_to_padded(seq_emb[ITEM_FEATURE], lengths, t, keep="first"))  # [B, T, E]
         item_mask = has_next & (item_ids >= NUM_RESERVED_IDS)
         temperature = obj.temperature
         if obj.negatives == "uniform":
@@ -435,7 +430,7 @@ class GenerativeModel(nn.Module):
         losses = {"item_loss": item_loss}
         total = obj.item_loss_weight * item_loss
         if use_category:
-            cat_ids = _shift_left(jagged_to_padded(seq_ids[cat], lengths, t))
+            cat_ids = _shift_left(jagged_to_padded(seq_ids[cat], lengths, t, keep="first"))
             cat_mask = has_next & (cat_ids >= NUM_RESERVED_IDS)
             cat_loss = full_softmax_loss(query[cat_mask], cat_ids[cat_mask], extra_emb[cat], temperature)
             losses["category_loss"] = cat_loss
@@ -469,7 +464,7 @@ class GenerativeModel(nn.Module):
         """
         seq_ids, seq_emb, _ = self._lookup(batch)
         hidden, lengths, t = self._encode(batch, seq_ids, seq_emb)
-        item_ids = _shift_left(jagged_to_padded(seq_ids[ITEM_FEATURE], lengths, t))
+        item_ids = _shift_left(jagged_to_padded(seq_ids[ITEM_FEATURE], lengths, t, keep="first"))
         mask = self._target_mask(lengths, t, batch.num_eval_targets) & (item_ids >= NUM_RESERVED_IDS)
         table = item_table if item_table is not None else self.item_table(chunk_size)
         hr, ndcg = hr_ndcg_at_k(self.query_vectors(hidden)[mask], table, item_ids[mask], k, chunk_size=chunk_size)

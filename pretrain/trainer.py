@@ -29,12 +29,16 @@ This module imports ``hybrid.core`` and torch only — never the jobs, data or M
 callback ``log_metrics(metrics, step, epoch)`` and loaders come in as arguments.
 
 Example:
+    >>> from hybrid.pretrain.model import GenerativeModelConfig
     >>> cfg = PretrainTrainConfig(epochs=2, batch_size=64, eval_every=50)
     >>> model = build_model(GenerativeModelConfig.tiny(), vocab_sizes, cfg.optim, seed=cfg.seed)
-    >>> result = train(model, train_loader, eval_loader, cfg, checkpoint_dir="runs/x/checkpoints",
-    ...                log_metrics=lambda m, step, epoch: print(step, m))
-    >>> result.metrics["eval/hr_at_10"]
+    >>> result = train(model, train_loader, eval_loader, cfg,                  # doctest: +SKIP
+    ...                checkpoint_dir="runs/x/checkpoints", log_metrics=lambda m, step, epoch: print(step, m))
+    >>> result.metrics["eval/hr_at_10"]                                       # doctest: +SKIP
     0.0893
+
+(the loaders come from :func:`hybrid.data.batching.make_loader` over a prepared dataset: ``hybrid pretrain``
+wires them, and ``tests/test_pretrain_trainer.py`` runs this loop, resumed and sharded.)
 """
 from __future__ import annotations
 
@@ -110,7 +114,9 @@ class PretrainTrainConfig:
         progress: show a tqdm progress bar (rank 0 only).
 
     Example:
-        >>> PretrainTrainConfig(epochs=1, batch_size=128, optim=OptimConfig(lr=5e-3, warmup_steps=20))
+        >>> cfg = PretrainTrainConfig(epochs=1, batch_size=128, optim=OptimConfig(lr=5e-3, warmup_steps=20))
+        >>> cfg.max_len, cfg.optim.schedule
+        (200, 'cosine')
     """
 
     epochs: int = 10

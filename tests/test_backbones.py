@@ -1,5 +1,5 @@
 """Backbones: config parsing, GPSD parameter counts, hand-checked LLaMA/HSTU layers, causality, padding
-invariance, and the fbgemm jagged path against its plain-PyTorch reference."""
+invariance (the jagged conversions: test_jagged.py)."""
 from __future__ import annotations
 
 import math
@@ -16,15 +16,10 @@ from hybrid.core.backbones import (
     SwiGLU,
     apply_rope,
     build_backbone,
-    jagged_to_padded,
-    jagged_to_padded_reference,
-    padded_to_jagged,
-    padded_to_jagged_reference,
     rope_cos_sin,
     swiglu_hidden_dim,
     time_gap_buckets,
 )
-from hybrid.core.backbones import jagged as jagged_mod
 
 KINDS = ("llama", "hstu")
 
@@ -306,61 +301,3 @@ def test_gradients_do_not_reach_padded_inputs(kind):
     model(x, lengths, _timestamps(2, 5)).sum().backward()
     assert torch.equal(x.grad[0, 3:], torch.zeros(2, 16))
     assert x.grad[0, :3].abs().sum() > 0
-
-
-# ----------------------------------------------------------------------------- jagged fast path
-
-
-def _jagged_case(dim: int = 3):
-    lengths = torch.tensor([3, 0, 5, 1])
-    values = torch.randn(int(lengths.sum()), dim)
-    return values, lengths
-
-
-def test_fbgemm_path_is_active():
-    assert jagged_mod._HAS_FBGEMM  # the pinned stack ships fbgemm; otherwise these tests compare ref vs ref
-
-
-@pytest.mark.parametrize("max_len", [None, 7, 2])
-def test_jagged_to_padded_matches_reference_values_and_gradients(max_len):
-    values, lengths = _jagged_case()
-    fast_in = values.clone().requires_grad_(True)
-    ref_in = values.clone().requires_grad_(True)
-    fast = jagged_to_padded(fast_in, lengths, max_len)
-    ref = jagged_to_padded_reference(ref_in, lengths, max_len)
-    assert fast.shape == ref.shape == (4, max_len or 5, 3)
-    torch.testing.assert_close(fast, ref, atol=0, rtol=0)
-    weight = torch.randn(fast.shape)
-    (fast * weight).sum().backward()
-    (ref * weight).sum().backward()
-    torch.testing.assert_close(fast_in.grad, ref_in.grad, atol=0, rtol=0)
-    if max_len == 2:  # truncation keeps the leading rows and their gradient only
-        assert torch.equal(ref_in.grad[2:3], torch.zeros(1, 3))
-
-
-def test_padded_to_jagged_matches_reference_values_and_gradients():
-    values, lengths = _jagged_case()
-    padded = torch.randn(4, 6, 3)
-    fast_in = padded.clone().requires_grad_(True)
-    ref_in = padded.clone().requires_grad_(True)
-    fast = padded_to_jagged(fast_in, lengths)
-    ref = padded_to_jagged_reference(ref_in, lengths)
-    torch.testing.assert_close(fast, ref, atol=0, rtol=0)
-    weight = torch.randn(fast.shape)
-    (fast * weight).sum().backward()
-    (ref * weight).sum().backward()
-    torch.testing.assert_close(fast_in.grad, ref_in.grad, atol=0, rtol=0)
-    # round trip
-    torch.testing.assert_close(padded_to_jagged(jagged_to_padded(values, lengths), lengths), values)
-
-
-def test_jagged_integer_ids_and_timestamps():
-    ids = torch.tensor([5, 6, 7, 8, 9])
-    lengths = torch.tensor([2, 0, 3])
-    expected = torch.tensor([[5, 6, 0], [0, 0, 0], [7, 8, 9]])
-    assert torch.equal(jagged_to_padded(ids, lengths), expected)
-    assert torch.equal(jagged_to_padded_reference(ids, lengths), expected)
-    assert torch.equal(padded_to_jagged(expected, lengths), ids)
-    # float64 has no fbgemm kernel: falls back to the reference transparently
-    f64 = torch.randn(5, 2, dtype=torch.float64)
-    torch.testing.assert_close(jagged_to_padded(f64, lengths), jagged_to_padded_reference(f64, lengths))

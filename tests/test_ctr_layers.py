@@ -11,12 +11,12 @@ from ctr_synthetic import SYNTHETIC_VOCAB_SIZES, make_synthetic_batch
 from torchrec import KeyedJaggedTensor
 
 from hybrid.core import CTRBatch
+from hybrid.core.jagged import jagged_to_padded
 from hybrid.ctr_models.dcn_v2 import build_cross_net
 from hybrid.ctr_models.features import (
     CTRFeatures,
     FeatureConfig,
     FeatureSpec,
-    jagged_to_padded,
     table_name,
 )
 from hybrid.ctr_models.history import (
@@ -33,36 +33,6 @@ from hybrid.ctr_models.tin import (
     target_aware_attention,
     time_gap_buckets,
 )
-
-# --------------------------------------------------------------------------- jagged → padded
-
-
-@pytest.mark.parametrize("impl", ["gather", "fbgemm"])
-def test_jagged_to_padded_keeps_most_recent_right_padded(impl):
-    values = torch.tensor([1, 2, 3, 4, 5, 6, 7])
-    padded, mask = jagged_to_padded(values, torch.tensor([2, 0, 5]), 3, impl=impl)
-    assert padded.tolist() == [[1, 2, 0], [0, 0, 0], [5, 6, 7]]   # row 2 keeps its 3 most recent
-    assert mask.tolist() == [[True, True, False], [False, False, False], [True, True, True]]
-
-
-def test_jagged_to_padded_fbgemm_matches_reference_values_and_grads():
-    g = torch.Generator().manual_seed(0)
-    lengths = torch.randint(0, 9, (17,), generator=g)
-    values = torch.randn(int(lengths.sum()), 4, generator=g)
-    out = {}
-    for impl in ("gather", "fbgemm"):
-        v = values.clone().requires_grad_()
-        padded, mask = jagged_to_padded(v, lengths, 5, impl=impl)
-        (padded * torch.arange(1.0, 6.0).view(1, 5, 1)).sum().backward()
-        out[impl] = (padded.detach(), mask, v.grad)
-    for a, b in zip(out["gather"], out["fbgemm"]):
-        torch.testing.assert_close(a, b)
-
-
-def test_jagged_to_padded_empty_batch_values():
-    padded, mask = jagged_to_padded(torch.zeros(0, 3), torch.tensor([0, 0]), 4)
-    assert padded.shape == (2, 4, 3) and not mask.any()
-
 
 # --------------------------------------------------------------------------- features
 
@@ -98,7 +68,8 @@ def test_ctr_features_shapes_and_candidate_history_share_embedding():
     assert x.history_timestamps.shape == (16, 5)
     # The candidate's item embedding equals the history's for the same id (same table).
     item_table = features.ec.embeddings["t_item_id"].weight
-    hist_ids, _ = jagged_to_padded(batch.sparse["hist_item_id"].values(), batch.sparse["hist_item_id"].lengths(), 5)
+    hist = batch.sparse["hist_item_id"]
+    hist_ids = jagged_to_padded(hist.values(), hist.lengths(), 5, keep="recent")
     b = int(torch.nonzero(x.mask[:, 0])[0])
     torch.testing.assert_close(x.history_by_field["item_id"][b, 0], item_table[hist_ids[b, 0]])
     # history timestamps are before the candidate, chronological

@@ -12,9 +12,17 @@ previous checkpoint and ``LATEST`` untouched. DCP stores sharded tensors by thei
 checkpoint written by N ranks loads into a model sharded over M ranks, or unsharded.
 
 Example:
+    >>> model = torch.nn.Linear(4, 2)
     >>> path = save_checkpoint(root, step=400, state={"model": model.state_dict()},
-    ...                        manifest={"config": cfg_dict, "feature_map": fm.to_dict()})
-    >>> manifest = load_checkpoint(latest_checkpoint(root), {"model": model.state_dict()})
+    ...                        manifest={"config": {"lr": 1e-3}})
+    >>> path.name, latest_checkpoint(root) == path
+    ('step-00000400', True)
+    >>> fresh = torch.nn.Linear(4, 2)
+    >>> state = {"model": fresh.state_dict()}
+    >>> load_checkpoint(latest_checkpoint(root), state)["step"]     # fills state's tensors in place
+    400
+    >>> torch.equal(fresh.weight, model.weight)
+    True
 """
 from __future__ import annotations
 

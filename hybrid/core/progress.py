@@ -8,13 +8,13 @@ through a plain :data:`MetricsCallback` ``log_metrics(metrics, step, epoch)``, c
 
 Example:
     >>> window = ThroughputWindow(unit="samples")
-    >>> for batch in loader:
-    ...     losses = train_step(batch)                 # {"loss": tensor, "bce": tensor}
-    ...     window.add(losses, batch.batch_size)
-    ...     if step % 50 == 0:
-    ...         log(window.flush())                    # {"train/loss": ..., "perf/samples_per_s": ...}
+    >>> for step in range(1, 5):
+    ...     window.add({"loss": torch.tensor(0.5 * step)}, count=256)   # one train step's losses, batch size
     ...     with window.paused():
-    ...         evaluate(...)
+    ...         pass                                                    # evaluation: not training time
+    >>> metrics = window.flush()
+    >>> metrics["train/loss"], sorted(metrics)
+    (1.25, ['perf/samples_per_s', 'train/loss'])
 """
 from __future__ import annotations
 

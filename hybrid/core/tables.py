@@ -6,8 +6,11 @@ holds some row/column blocks), or a replicated plain tensor (a ``data_parallel``
 :func:`copy_full_into` writes a full ``[rows, dim]`` tensor into any of them, each rank taking its blocks.
 
 Example:
-    >>> state = dmp.state_dict()
-    >>> copy_full_into(state["features.ec.embeddings.t_item_id.weight"], full_item_table)
+    >>> table = torch.nn.Embedding(4, 2).weight          # or a ShardedTensor of dmp.state_dict()
+    >>> with torch.no_grad():
+    ...     copy_full_into(table, torch.ones(4, 2), rows=torch.tensor([True, False, True, False]))
+    >>> table[:, 0].tolist()[::2], global_shape(table)
+    ([1.0, 1.0], (4, 2))
 """
 from __future__ import annotations
 

@@ -12,10 +12,17 @@
 - :func:`seed_everything`, :func:`warmup_cosine`.
 
 Example:
+    >>> from torchrec import EmbeddingCollection, EmbeddingConfig
+    >>> tables = EmbeddingCollection([EmbeddingConfig(name="t_item_id", embedding_dim=4, num_embeddings=10,
+    ...                                               feature_names=["item_id"])])
+    >>> model = torch.nn.ModuleDict({"tables": tables, "head": torch.nn.Linear(4, 1)})
     >>> cfg = OptimConfig(lr=1e-3, warmup_steps=100)
-    >>> apply_sparse_optimizer(model.embedding_collections(), cfg)   # before sharding
+    >>> len(apply_sparse_optimizer([tables], cfg))      # before sharding: the tables step in backward
+    1
+    >>> [p.shape for p in dense_parameters(model)]      # what the dense AdamW steps
+    [torch.Size([1, 4]), torch.Size([1])]
     >>> dense = torch.optim.AdamW(dense_parameters(model), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    >>> schedule = torch.optim.lr_scheduler.LambdaLR(dense, warmup_cosine(100, total_steps, 0.1))
+    >>> schedule = torch.optim.lr_scheduler.LambdaLR(dense, warmup_cosine(100, total_steps=1000, min_ratio=0.1))
 """
 from __future__ import annotations
 

@@ -6,11 +6,12 @@ vectorised numpy calls into a :class:`~torchrec.KeyedJaggedTensor` — no paddin
 same converter serves training, evaluation and inference.
 
 Example:
-    >>> converter = CTRBatchConverter(prepared, "ctr_train", max_history=50)
+    >>> from hybrid.data.store import load_prepared
+    >>> converter = CTRBatchConverter(load_prepared(prepared_dir), "ctr_train", max_history=50)
     >>> loader = make_loader(converter, batch_size=256, shuffle=True, seed=0)
     >>> batch = next(iter(loader))          # a CTRBatch
-    >>> batch.sparse["hist_item_id"].lengths().max() <= 50
-    tensor(True)
+    >>> batch.batch_size, int(batch.sparse["hist_item_id"].lengths().max()) <= 50
+    (256, True)
 """
 from __future__ import annotations
 

@@ -322,7 +322,8 @@ def prepare(data: RawDataset, cfg: ProtocolConfig) -> PreparedData:
     """Apply a protocol to a dataset.
 
     Example:
-        >>> prepared = prepare(read_dataset("movielens-100k", path), ProtocolConfig(protocol="ratings"))
+        >>> from hybrid.data.readers import read_dataset
+        >>> prepared = prepare(read_dataset("movielens-100k", ml100k_dir), ProtocolConfig(protocol="ratings"))
         >>> prepared.ctr_train.columns[:3].tolist()
         ['user_row', 'hist_start', 'hist_end']
     """

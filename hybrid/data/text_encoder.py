@@ -11,7 +11,7 @@ another model, gives another key — a stale cache is never read).
 
 Example:
     >>> enc = TextEncoder(cache_dir="runs/cache")                       # doctest: +SKIP
-    >>> v = enc.encode(["Star Wars. Action, Sci-Fi", "Toy Story. Animation, Children's, Comedy"])
+    >>> v = enc.encode(["Star Wars. Action, Sci-Fi", "Toy Story. Animation, Children's, Comedy"])  # doctest: +SKIP
     >>> v.shape                                                          # doctest: +SKIP
     (2, 384)
 """

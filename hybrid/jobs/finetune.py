@@ -18,9 +18,9 @@ Output layout under ``cfg.out``::
     result.json                       summary figures, eval curve, checkpoint paths
 
 Example:
-    >>> cfg = load_config(FinetuneConfig, "configs/finetune_ml1m_ratings_dcn_v2.yaml")
-    >>> summary = run_finetune(cfg)
-    >>> summary["auc_epoch1"], summary["best_auc"], summary["one_epoch_drop"]
+    >>> cfg = load_config(FinetuneConfig, "configs/finetune_ml1m_ratings_dcn_v2.yaml")   # doctest: +SKIP
+    >>> summary = run_finetune(cfg)   # doctest: +SKIP
+    >>> summary["auc_epoch1"], summary["best_auc"], summary["one_epoch_drop"]   # doctest: +SKIP
 """
 from __future__ import annotations
 
@@ -90,7 +90,9 @@ class RankerSpec:
             ``train.max_history`` (the history window is set once).
 
     Example:
-        >>> RankerSpec("dcn_v2", {"cross_type": "mixture", "features": {"embedding_dim": 16}})
+        >>> spec = RankerSpec("dcn_v2", {"cross_type": "mixture", "features": {"embedding_dim": 16}})
+        >>> spec.resolve(max_history=20).features.max_len     # the history window is train.max_history
+        20
     """
 
     name: str = "dcn_v2"
@@ -185,8 +187,9 @@ def build_model(cfg: FinetuneConfig, feature_map: FeatureMap, *,
         HybridInputError: a config the ranker refuses (e.g. a field the data does not have).
 
     Example:
-        >>> model = build_model(cfg, load_prepared("runs/ml1m/ratings").feature_map)
+        >>> model = build_model(FinetuneConfig(data=str(prepared_dir)), load_prepared(prepared_dir).feature_map)
         >>> model.spec.kjt_keys          # the KJT keys its batches must carry
+        ('item_id', 'user_id', 'category', 'year', 'gender', 'age', 'occupation', 'genres', 'hist_item_id', ...)
     """
     config = cfg.ranker_config()
     seed_everything(cfg.train.seed)
@@ -354,8 +357,8 @@ def load_finetuned(checkpoint: str | Path) -> tuple[Ranker, dict[str, Any]]:
         ``(model in eval mode, manifest)``; ``manifest["feature_map"]`` is the feature map of its ids.
 
     Example:
-        >>> model, manifest = load_finetuned("runs/ml1m/finetune-dcn_v2/checkpoints/best")
-        >>> manifest["metrics"]["eval/auc"]
+        >>> model, manifest = load_finetuned("runs/ml1m/finetune-dcn_v2/checkpoints/best")   # doctest: +SKIP
+        >>> manifest["metrics"]["eval/auc"]   # doctest: +SKIP
     """
     path = Path(checkpoint)
     if not (path / "manifest.json").is_file():

@@ -12,12 +12,17 @@ Errors need no translation here: every bad-input error of the library is a
 :class:`~hybrid.core.errors.HybridInputError`, which the CLI prints as one line (exit 2).
 
 Example:
-    >>> refuse_existing(Path(cfg.out) / "checkpoints", "choose another out")
-    >>> with training_stage(cfg.out, cfg.train.batch_size) as stage:
-    ...     stage.write_inputs(cfg, feature_map)
-    ...     with stage.track(cfg.tracking, "pretrain-L4H64A4", tags={"stage": "pretrain"}) as (tracker, run):
+    >>> import pandas as pd
+    >>> tracking = TrackingConfig(experiment="demo")           # default store: sqlite:///<out>/mlflow.db
+    >>> feature_map = FeatureMap.fit({"item_id": pd.Series(["a", "b"])})
+    >>> refuse_existing(out_dir / "checkpoints", "choose another out")       # None: nothing to overwrite
+    >>> with training_stage(out_dir, batch_size=64) as stage:                 # 1 process here; torchrun: N
+    ...     stage.write_inputs(tracking, feature_map)                         # the resolved config, the ids
+    ...     with stage.track(tracking, "demo-run", tags={"stage": "demo"}) as (tracker, run):
     ...         tracker.log_metrics(run, {"eval/auc": 0.8}, step=100)
     ...     stage.write_json("result.json", {"auc": 0.8})
+    >>> sorted(p.name for p in out_dir.iterdir())
+    ['config.yaml', 'feature_map.json', 'mlflow.db', 'result.json']
 """
 from __future__ import annotations
 

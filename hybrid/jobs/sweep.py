@@ -12,8 +12,9 @@ scaling curve from them.
 Output layout under ``out``: ``pretrain/<size>/`` and ``finetune/<size>/<strategy>/seed<k>/``.
 
 Example:
-    >>> cfg = load_config(SweepConfig, "configs/sweep_ml1m_last_item.yaml")
-    >>> summary = run_sweep(cfg)         # then: hybrid review --experiment <cfg.tracking.experiment>
+    >>> cfg = load_config(SweepConfig, "configs/sweep_ml1m_last_item.yaml")   # doctest: +SKIP
+    >>> summary = run_sweep(cfg)   # doctest: +SKIP
+    >>> # then: hybrid review --experiment <cfg.tracking.experiment>
 """
 from __future__ import annotations
 

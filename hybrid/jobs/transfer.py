@@ -5,8 +5,12 @@
 Used by ``hybrid finetune --init CKPT --strategy ...`` and by ``hybrid sweep``.
 
 Example:
-    >>> hook = transfer_hook(transfer_config("st_sf", "runs/pretrain/checkpoints"))
-    >>> run_finetune(cfg, prepare_model=hook)        # usually: cfg.transfer = that config, no hook
+    >>> config = transfer_config("st_sf", "runs/pretrain/checkpoints", {"new_rows": "mean"})
+    >>> config.strategy.freezes_tables, config.new_rows
+    (True, 'mean')
+    >>> hook = transfer_hook(config)                 # hook(model, feature_map) -> the transfer report
+    >>> run_finetune(cfg, prepare_model=hook)        # doctest: +SKIP
+    >>> # usually no hook: cfg.transfer = config, and run_finetune(cfg) applies it
 """
 from __future__ import annotations
 

@@ -15,20 +15,13 @@ from __future__ import annotations
 
 import torch
 
-from hybrid.core.backbones.common import Backbone, NormalLinear, lengths_to_mask
+from hybrid.core.backbones.common import Backbone, NormalLinear
 from hybrid.core.backbones.config import BackboneConfig
 from hybrid.core.backbones.hstu import (
     HSTUBackbone,
     HSTUBlock,
     RelativeBias,
     time_gap_buckets,
-)
-from hybrid.core.backbones.jagged import (
-    jagged_to_padded,
-    jagged_to_padded_reference,
-    lengths_to_offsets,
-    padded_to_jagged,
-    padded_to_jagged_reference,
 )
 from hybrid.core.backbones.llama import (
     LlamaAttention,
@@ -63,12 +56,6 @@ __all__ = [
     "SwiGLU",
     "apply_rope",
     "build_backbone",
-    "jagged_to_padded",
-    "jagged_to_padded_reference",
-    "lengths_to_mask",
-    "lengths_to_offsets",
-    "padded_to_jagged",
-    "padded_to_jagged_reference",
     "rope_cos_sin",
     "swiglu_hidden_dim",
     "time_gap_buckets",

@@ -66,15 +66,3 @@ class Backbone(nn.Module):
         for module in self.modules():
             if module is not self and hasattr(module, "reset_parameters"):
                 module.reset_parameters()
-
-
-def lengths_to_mask(lengths: torch.Tensor, max_len: int) -> torch.Tensor:
-    """``[B]`` lengths → ``[B, max_len]`` bool mask, True at valid (right-padded) positions.
-
-    Example:
-        >>> lengths_to_mask(torch.tensor([2, 0]), 3)
-        tensor([[ True,  True, False],
-                [False, False, False]])
-    """
-    positions = torch.arange(max_len, device=lengths.device)
-    return positions.unsqueeze(0) < lengths.to(positions.dtype).unsqueeze(1)

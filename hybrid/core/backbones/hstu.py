@@ -27,8 +27,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hybrid.core.backbones.common import Backbone, NormalLinear, lengths_to_mask
+from hybrid.core.backbones.common import Backbone, NormalLinear
 from hybrid.core.backbones.config import BackboneConfig
+from hybrid.core.jagged import lengths_to_mask
 
 
 def time_gap_buckets(timestamps: torch.Tensor, num_buckets: int, divisor: float) -> torch.Tensor:

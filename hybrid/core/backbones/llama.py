@@ -14,8 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hybrid.core.backbones.common import Backbone, NormalLinear, lengths_to_mask
+from hybrid.core.backbones.common import Backbone, NormalLinear
 from hybrid.core.backbones.config import BackboneConfig
+from hybrid.core.jagged import lengths_to_mask
 
 
 def swiglu_hidden_dim(dim: int, multiple_of: int) -> int:
