@@ -4,7 +4,7 @@ Imports ``hybrid.core`` and torch only (never the jobs, data or MLflow). The job
 to MLflow is ``hybrid.jobs.pretrain``; the command is ``hybrid pretrain``.
 
 Example:
-    >>> from pretrain import GenerativeModelConfig, PretrainTrainConfig, build_model, train
+    >>> from hybrid.pretrain import GenerativeModelConfig, PretrainTrainConfig, build_model, train
     >>> model = build_model(GenerativeModelConfig.tiny(), vocab_sizes, PretrainTrainConfig().optim)
 """
 from hybrid.pretrain.model import GenerativeModel, GenerativeModelConfig, table_name

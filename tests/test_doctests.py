@@ -11,6 +11,8 @@ from __future__ import annotations
 import doctest
 import importlib
 import pkgutil
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -32,6 +34,7 @@ def _modules() -> list[str]:
 
 
 MODULES = _modules()
+REPO = Path(__file__).resolve().parents[1]
 
 
 #: modules whose examples read real ML-100K (the session fixtures fetch and prepare it once)
@@ -60,6 +63,9 @@ def test_every_module_is_covered():
 
 @pytest.mark.parametrize("name", MODULES)
 def test_examples_run(name, tmp_path, monkeypatch, request):
+    # Examples import as a user would: the repository root (where the folders `pretrain/`, `adapters/` sit)
+    # is not on sys.path, so a stale `from pretrain import ...` fails here instead of working by accident.
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if Path(p or ".").resolve() != REPO])
     monkeypatch.chdir(tmp_path)  # an example that writes files writes them here
     module = importlib.import_module(name)
     namespace = _namespace(tmp_path)
