@@ -41,7 +41,8 @@ GRID = {
     "tin": ("ratings", "configs/finetune_ml1m_ratings_tin.yaml"),
     "gpsd": ("last-item", "configs/finetune_ml1m_last_item_gpsd.yaml"),
 }
-FIGURES = ("auc_epoch1", "best_auc", "final_auc", "final_logloss", "final_gauc")
+# validation selects (valid_*), test is reported at the selected step (test_*) and for the final weights
+FIGURES = ("valid_auc_epoch1", "valid_best_auc", "test_auc", "test_logloss", "test_gauc", "test_final_auc")
 
 
 def run_one(job: dict) -> dict:
@@ -69,12 +70,14 @@ def aggregate(runs: list[dict]) -> list[dict]:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| ranker | protocol | AUC end of epoch 1 | best AUC (mean epoch) | AUC after last epoch | logloss | gAUC "
-             "| one-epoch drop | s / run |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| ranker | protocol | valid AUC end of epoch 1 | best valid AUC (mean epoch) | test AUC at best valid "
+             "| test logloss | test gAUC | test AUC, final weights | one-epoch drop (valid) | s / run |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['ranker']} | {r['protocol']} | {pm(r, 'auc_epoch1')} | {pm(r, 'best_auc')} "
-                     f"({r['best_epoch']:.2f}) | {pm(r, 'final_auc')} | {pm(r, 'final_logloss')} | "
-                     f"{pm(r, 'final_gauc')} | {r['one_epoch_drop']}/{r['seeds']} seeds | {r['wall_s']:.0f} |")
+        lines.append(f"| {r['ranker']} | {r['protocol']} | {pm(r, 'valid_auc_epoch1')} | {pm(r, 'valid_best_auc')} "
+                     f"({r['best_epoch']:.2f}) | {pm(r, 'test_auc')} | {pm(r, 'test_logloss')} | "
+                     f"{pm(r, 'test_gauc')} | {pm(r, 'test_final_auc')} | {r['one_epoch_drop']}/{r['seeds']} seeds | "
+                     f"{r['wall_s']:.0f} |")
     return "\n".join(lines)
 
 
@@ -123,9 +126,10 @@ def main(argv: list[str] | None = None) -> int:
             for result in results:
                 runs.append(result)
                 print(f"[{time.perf_counter() - started:7.0f} s] {result['ranker']} seed {result['seed']}: "
-                      f"AUC@1 {result['auc_epoch1']:.4f} best {result['best_auc']:.4f} final "
-                      f"{result['final_auc']:.4f} logloss {result['final_logloss']:.4f} gAUC "
-                      f"{result['final_gauc']:.4f} drop {result['one_epoch_drop']} ({result['wall_s']:.0f} s)",
+                      f"valid AUC@1 {result['valid_auc_epoch1']:.4f} best {result['valid_best_auc']:.4f}; test "
+                      f"{result['test_auc']:.4f} logloss {result['test_logloss']:.4f} gAUC "
+                      f"{result['test_gauc']:.4f} final {result['test_final_auc']:.4f} drop {result['one_epoch_drop']} "
+                      f"({result['wall_s']:.0f} s)",
                       flush=True)
                 rows = aggregate(runs)
                 report = {"date": date.today().isoformat(), "machine": f"{os.cpu_count()}-core CPU "

@@ -56,7 +56,8 @@ VARIANTS["all"] = {**VARIANTS["simtier"], **VARIANTS["mnse"], **VARIANTS["mkmmd"
 VARIANTS["vector"] = {"item_field": True}
 VARIANTS["mmd_only"] = {"mkmmd_weight": 0.2}
 DEFAULT_VARIANTS = ("none", "simtier", "mnse", "mkmmd", "all")
-FIGURES = ("final_auc", "final_gauc", "final_logloss", "best_auc")
+# test figures at the validation-selected step (validation selects; test is only reported)
+FIGURES = ("test_auc", "test_gauc", "test_logloss", "valid_best_auc")
 
 
 def run_one(job: dict) -> dict:
@@ -82,7 +83,7 @@ def aggregate(runs: list[dict]) -> list[dict]:
                 continue
             row = {"ranker": ranker, "variant": variant, "seeds": len(mine), **mean_std(mine, FIGURES)}
             # Paired by seed against the baseline: same init seed and data order, only the features differ.
-            pairs = [(r["final_auc"], b["final_auc"]) for r in mine for b in base if b["seed"] == r["seed"]]
+            pairs = [(r["test_auc"], b["test_auc"]) for r in mine for b in base if b["seed"] == r["seed"]]
             row["delta_auc"] = statistics.fmean(a - b for a, b in pairs) if pairs and variant != "none" else 0.0
             row["wall_s"] = statistics.fmean(r["wall_s"] for r in mine)
             rows.append(row)
@@ -90,11 +91,12 @@ def aggregate(runs: list[dict]) -> list[dict]:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| ranker | multimodal | AUC | Δ AUC vs none (paired) | gAUC | logloss | s / run |",
+    lines = ["| ranker | multimodal | test AUC (best valid step) | Δ AUC vs none (paired) | test gAUC | test logloss "
+             "| s / run |",
              "|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['ranker']} | {r['variant']} | {pm(r, 'final_auc')} | {r['delta_auc']:+.4f} | "
-                     f"{pm(r, 'final_gauc')} | {pm(r, 'final_logloss')} | {r['wall_s']:.0f} |")
+        lines.append(f"| {r['ranker']} | {r['variant']} | {pm(r, 'test_auc')} | {r['delta_auc']:+.4f} | "
+                     f"{pm(r, 'test_gauc')} | {pm(r, 'test_logloss')} | {r['wall_s']:.0f} |")
     return "\n".join(lines)
 
 
@@ -141,8 +143,8 @@ def main(argv: list[str] | None = None) -> int:
             for result in pool.imap_unordered(run_one, jobs):
                 runs.append(result)
                 print(f"[{time.perf_counter() - started:6.0f} s] {result['ranker']:7s} {result['variant']:8s} "
-                      f"seed {result['seed']}: AUC {result['final_auc']:.4f} gAUC {result['final_gauc']:.4f} "
-                      f"logloss {result['final_logloss']:.4f} ({result['wall_s']:.0f} s)", flush=True)
+                      f"seed {result['seed']}: test AUC {result['test_auc']:.4f} gAUC {result['test_gauc']:.4f} "
+                      f"logloss {result['test_logloss']:.4f} ({result['wall_s']:.0f} s)", flush=True)
                 report = {"date": date.today().isoformat(),
                           "machine": f"{os.cpu_count()}-core CPU ({platform.processor() or platform.machine()}), "
                                      "shared with other jobs", "workers": args.workers,

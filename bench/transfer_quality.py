@@ -50,7 +50,8 @@ sys.path.insert(0, str(REPO))
 from _grid import load_finetune_config, mean_std, pm, timed, worker_pool  # noqa: E402
 
 STRATEGIES = ("nt", "ft", "st", "ft_sf", "st_sf")
-FIGURES = ("auc_epoch1", "best_auc", "final_auc", "final_logloss", "final_gauc")
+# validation selects (valid_*), test is reported at the selected step (test_*) and for the final weights
+FIGURES = ("valid_auc_epoch1", "valid_best_auc", "test_auc", "test_logloss", "test_gauc", "test_final_auc")
 MIN_EPOCHS = 3
 
 #: protocol → (prepared-data flag, pretraining config, fine-tuning config, ranker)
@@ -197,13 +198,15 @@ def aggregate(runs: list[dict]) -> list[dict]:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| protocol | ranker | strategy | AUC end of epoch 1 | best AUC (mean epoch) | final AUC | logloss "
-             "| gAUC | one-epoch drop | s / run |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| protocol | ranker | strategy | valid AUC end of epoch 1 | best valid AUC (mean epoch) | test AUC at "
+             "best valid | test logloss | test gAUC | test AUC, final weights | one-epoch drop (valid) | s / run |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         label = r["strategy"].upper().replace("_", "&")
-        lines.append(f"| {r['protocol']} | {r['ranker']} | {label} | {pm(r, 'auc_epoch1')} | {pm(r, 'best_auc')} "
-                     f"({r['best_epoch']:.2f}) | {pm(r, 'final_auc')} | {pm(r, 'final_logloss')} | "
-                     f"{pm(r, 'final_gauc')} | {r['one_epoch_drop']}/{r['seeds']} seeds | {r['wall_s']:.0f} |")
+        lines.append(f"| {r['protocol']} | {r['ranker']} | {label} | {pm(r, 'valid_auc_epoch1')} | "
+                     f"{pm(r, 'valid_best_auc')} ({r['best_epoch']:.2f}) | {pm(r, 'test_auc')} | {pm(r, 'test_logloss')} | "
+                     f"{pm(r, 'test_gauc')} | {pm(r, 'test_final_auc')} | {r['one_epoch_drop']}/{r['seeds']} seeds | "
+                     f"{r['wall_s']:.0f} |")
     return "\n".join(lines)
 
 
@@ -288,9 +291,10 @@ def main(argv: list[str] | None = None) -> int:
         for result in pool.imap_unordered(finetune, jobs):
             runs.append(result)
             print(f"[{time.perf_counter() - started:7.0f} s] {result['protocol']} {result['ranker']} "
-                  f"{result['strategy']} seed {result['seed']}: AUC@1 {result['auc_epoch1']:.4f} best "
-                  f"{result['best_auc']:.4f} final {result['final_auc']:.4f} logloss {result['final_logloss']:.4f}"
-                  f" gAUC {result['final_gauc']:.4f} drop {result['one_epoch_drop']} ({result['wall_s']:.0f} s)",
+                  f"{result['strategy']} seed {result['seed']}: valid AUC@1 {result['valid_auc_epoch1']:.4f} best "
+                  f"{result['valid_best_auc']:.4f}; test {result['test_auc']:.4f} logloss {result['test_logloss']:.4f}"
+                  f" gAUC {result['test_gauc']:.4f} final {result['test_final_auc']:.4f} drop {result['one_epoch_drop']}"
+                  f" ({result['wall_s']:.0f} s)",
                   flush=True)
             report = {"date": date.today().isoformat(), "quick": args.quick,
                       "machine": f"{os.cpu_count()}-core CPU ({platform.processor() or platform.machine()})",

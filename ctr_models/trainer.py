@@ -10,8 +10,9 @@
         clip dense grads → AdamW step → schedule step
         every log_every: train metrics
         every eval_every steps of the epoch, at every epoch end and at the last step:
-            AUC / logloss / gAUC per task on the whole test split → best checkpoint if AUC improved
-    last checkpoint → the one-epoch detector over the eval curve
+            AUC / logloss / gAUC per task on the whole validation split → if it improved: best checkpoint,
+            and the same metrics on test (reported for the selected step, never used to select)
+    final weights on test → last checkpoint → the one-epoch detector over the validation curve
 
 Preparing a model (:func:`prepare_for_training`) is separate from building it: the caller builds the
 ranker, may load and freeze pretrained tables (the transfer adapters do), and only then are the in-backward
@@ -21,12 +22,12 @@ optimizers attached — to the *trainable* tables only, so a frozen table gets n
 Sharded runs (``DistributedModelParallel``) call the inner ranker (``dmp.module(batch)``) as the
 pretraining trainer does: its sharded tables still run their collective lookups, and the dense gradients
 are averaged explicitly (``hybrid.core.training.average_dense_gradients``). ``batch_size`` is the global
-batch: each of ``W`` ranks takes ``batch_size / W`` (the loader's job). Evaluation spreads the test batches
+batch: each of ``W`` ranks takes ``batch_size / W`` (the loader's job). Evaluation spreads the batches of a split
 over the ranks and gathers every prediction, so each rank computes the same metrics on the *full* split
 and takes the same best-checkpoint decision.
 
 Checkpoints (``hybrid.core.checkpoint``, DCP + manifest) hold the model weights only:
-``<checkpoint_dir>/best/step-…`` (the weights at the best evaluation, by the primary task's AUC) and
+``<checkpoint_dir>/best/step-…`` (the weights at the best validation evaluation, by the primary task's AUC) and
 ``<checkpoint_dir>/last/step-…``. Fine-tuning is short, so there is no mid-run resume.
 
 This module imports ``hybrid.core``, torch and torchrec only — never the jobs, data or MLflow: metrics leave through a
@@ -38,7 +39,7 @@ Example:
     >>> model = prepare_for_training(build_ranker("dcn_v2", None, vocab_sizes, ("click",)), cfg.optim)
     >>> result = train(model, train_loader, eval_loader, cfg,                  # doctest: +SKIP
     ...                checkpoint_dir="runs/x/checkpoints", log_metrics=lambda m, step, epoch: print(step, epoch, m))
-    >>> result.summary()["best_auc"], result.one_epoch.flagged                # doctest: +SKIP
+    >>> result.summary()["valid_best_auc"], result.summary()["test_auc"]      # doctest: +SKIP
     (0.7912, True)
 
 (the loaders come from :func:`hybrid.data.batching.make_loader` over a prepared dataset: ``hybrid finetune``
@@ -83,6 +84,8 @@ from hybrid.ctr_models.base import Ranker
 from hybrid.ctr_models.metrics import OneEpochDrop, ctr_metrics, one_epoch_drop
 
 BEST, LAST = "best", "last"
+#: metric-name prefixes of the two evaluation splits: ``valid/auc`` selects, ``test/auc`` is only reported
+VALID, TEST = "valid", "test"
 
 
 @dataclass
@@ -140,15 +143,22 @@ class CTRTrainConfig:
 
 @dataclass
 class Evaluation:
-    """One evaluation: after ``step`` optimizer steps, at fractional ``epoch``; ``metrics`` as logged."""
+    """One validation evaluation: after ``step`` optimizer steps, at fractional ``epoch``.
+
+    Args:
+        metrics: the validation metrics as logged (``valid/auc``, ...).
+        test: the test metrics at the same weights (``test/auc``, ...), computed only where they are
+            reported: when this evaluation became the best on validation, and at the end.
+    """
 
     step: int
     epoch: float
     metrics: dict[str, float]
+    test: dict[str, float] | None = None
 
     @property
     def auc(self) -> float:
-        return self.metrics["eval/auc"]
+        return self.metrics[f"{VALID}/auc"]
 
 
 @dataclass
@@ -156,13 +166,16 @@ class CTRTrainResult:
     """What :func:`train` returns.
 
     Args:
-        metrics: the last evaluation (``eval/...``) and the last train window (``train/...``, ``perf/...``).
+        metrics: the last validation evaluation (``valid/...``), the last train window (``train/...``,
+            ``perf/...``) and the final test evaluation (``test/...``) when there is a test loader.
         step: optimizer steps done.
         epoch: fractional epoch reached.
-        evaluations: every evaluation, in order.
-        best: the evaluation with the highest primary-task AUC (``None`` without evaluations).
+        evaluations: every validation evaluation, in order.
+        best: the evaluation with the highest primary-task validation AUC (``None`` without evaluations):
+            the selected checkpoint; its ``test`` holds the test metrics at that step.
+        final_test: the test metrics of the final weights (``None`` without a test loader).
         best_checkpoint, last_checkpoint: checkpoint directories (``None`` without a checkpoint dir).
-        one_epoch: the one-epoch detector over the ``(epoch, eval/auc)`` curve.
+        one_epoch: the one-epoch detector over the ``(epoch, valid/auc)`` curve.
     """
 
     metrics: dict[str, float]
@@ -173,38 +186,47 @@ class CTRTrainResult:
     best_checkpoint: Path | None
     last_checkpoint: Path | None
     one_epoch: OneEpochDrop
+    final_test: dict[str, float] | None = None
 
     def curve(self) -> list[tuple[float, float]]:
-        """``[(fractional epoch, eval AUC), ...]`` — the one-epoch picture."""
+        """``[(fractional epoch, validation AUC), ...]`` — the one-epoch picture."""
         return [(e.epoch, e.auc) for e in self.evaluations]
 
     def summary(self) -> dict[str, Any]:
-        """The figures a run is reported by (BENCHMARKS.md).
+        """The figures a run is reported by (BENCHMARKS.md); every name says its split.
 
-        Keys: ``auc_epoch1`` (the last evaluation at or before the end of epoch 1, i.e. the end of epoch 1
-        when the run got there), ``best_auc``, ``best_epoch``, ``best_step``, ``final_auc``,
-        ``final_logloss``, ``final_gauc`` (last evaluation), ``best_logloss``, ``best_gauc`` (at the best
-        evaluation), ``one_epoch_drop`` (bool), ``one_epoch_auc_drop`` (end-of-epoch-1 AUC minus the
-        lowest AUC after it; ``nan`` when undefined), ``steps``, ``epochs``.
+        Validation (what selects): ``valid_auc_epoch1`` (the last evaluation at or before the end of epoch
+        1), ``valid_best_auc`` / ``valid_best_logloss`` / ``valid_best_gauc`` (at the best evaluation, at
+        ``best_epoch`` / ``best_step``), ``valid_final_auc`` / ``_logloss`` / ``_gauc`` (last evaluation),
+        ``one_epoch_drop`` (bool) and ``one_epoch_auc_drop`` (end-of-epoch-1 AUC minus the lowest AUC after
+        it; ``nan`` when undefined). Test (only reported): ``test_auc`` / ``test_logloss`` / ``test_gauc``
+        at the selected (best-validation) step, ``test_final_auc`` / ``_logloss`` / ``_gauc`` of the final
+        weights (``nan`` without a test loader). And ``steps``, ``epochs``.
         """
         nan = float("nan")
         last = self.evaluations[-1].metrics if self.evaluations else {}
         best = self.best.metrics if self.best else {}
-        return {
-            "auc_epoch1": self.one_epoch.boundary_auc,
-            "best_auc": best.get("eval/auc", nan),
+        test = (self.best.test if self.best else None) or {}
+        final_test = self.final_test or {}
+        out: dict[str, Any] = {
+            "valid_auc_epoch1": self.one_epoch.boundary_auc,
+            "valid_best_auc": best.get(f"{VALID}/auc", nan),
+            "valid_best_logloss": best.get(f"{VALID}/logloss", nan),
+            "valid_best_gauc": best.get(f"{VALID}/gauc", nan),
             "best_epoch": self.best.epoch if self.best else nan,
             "best_step": self.best.step if self.best else -1,
-            "best_logloss": best.get("eval/logloss", nan),
-            "best_gauc": best.get("eval/gauc", nan),
-            "final_auc": last.get("eval/auc", nan),
-            "final_logloss": last.get("eval/logloss", nan),
-            "final_gauc": last.get("eval/gauc", nan),
+            "valid_final_auc": last.get(f"{VALID}/auc", nan),
+            "valid_final_logloss": last.get(f"{VALID}/logloss", nan),
+            "valid_final_gauc": last.get(f"{VALID}/gauc", nan),
             "one_epoch_drop": bool(self.one_epoch.flagged),
             "one_epoch_auc_drop": self.one_epoch.drop,
-            "steps": self.step,
-            "epochs": self.epoch,
         }
+        for kind in ("auc", "logloss", "gauc"):
+            out[f"test_{kind}"] = test.get(f"{TEST}/{kind}", nan)
+        for kind in ("auc", "logloss", "gauc"):
+            out[f"test_final_{kind}"] = final_test.get(f"{TEST}/{kind}", nan)
+        out.update(steps=self.step, epochs=self.epoch)
+        return out
 
 
 # ---------------------------------------------------------------------------------------------- the model
@@ -309,23 +331,29 @@ def train(
     checkpoint_dir: str | Path | None = None,
     manifest: Mapping[str, Any] | None = None,
     log_metrics: MetricsCallback | None = None,
+    test_loader: Iterable[CTRBatch] | None = None,
 ) -> CTRTrainResult:
-    """Train ``model`` on ``train_loader``, evaluate on ``eval_loader``, keep the best and last weights.
+    """Train ``model`` on ``train_loader``, select on ``eval_loader`` (validation), report on ``test_loader``.
 
     Args:
         model: from :func:`prepare_for_training` (plain ranker or ``DistributedModelParallel``).
         train_loader: a ``DataLoader`` of :class:`CTRBatch` whose ``batch_sampler`` has ``set_epoch(epoch)``
             (``hybrid.data.batching.make_loader(..., shuffle=True, seed=cfg.seed, num_replicas=W, rank=r)``).
             All ranks must yield the same number of batches.
-        eval_loader: the whole test split on every rank (ranks take turns over its batches and gather the
-            predictions). ``None``: no evaluation, no best checkpoint.
+        eval_loader: the whole **validation** split on every rank (ranks take turns over its batches and
+            gather the predictions): every evaluation, the ``best`` checkpoint and the one-epoch detector use
+            it. ``None``: no evaluation, no best checkpoint.
+        test_loader: the whole test split on every rank, evaluated only where it is reported: each time the
+            validation AUC reaches a new best (the test figures of the selected step) and once at the end
+            (the final weights). Nothing is selected on it. ``None``: no test figures.
         cfg: the training settings.
         ctx: rank / world size / device (default: one CPU process).
         checkpoint_dir: where ``best/`` and ``last/`` go (``None``: no checkpoints).
         manifest: extra JSON-able facts stored in every checkpoint's manifest (config, feature map...).
         log_metrics: called on rank 0 as ``log_metrics(metrics, step, epoch)`` with ``train/loss``,
             ``train/bce/<task>``, ``train/<auxiliary loss>``, ``train/lr``, the ranker's diagnostics,
-            ``perf/samples_per_s``, ``eval/auc`` ... (see :func:`evaluate`); ``epoch`` is fractional.
+            ``perf/samples_per_s``, ``valid/auc`` ..., and ``test/auc`` ... at the steps where test is
+            evaluated (see :func:`evaluate`); ``epoch`` is fractional.
 
     Returns:
         :class:`CTRTrainResult`.
@@ -412,13 +440,17 @@ def train(
             if eval_loader is not None and ((cfg.eval_every and position % cfg.eval_every == 0)
                                             or epoch_end or done):
                 with window.paused():
-                    eval_metrics = evaluate(model, eval_loader, ctx=ctx)
+                    eval_metrics = evaluate(model, eval_loader, ctx=ctx, split=VALID)
                     evaluation = Evaluation(step, frac_epoch, eval_metrics)
                     evaluations.append(evaluation)
                     metrics.update(eval_metrics)
                     log(eval_metrics, step, frac_epoch)
                     if best is None or _better(evaluation.auc, best.auc):
                         best = evaluation
+                        # the test figures of the selected step: measured here, never used to select
+                        if test_loader is not None:
+                            best.test = evaluate(model, test_loader, ctx=ctx, split=TEST)
+                            log(best.test, step, frac_epoch)
                         if checkpoint_dir is not None:
                             best_path = _save(checkpoint_dir / BEST, model, evaluation, manifest)
                 core.train()
@@ -428,14 +460,26 @@ def train(
             break
     bar.close()
 
+    # 6. The final weights on test (already measured when the last evaluation was the best).
+    final_test = None
+    if test_loader is not None:
+        last_eval = evaluations[-1] if evaluations else None
+        if last_eval is not None and last_eval is best and best.test is not None and last_eval.step == step:
+            final_test = best.test
+        else:
+            final_test = evaluate(model, test_loader, ctx=ctx, split=TEST)
+            log(final_test, step, step / steps_per_epoch)
+        metrics.update(final_test)
+
     last_path = None
     if checkpoint_dir is not None:
         last_eval = evaluations[-1] if evaluations else Evaluation(step, step / steps_per_epoch, {})
         last_path = _save(checkpoint_dir / LAST, model, last_eval, manifest)
-    # 6. The one-epoch phenomenon: does eval AUC fall after the first epoch boundary?
+    # 7. The one-epoch phenomenon: does validation AUC fall after the first epoch boundary?
     drop = one_epoch_drop([(e.epoch, e.auc) for e in evaluations], tolerance=cfg.one_epoch_tolerance)
     return CTRTrainResult(metrics=metrics, step=step, epoch=step / steps_per_epoch, evaluations=evaluations,
-                          best=best, best_checkpoint=best_path, last_checkpoint=last_path, one_epoch=drop)
+                          best=best, best_checkpoint=best_path, last_checkpoint=last_path, one_epoch=drop,
+                          final_test=final_test)
 
 
 def _better(auc: float, best_auc: float) -> bool:
@@ -446,7 +490,7 @@ def _better(auc: float, best_auc: float) -> bool:
 
 
 def _save(root: Path, model: nn.Module, evaluation: Evaluation, manifest: Mapping[str, Any]) -> Path:
-    facts = {**manifest, "epoch": evaluation.epoch, "metrics": dict(evaluation.metrics)}
+    facts = {**manifest, "epoch": evaluation.epoch, "metrics": {**evaluation.metrics, **(evaluation.test or {})}}
     return save_checkpoint(root, evaluation.step, {"model": model.state_dict()}, facts, keep_last=1)
 
 
@@ -493,13 +537,18 @@ def predict(model: nn.Module, loader: Iterable[CTRBatch], *,
     return out
 
 
-def evaluate(model: nn.Module, loader: Iterable[CTRBatch], *, ctx: DistributedContext | None = None) -> dict[str, float]:
+def evaluate(model: nn.Module, loader: Iterable[CTRBatch], *, ctx: DistributedContext | None = None,
+             split: str = VALID) -> dict[str, float]:
     """AUC, logloss and gAUC of every task on the whole ``loader`` (``hybrid.ctr_models.metrics.ctr_metrics``).
 
+    Args:
+        model, loader, ctx: as in :func:`train`.
+        split: the name the metrics carry: ``valid`` or ``test``.
+
     Returns:
-        ``eval/auc``, ``eval/logloss``, ``eval/gauc`` (the primary task = the model's first task),
-        ``eval/<task>/auc``, ``eval/<task>/logloss``, ``eval/<task>/gauc`` for every task,
-        ``eval/samples`` and ``perf/eval_samples_per_s``. The same on every rank.
+        ``<split>/auc``, ``<split>/logloss``, ``<split>/gauc`` (the primary task = the model's first task),
+        ``<split>/<task>/auc``, ``<split>/<task>/logloss``, ``<split>/<task>/gauc`` for every task,
+        ``<split>/samples`` and ``perf/<split>_samples_per_s``. The same on every rank.
     """
     core = unwrap(model)
     started = time.perf_counter()
@@ -507,9 +556,9 @@ def evaluate(model: nn.Module, loader: Iterable[CTRBatch], *, ctx: DistributedCo
     seconds = time.perf_counter() - started
     per_task = ctr_metrics(labels, logits, users, core.task_names)
     primary = core.task_names[0]
-    out = {f"eval/{name}": value for name, value in per_task.items()}
+    out = {f"{split}/{name}": value for name, value in per_task.items()}
     for kind in ("auc", "logloss", "gauc"):
-        out[f"eval/{kind}"] = per_task[f"{primary}/{kind}"]
-    out["eval/samples"] = float(len(users))
-    out["perf/eval_samples_per_s"] = len(users) / max(seconds, 1e-9)
+        out[f"{split}/{kind}"] = per_task[f"{primary}/{kind}"]
+    out[f"{split}/samples"] = float(len(users))
+    out[f"perf/{split}_samples_per_s"] = len(users) / max(seconds, 1e-9)
     return out

@@ -163,10 +163,12 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     result = run_finetune(cfg)
     if is_rank_zero():
         print(f"fine-tuned {cfg.ranker.name} for {result['steps']} steps ({result['epochs']:.2f} epochs) in "
-              f"{result['seconds']:.1f} s: AUC end of epoch 1 {result['auc_epoch1']:.4f}, best "
-              f"{result['best_auc']:.4f} (epoch {result['best_epoch']:.2f}), final {result['final_auc']:.4f}, "
-              f"logloss {result['final_logloss']:.4f}, gAUC {result['final_gauc']:.4f}, one-epoch drop: "
-              f"{'yes' if result['one_epoch_drop'] else 'no'}")
+              f"{result['seconds']:.1f} s")
+        print(f"  validation (selects): AUC end of epoch 1 {result['valid_auc_epoch1']:.4f}, best "
+              f"{result['valid_best_auc']:.4f} (epoch {result['best_epoch']:.2f}), final {result['valid_final_auc']:.4f}, "
+              f"one-epoch drop: {'yes' if result['one_epoch_drop'] else 'no'}")
+        print(f"  test at the selected step: AUC {result['test_auc']:.4f}, logloss {result['test_logloss']:.4f}, "
+              f"gAUC {result['test_gauc']:.4f}; final weights: AUC {result['test_final_auc']:.4f}")
         print(f"best checkpoint: {result['best_checkpoint']}")
     return 0
 
@@ -232,12 +234,13 @@ def _cmd_quickstart(args: argparse.Namespace) -> int:
 
 
 def _print_stats(stats: dict) -> None:
-    ctr_train, ctr_test = stats["ctr_train"], stats["ctr_test"]
+    ctr_train, ctr_valid, ctr_test = stats["ctr_train"], stats["ctr_valid"], stats["ctr_test"]
     print(f"{stats['dataset']} / {stats['protocol']}: {stats['users']} users, {stats['items']} items, "
           f"{stats['events']} events")
     print(f"  pretraining: {stats['pretrain_train']['sequences']} sequences "
           f"({stats['pretrain_train']['events']} events), eval {stats['pretrain_eval']['sequences']}")
     print(f"  CTR train: {ctr_train['samples']} samples, label rate {ctr_train['label_rate']}; "
+          f"validation: {ctr_valid['samples']} samples, label rate {ctr_valid['label_rate']}; "
           f"test: {ctr_test['samples']} samples, label rate {ctr_test['label_rate']}")
 
 

@@ -2,17 +2,19 @@
 
 Writes into ``--out``:
 
-- ``summary.md`` / ``summary.csv``: one row per (ranker, strategy, model size): AUC at the end of epoch 1, best AUC,
-  final AUC, final logloss, whether the one-epoch drop happened — mean ± std over seeds;
-- ``one_epoch.png``: eval AUC against training progress (fractional epochs), one line per strategy
+- ``summary.md`` / ``summary.csv``: one row per (ranker, strategy, model size): validation AUC at the end of
+  epoch 1 and at its best (what selects the checkpoint), test AUC at that best-validation step and of the final
+  weights, whether the one-epoch drop happened (on validation) — mean ± std over seeds;
+- ``one_epoch.png``: validation AUC against training progress (fractional epochs), one line per strategy
   (mean over seeds), epoch boundaries marked — the one-epoch picture;
-- ``scaling.png``: AUC against dense parameters on a log axis with the fitted ``AUC = a − b·N^−c`` per
-  strategy and its parameters;
+- ``scaling.png``: validation-selected test AUC against dense parameters on a log axis with the fitted
+  ``AUC = a − b·N^−c`` per strategy and its parameters;
 - ``report.html``: one self-contained page (plots embedded) with all of it.
 
-Everything is computed from the logged metric histories (``eval/auc``, ``eval/logloss`` with their
-``progress/epoch``) and the run tags (``ranker``, ``strategy``, ``model_size``, ``dense_params``, ``seed``), so a
-review reproduces from the store alone. The outputs are logged as artifacts of a ``review`` run.
+Everything is computed from the logged metric histories (``valid/auc`` with its ``progress/epoch``, and
+``test/auc``, logged at each new best validation step and at the end) and the run tags (``ranker``,
+``strategy``, ``model_size``, ``dense_params``, ``seed``), so a review reproduces from the store alone. The
+outputs are logged as artifacts of a ``review`` run.
 """
 from __future__ import annotations
 
@@ -31,16 +33,20 @@ from hybrid.core.errors import HybridInputError
 from hybrid.ctr_models.metrics import one_epoch_drop
 from hybrid.tracking import TAGS, Tracker
 
-AUC_METRIC = "eval/auc"
-LOGLOSS_METRIC = "eval/logloss"
+AUC_METRIC = "valid/auc"
+TEST_AUC_METRIC = "test/auc"
 EPOCH_METRIC = "progress/epoch"
+#: the strategy table's figures, each named by its split, and their column headers
+TABLE_METRICS = {"valid_auc_epoch1": "validation AUC, end of epoch 1", "valid_best_auc": "best validation AUC",
+                 "test_auc": "test AUC at best validation", "test_final_auc": "test AUC, final weights"}
 
 
 # -- reading -----------------------------------------------------------------------------------------------
 
 @dataclass
 class RunCurve:
-    """One finetune run: its identity and its eval curve (fractional epoch → AUC / logloss)."""
+    """One finetune run: its identity, its validation curve (``steps`` → fractional epoch, AUC) and its test
+    AUC by step (logged where test was evaluated: new best validation steps and the last step)."""
 
     run_id: str
     name: str
@@ -49,9 +55,10 @@ class RunCurve:
     model_size: str
     dense_params: float
     seed: str
+    steps: np.ndarray
     epochs: np.ndarray
     auc: np.ndarray
-    logloss: np.ndarray
+    test_auc: dict[int, float]
 
 
 def _history(client, run_id: str, key: str) -> dict[int, float]:
@@ -59,7 +66,7 @@ def _history(client, run_id: str, key: str) -> dict[int, float]:
 
 
 def load_curves(tracker: Tracker, stage: str = "finetune") -> list[RunCurve]:
-    """Every finished run of the experiment tagged ``stage=<stage>`` that logged ``eval/auc``."""
+    """Every finished run of the experiment tagged ``stage=<stage>`` that logged ``valid/auc``."""
     client = tracker.client
     found = client.get_experiment_by_name(tracker.experiment)
     if found is None:
@@ -74,31 +81,34 @@ def load_curves(tracker: Tracker, stage: str = "finetune") -> list[RunCurve]:
         if not auc:
             continue
         epoch = _history(client, run.info.run_id, EPOCH_METRIC)
-        loss = _history(client, run.info.run_id, LOGLOSS_METRIC)
+        test = _history(client, run.info.run_id, TEST_AUC_METRIC)
         steps = sorted(auc)
         tags = run.data.tags
         curves.append(RunCurve(
             run_id=run.info.run_id, name=run.info.run_name or run.info.run_id, ranker=tags.get(TAGS.ranker, "-"),
             strategy=tags.get(TAGS.strategy, "nt"), model_size=tags.get(TAGS.model_size, "-"),
             dense_params=float(tags.get(TAGS.dense_params, "nan")), seed=tags.get(TAGS.seed, "0"),
+            steps=np.array(steps, dtype=np.int64),
             epochs=np.array([epoch.get(s, np.nan) for s in steps], dtype=float),
-            auc=np.array([auc[s] for s in steps], dtype=float),
-            logloss=np.array([loss.get(s, np.nan) for s in steps], dtype=float)))
+            auc=np.array([auc[s] for s in steps], dtype=float), test_auc=test))
     return curves
 
 
 # -- summarising ---------------------------------------------------------------------------------------------
 
 def summarise_run(curve: RunCurve) -> dict:
-    """The per-run figures of the strategy table."""
+    """The per-run figures of the strategy table (validation selects, test is read at the selected step)."""
     at_boundary = curve.epochs <= 1.0 + 1e-9
     epoch1 = curve.auc[at_boundary][-1] if at_boundary.any() else np.nan
     points = [(e, a) for e, a in zip(curve.epochs, curve.auc) if not math.isnan(e)]
+    best = int(np.nanargmax(curve.auc)) if np.isfinite(curve.auc).any() else -1
+    best_step = int(curve.steps[best]) if best >= 0 else -1
     return {
         "run_id": curve.run_id, "ranker": curve.ranker, "strategy": curve.strategy, "model_size": curve.model_size,
         "dense_params": curve.dense_params, "seed": curve.seed,
-        "auc_epoch1": float(epoch1), "best_auc": float(np.nanmax(curve.auc)), "final_auc": float(curve.auc[-1]),
-        "final_logloss": float(curve.logloss[-1]),
+        "valid_auc_epoch1": float(epoch1), "valid_best_auc": float(curve.auc[best]) if best >= 0 else np.nan,
+        "test_auc": curve.test_auc.get(best_step, np.nan),
+        "test_final_auc": curve.test_auc[max(curve.test_auc)] if curve.test_auc else np.nan,
         "one_epoch_drop": bool(one_epoch_drop(points).flagged) if points else False,
     }
 
@@ -111,7 +121,7 @@ def summary_table(curves: Sequence[RunCurve]) -> pd.DataFrame:
     runs = pd.DataFrame([summarise_run(c) for c in curves])
     if runs.empty:
         return runs
-    metrics = ["auc_epoch1", "best_auc", "final_auc", "final_logloss"]
+    metrics = list(TABLE_METRICS)
     grouped = runs.groupby(["ranker", "strategy", "model_size"], sort=True)
     table = grouped[metrics].agg(["mean", "std"])
     table.columns = [f"{m}_{s}" for m, s in table.columns]
@@ -129,15 +139,15 @@ def series_label(ranker: str, strategy: str, rankers: int) -> str:
 
 
 def to_markdown(table: pd.DataFrame) -> str:
-    header = ("| ranker | strategy | size | dense params | seeds | AUC end of epoch 1 | best AUC | final AUC | "
-              "final logloss | one-epoch drop |\n|---|---|---|---|---|---|---|---|---|---|\n")
+    header = ("| ranker | strategy | size | dense params | seeds | " + " | ".join(TABLE_METRICS.values())
+              + " | one-epoch drop (validation) |\n|" + "---|" * (6 + len(TABLE_METRICS)) + "\n")
     rows = []
     for r in table.itertuples():
         pm = lambda m: f"{getattr(r, m + '_mean'):.4f} ± {getattr(r, m + '_std'):.4f}"  # noqa: E731
         drop = "yes" if r.one_epoch_drop == 1 else "no" if r.one_epoch_drop == 0 else f"{r.one_epoch_drop:.0%} of seeds"
         dense = "-" if math.isnan(r.dense_params) else f"{int(r.dense_params):,}"
-        rows.append(f"| {r.ranker} | {r.strategy} | {r.model_size} | {dense} | {r.seeds} | {pm('auc_epoch1')} | "
-                    f"{pm('best_auc')} | {pm('final_auc')} | {pm('final_logloss')} | {drop} |")
+        figures = " | ".join(pm(m) for m in TABLE_METRICS)
+        rows.append(f"| {r.ranker} | {r.strategy} | {r.model_size} | {dense} | {r.seeds} | {figures} | {drop} |")
     return header + "\n".join(rows) + "\n"
 
 
@@ -197,7 +207,7 @@ def fit_power_law(n: Sequence[float], auc: Sequence[float]) -> PowerLaw:
 # -- plots and page ------------------------------------------------------------------------------------------
 
 def plot_one_epoch(curves: Sequence[RunCurve], path: Path) -> Path:
-    """Eval AUC vs fractional epoch, one line per (ranker, strategy, size) (mean over seeds), epochs marked."""
+    """Validation AUC vs fractional epoch, one line per (ranker, strategy, size) (mean over seeds), epochs marked."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -228,8 +238,8 @@ def plot_one_epoch(curves: Sequence[RunCurve], path: Path) -> Path:
     for boundary in range(1, int(math.ceil(max_epoch)) + 1):
         ax.axvline(boundary, color="grey", linestyle=":", linewidth=1)
     ax.set_xlabel("training progress (epochs)")
-    ax.set_ylabel("eval AUC")
-    ax.set_title("Eval AUC during training (dotted: epoch boundaries)")
+    ax.set_ylabel("validation AUC")
+    ax.set_title("Validation AUC during training (dotted: epoch boundaries)")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -238,7 +248,8 @@ def plot_one_epoch(curves: Sequence[RunCurve], path: Path) -> Path:
 
 
 def plot_scaling(table: pd.DataFrame, path: Path) -> tuple[Path, dict[str, PowerLaw]]:
-    """Best AUC vs dense parameters (log axis), one series per (ranker,) strategy, with its power-law fit."""
+    """Validation-selected test AUC vs dense parameters (log axis), one series per (ranker,) strategy, with its
+    power-law fit."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -251,7 +262,7 @@ def plot_scaling(table: pd.DataFrame, path: Path) -> tuple[Path, dict[str, Power
     for (ranker, strategy), rows in sized.groupby(["ranker", "strategy"]):
         strategy = series_label(ranker, strategy, rankers)
         rows = rows.sort_values("dense_params")
-        n, auc, err = rows["dense_params"].to_numpy(), rows["best_auc_mean"].to_numpy(), rows["best_auc_std"].to_numpy()
+        n, auc, err = rows["dense_params"].to_numpy(), rows["test_auc_mean"].to_numpy(), rows["test_auc_std"].to_numpy()
         line = ax.errorbar(n, auc, yerr=err, marker="o", linestyle="none", capsize=3, label=strategy)
         try:
             fit = fit_power_law(n, auc)
@@ -262,7 +273,7 @@ def plot_scaling(table: pd.DataFrame, path: Path) -> tuple[Path, dict[str, Power
         ax.plot(xs, fit(xs), color=line[0].get_color(), linewidth=1, label=f"{strategy}: {fit}")
     ax.set_xscale("log")
     ax.set_xlabel("dense (backbone) parameters N")
-    ax.set_ylabel("best eval AUC")
+    ax.set_ylabel("test AUC at best validation")
     ax.set_title("Scaling: AUC = a − b·N^−c")
     ax.legend(fontsize=8)
     fig.tight_layout()

@@ -5,7 +5,7 @@
   (``<store dir>/mlartifacts``), not in ``./mlruns`` under whatever directory the process started in.
 - One experiment per study; one parent run per pipeline; nested runs per stage (``mlflow.parentRunId``).
 - Params are logged once per run (flattened config: ``model.backbone.dim``); metrics carry a ``step``
-  and, when given, the fractional epoch as ``progress/epoch`` at the same step; names like ``eval/auc``.
+  and, when given, the fractional epoch as ``progress/epoch`` at the same step; names like ``valid/auc``.
 - Tags: git commit, data hash, package versions, and whatever the stage adds (strategy, model size...).
 - Only rank 0 logs: on other ranks every call is a no-op, so stage code need not check.
 

@@ -30,7 +30,7 @@ def toy():
     users = pd.DataFrame({"user_id": ["u1", "u2"], "gender": ["F", "M"], "age": ["25", "35"],
                           "occupation": ["7", "1"], "zip": ["1", "2"]})
     data = RawDataset("toy", events, items, users)
-    return prepare(data, ProtocolConfig(protocol="ratings", time_cut_quantile=0.6, max_history=2))
+    return prepare(data, ProtocolConfig(protocol="ratings", time_cut_quantile=0.6, validation_share=0.0, max_history=2))
 
 
 def test_ctr_kjt_matches_hand_built(toy):

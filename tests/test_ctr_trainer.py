@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -57,17 +58,22 @@ def loaders(prepared, model, cfg, tasks=("click",)):
     fields = list(model.spec.kjt_keys)
     train_loader = make_loader(CTRBatchConverter(prepared, "ctr_train", max_history=H, fields=fields,
                                                  task_names=tasks), cfg.batch_size, shuffle=True, seed=cfg.seed)
-    eval_loader = make_loader(CTRBatchConverter(prepared, "ctr_test", max_history=H, fields=fields,
-                                                task_names=tasks), cfg.eval_batch_size, shuffle=False)
-    return train_loader, eval_loader
+    valid_loader = split_loader(prepared, model, cfg, "ctr_valid", tasks)
+    return train_loader, valid_loader
+
+
+def split_loader(prepared, model, cfg, split, tasks=("click",)):
+    return make_loader(CTRBatchConverter(prepared, split, max_history=H, fields=list(model.spec.kjt_keys),
+                                         task_names=tasks), cfg.eval_batch_size, shuffle=False)
 
 
 @pytest.fixture(scope="module")
 def small_ratings(prepared_ratings):
-    """A random 6,000 / 3,000 sample of ML-100K's protocol-B train / test split (same feature map)."""
+    """A random 6,000 / 3,000 / 3,000 sample of ML-100K's protocol-B train / validation / test splits."""
     return dataclasses.replace(
         prepared_ratings,
         ctr_train=prepared_ratings.ctr_train.sample(6000, random_state=0).reset_index(drop=True),
+        ctr_valid=prepared_ratings.ctr_valid.sample(3000, random_state=0).reset_index(drop=True),
         ctr_test=prepared_ratings.ctr_test.sample(3000, random_state=0).reset_index(drop=True))
 
 
@@ -88,10 +94,10 @@ def test_every_ranker_learns_on_ml100k(prepared_ratings, name):
     losses = [m["train/loss"] for _, m in logged if "train/loss" in m]
     assert losses[-1] < losses[0] - 0.05
     final = result.evaluations[-1].metrics
-    assert final["eval/auc"] > 0.70 and final["eval/gauc"] > 0.65, final
-    assert final["eval/samples"] == len(prepared_ratings.ctr_test)
+    assert final["valid/auc"] > 0.70 and final["valid/gauc"] > 0.65, final
+    assert final["valid/samples"] == len(prepared_ratings.ctr_valid)
     if name == "mmoe":
-        assert final["eval/rating5/auc"] > 0.70 and final["eval/auc"] == final["eval/click/auc"]
+        assert final["valid/rating5/auc"] > 0.70 and final["valid/auc"] == final["valid/click/auc"]
         assert any("moe/cross_expert_corr" in m for _, m in logged)     # the ranker's diagnostics
     if name == "multi_embedding_moe":
         assert any("train/decorrelation" in m for _, m in logged)  # the auxiliary loss is in the step
@@ -109,7 +115,7 @@ def test_eval_every_n_steps_inside_each_epoch_and_at_epoch_ends(small_ratings):
     calls = []
     result = train(model, *loaders(small_ratings, model, cfg), cfg,
                    log_metrics=lambda m, step, epoch: calls.append((step, epoch, m)))
-    evals = [(step, epoch) for step, epoch, m in calls if "eval/auc" in m]
+    evals = [(step, epoch) for step, epoch, m in calls if "valid/auc" in m]
     assert [s for s, _ in evals] == [5, 10, 12, 17, 22, 24]
     assert [e for _, e in evals] == pytest.approx([5 / 12, 10 / 12, 1.0, 17 / 12, 22 / 12, 2.0])
     assert [(e.step, e.epoch) for e in result.evaluations] == evals
@@ -119,7 +125,7 @@ def test_eval_every_n_steps_inside_each_epoch_and_at_epoch_ends(small_ratings):
     assert result.step == 24 and result.epoch == 2.0
     # the one-epoch detector reads exactly this curve
     assert result.one_epoch == one_epoch_drop(result.curve(), tolerance=cfg.one_epoch_tolerance)
-    assert result.summary()["auc_epoch1"] == result.evaluations[2].auc
+    assert result.summary()["valid_auc_epoch1"] == result.evaluations[2].auc
 
 
 def test_max_steps_stops_mid_epoch_and_evaluates_there(small_ratings):
@@ -129,7 +135,7 @@ def test_max_steps_stops_mid_epoch_and_evaluates_there(small_ratings):
     model = prepare_for_training(model, cfg.optim)
     result = train(model, *loaders(small_ratings, model, cfg), cfg)
     assert result.step == 7 and [e.step for e in result.evaluations] == [7]
-    assert not result.one_epoch.flagged and result.summary()["auc_epoch1"] == result.evaluations[0].auc
+    assert not result.one_epoch.flagged and result.summary()["valid_auc_epoch1"] == result.evaluations[0].auc
 
 
 # --------------------------------------------------------------------------------------------- checkpoints
@@ -146,7 +152,7 @@ def test_best_checkpoint_holds_the_weights_of_the_best_evaluation(small_ratings,
     result = train(model, train_loader, eval_loader, cfg, checkpoint_dir=tmp_path,
                    manifest={"note": "test"})
     best = max(result.evaluations, key=lambda e: e.auc)
-    assert result.best is best and result.summary()["best_auc"] == best.auc
+    assert result.best is best and result.summary()["valid_best_auc"] == best.auc
     assert result.best_checkpoint == latest_checkpoint(tmp_path / BEST)
     assert result.best_checkpoint.name == f"step-{best.step:08d}"
     assert len(list((tmp_path / BEST).glob("step-*"))) == 1          # only the best is kept
@@ -155,8 +161,8 @@ def test_best_checkpoint_holds_the_weights_of_the_best_evaluation(small_ratings,
     state = {"model": fresh.state_dict()}
     manifest = load_checkpoint(result.best_checkpoint, state)
     fresh.load_state_dict(state["model"])
-    assert evaluate(fresh, eval_loader)["eval/auc"] == pytest.approx(best.auc, abs=1e-12)
-    assert manifest["metrics"]["eval/auc"] == best.auc and manifest["epoch"] == best.epoch
+    assert evaluate(fresh, eval_loader)["valid/auc"] == pytest.approx(best.auc, abs=1e-12)
+    assert manifest["metrics"]["valid/auc"] == best.auc and manifest["epoch"] == best.epoch
     assert manifest["note"] == "test" and manifest["task_names"] == ["click"]
     assert manifest["tables"]["features.ec.embeddings.t_item_id.weight"] == [
         small_ratings.feature_map.vocab_sizes()["item_id"], 16]
@@ -168,6 +174,41 @@ def test_best_checkpoint_holds_the_weights_of_the_best_evaluation(small_ratings,
         assert torch.equal(state["model"][key], value), key
     assert read_manifest(result.last_checkpoint)["step"] == result.step
     assert (tmp_path / LAST).is_dir()
+
+
+def test_test_split_is_reported_at_the_selected_step_and_never_selects(small_ratings, tmp_path):
+    """Validation selects; test is evaluated at each new best validation step and at the end, and reads the
+    same as re-evaluating the saved checkpoints. With or without a test loader, training and selection are
+    identical."""
+    cfg = CTRTrainConfig(epochs=2, batch_size=512, eval_batch_size=1024, eval_every=4, max_history=H, optim=FAST,
+                         progress=False)
+    calls = []
+    model = prepare_for_training(make_model(small_ratings), cfg.optim)
+    test_loader = split_loader(small_ratings, model, cfg, "ctr_test")
+    with_test = train(model, *loaders(small_ratings, model, cfg), cfg, checkpoint_dir=tmp_path,
+                      test_loader=test_loader, log_metrics=lambda m, step, epoch: calls.append((step, m)))
+    other = prepare_for_training(make_model(small_ratings), cfg.optim)
+    without = train(other, *loaders(small_ratings, other, cfg), cfg)
+    assert [(e.step, e.auc) for e in with_test.evaluations] == [(e.step, e.auc) for e in without.evaluations]
+    assert with_test.best.step == without.best.step
+
+    improved, best = [], float("-inf")
+    for e in with_test.evaluations:
+        if e.auc > best:
+            improved.append(e.step)
+            best = e.auc
+    final = [with_test.step] if with_test.evaluations[-1] is not with_test.best else []
+    assert [step for step, m in calls if "test/auc" in m] == improved + final
+    summary = with_test.summary()
+    fresh = make_model(small_ratings, seed=9)
+    state = {"model": fresh.state_dict()}
+    manifest = load_checkpoint(with_test.best_checkpoint, state)
+    fresh.load_state_dict(state["model"])
+    assert evaluate(fresh, test_loader, split="test")["test/auc"] == pytest.approx(summary["test_auc"], abs=1e-12)
+    assert manifest["metrics"]["test/auc"] == summary["test_auc"]  # the best checkpoint says its test figure
+    assert evaluate(model, test_loader, split="test")["test/auc"] == pytest.approx(summary["test_final_auc"],
+                                                                                   abs=1e-12)
+    assert summary["valid_best_auc"] == with_test.best.auc and math.isnan(without.summary()["test_auc"])
 
 
 def test_adam_with_a_high_learning_rate_shows_the_one_epoch_drop(small_ratings):
@@ -254,14 +295,14 @@ def test_two_process_sharded_run_learns_and_its_checkpoint_loads_unsharded(prepa
     done = run_torchrun(args, timeout=600, cwd=REPO, reset=reset)
     assert done.returncode == 0, done.stderr[-6000:]
     result = json.loads((out / "result.json").read_text())
-    assert result["best_auc"] > 0.70 and result["steps"] == 40
+    assert result["valid_best_auc"] > 0.70 and result["test_auc"] > 0.70 and result["steps"] == 40
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("finetune-tiny").experiment_id])
     assert len(runs) == 1 and runs[0].data.tags["world_size"] == "2"  # only rank 0 logs
-    assert [m.step for m in client.get_metric_history(runs[0].info.run_id, "eval/auc")] == [20, 40]
+    assert [m.step for m in client.get_metric_history(runs[0].info.run_id, "valid/auc")] == [20, 40]
     model, manifest = load_finetuned(result["best_checkpoint"])
     assert manifest["world_size"] == 2
     converter = CTRBatchConverter(load_prepared(prepared_ratings_dir), "ctr_test", max_history=20,
                                   fields=list(model.spec.kjt_keys))
     loader = make_loader(converter, 4096, shuffle=False)
-    assert evaluate(model, loader)["eval/auc"] == pytest.approx(result["best_auc"], abs=1e-6)
+    assert evaluate(model, loader, split="test")["test/auc"] == pytest.approx(result["test_auc"], abs=1e-6)

@@ -46,7 +46,8 @@ def test_cli_trains_logs_and_writes_checkpoints(prepared_ratings_dir, tmp_path, 
                "--tracking-uri", _store(tmp_path), "--experiment", "ft"])
     assert rc == 0
     printed = capsys.readouterr().out
-    assert "fine-tuned dcn_v2 for 156 steps (2.00 epochs)" in printed and "one-epoch drop:" in printed
+    assert "fine-tuned dcn_v2 for 136 steps (2.00 epochs)" in printed and "one-epoch drop:" in printed
+    assert "validation (selects):" in printed and "test at the selected step: AUC" in printed
     result = json.loads((out / "result.json").read_text())
     assert (out / "config.yaml").is_file() and (out / "feature_map.json").is_file()
     assert Path(result["best_checkpoint"]).parent == out / "checkpoints/best"
@@ -62,15 +63,15 @@ def test_cli_trains_logs_and_writes_checkpoints(prepared_ratings_dir, tmp_path, 
     assert params["train.batch_size"] == "1024" and params["ranker.config.cross_type"] == "low_rank"
     assert params["resolved_ranker.features.max_len"] == "20"          # = train.max_history
 
-    auc = client.get_metric_history(run_id, "eval/auc")
+    auc = client.get_metric_history(run_id, "valid/auc")
     epochs = {m.step: m.value for m in client.get_metric_history(run_id, "progress/epoch")}
-    # 79,252 samples / 1024 = 78 steps per epoch, eval_every=30 → positions 30, 60 and 78 of each epoch
-    assert [m.step for m in auc] == [30, 60, 78, 108, 138, 156]
+    # 69,327 training samples / 1024 = 68 steps per epoch, eval_every=30 → positions 30, 60 and 68 of each epoch
+    assert [m.step for m in auc] == [30, 60, 68, 98, 128, 136]
     curve = [(epochs[m.step], m.value) for m in auc]
-    assert [e for e, _ in curve] == pytest.approx([30 / 78, 60 / 78, 1.0, 108 / 78, 138 / 78, 2.0])
+    assert [e for e, _ in curve] == pytest.approx([30 / 68, 60 / 68, 1.0, 98 / 68, 128 / 68, 2.0])
     assert [v for point in curve for v in point] == pytest.approx([v for point in result["curve"] for v in point])
-    for name in ("eval/logloss", "eval/gauc", "eval/click/auc", "train/loss", "train/bce/click", "train/lr",
-                 "perf/samples_per_s", "perf/eval_samples_per_s"):
+    for name in ("valid/logloss", "valid/gauc", "valid/click/auc", "test/auc", "test/gauc", "train/loss",
+                 "train/bce/click", "train/lr", "perf/samples_per_s", "perf/valid_samples_per_s"):
         assert client.get_metric_history(run_id, name), name
     assert [m.step for m in client.get_metric_history(run_id, "train/loss")][:2] == [10, 20]
 
@@ -78,14 +79,21 @@ def test_cli_trains_logs_and_writes_checkpoints(prepared_ratings_dir, tmp_path, 
     assert tags["one_epoch_drop"] == ("true" if drop.flagged else "false")
     assert run.data.metrics["one_epoch/drop"] == float(drop.flagged) == float(result["one_epoch_drop"])
     assert run.data.metrics["one_epoch/drop_size"] == pytest.approx(drop.drop)
-    assert run.data.metrics["summary/best_auc"] == pytest.approx(max(a for _, a in curve))
-    assert run.data.metrics["summary/auc_epoch1"] == pytest.approx(curve[2][1])
-    assert run.data.metrics["summary/final_auc"] == pytest.approx(curve[-1][1]) == pytest.approx(result["final_auc"])
-    assert result["best_auc"] > 0.7
+    assert run.data.metrics["summary/valid_best_auc"] == pytest.approx(max(a for _, a in curve))
+    assert run.data.metrics["summary/valid_auc_epoch1"] == pytest.approx(curve[2][1])
+    assert run.data.metrics["summary/valid_final_auc"] == pytest.approx(curve[-1][1]) == \
+        pytest.approx(result["valid_final_auc"])
+    assert result["valid_best_auc"] > 0.7 and result["test_auc"] > 0.7
+    # test is logged where it is reported: the best validation step (and the last one)
+    best_step = max(auc, key=lambda m: m.value).step
+    test = {m.step: m.value for m in client.get_metric_history(run_id, "test/auc")}
+    assert test[best_step] == pytest.approx(result["test_auc"]) and max(test) == 136
+    assert test[136] == pytest.approx(result["test_final_auc"]) == pytest.approx(run.data.metrics["summary/test_final_auc"])
 
     # the best checkpoint rebuilds without the config file and holds the best evaluation's numbers
     model, manifest = load_finetuned(out / "checkpoints/best")
-    assert manifest["metrics"]["eval/auc"] == pytest.approx(result["best_auc"])
+    assert manifest["metrics"]["valid/auc"] == pytest.approx(result["valid_best_auc"])
+    assert manifest["metrics"]["test/auc"] == pytest.approx(result["test_auc"])
     assert manifest["ranker_name"] == "dcn_v2" and manifest["mlflow_run_id"] == run_id
 
     # a finished run is never overwritten
@@ -132,7 +140,7 @@ def test_task_names_in_the_wrong_order_for_the_heads_cannot_happen(prepared_rati
     assert model.task_names == ("click", "rating5") == tuple(manifest["task_names"])
     client = MlflowClient(_store(tmp_path))
     [run] = client.search_runs([client.get_experiment_by_name("ml1m-partial").experiment_id])
-    assert {"eval/click/auc", "eval/rating5/auc", "train/bce/rating5"} <= set(run.data.metrics)
+    assert {"valid/click/auc", "valid/rating5/auc", "test/rating5/auc", "train/bce/rating5"} <= set(run.data.metrics)
     assert run.data.tags["tasks"] == "click,rating5"
 
 
@@ -184,3 +192,20 @@ def test_prepare_model_runs_before_the_optimizers(prepared_ratings_dir, tmp_path
     [run] = client.search_runs([client.get_experiment_by_name("finetune-tiny").experiment_id])
     assert run.data.tags["strategy"] == "st_sf"
     assert "transfer_report.json" in [a.path for a in client.list_artifacts(run.info.run_id)]
+
+
+def test_data_without_a_validation_split_is_refused(ml100k, tmp_path, capsys):
+    """Fine-tuning selects on validation: data prepared with validation_share=0 (or by an older version, with
+    no ctr_valid table) gets one line naming the directory, and nothing is written."""
+    from hybrid.data.protocols import ProtocolConfig, prepare
+    from hybrid.data.store import save_prepared
+
+    bare = save_prepared(prepare(ml100k, ProtocolConfig(protocol="ratings", validation_share=0.0)), tmp_path / "d")
+    common = ["finetune", "--config", TINY, "--set", f"out={tmp_path / 'o'}", "--tracking-uri", _store(tmp_path)]
+    err = _bad([*common, "--set", f"data={bare}"], capsys)
+    assert f"{bare}: the prepared data has no validation samples (ctr_valid)" in err
+    assert "protocol.validation_share > 0" in err
+    (bare / "ctr_valid.parquet").unlink()
+    err = _bad([*common, "--set", f"data={bare}"], capsys)
+    assert "ctr_valid.parquet: missing from the prepared data directory (prepared by an older version" in err
+    assert not (tmp_path / "o").exists()

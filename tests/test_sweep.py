@@ -50,12 +50,14 @@ def test_tiny_sweep_with_a_failing_point_then_review(tmp_path, prepared_last_ite
     assert len(curves) == 4
     table = summary_table(list(curves.values())).set_index(["strategy", "model_size"])
     for (strategy, size), curve in curves.items():
-        history = client.get_metric_history(curve.run_id, "eval/auc")
-        assert table.loc[(strategy, size), "best_auc_mean"] == pytest.approx(max(m.value for m in history))
-        assert table.loc[(strategy, size), "final_auc_mean"] == pytest.approx(
-            sorted(history, key=lambda m: m.step)[-1].value)
+        history = client.get_metric_history(curve.run_id, "valid/auc")
+        best = max(history, key=lambda m: m.value)
+        test = {m.step: m.value for m in client.get_metric_history(curve.run_id, "test/auc")}
+        assert table.loc[(strategy, size), "valid_best_auc_mean"] == pytest.approx(best.value)
+        assert table.loc[(strategy, size), "test_auc_mean"] == pytest.approx(test[best.step])
+        assert table.loc[(strategy, size), "test_final_auc_mean"] == pytest.approx(test[max(test)])
         assert table.loc[(strategy, size), "dense_params"] > 0
-    assert (table["best_auc_mean"] > 0.5).all()
+    assert (table["valid_best_auc_mean"] > 0.5).all()
     rc = main(["review", "--experiment", "sweep-tiny", "--tracking-uri", store, "--out", str(tmp_path / "review")])
     assert rc == 0 and (tmp_path / "review" / "report.html").is_file()
 

@@ -80,7 +80,7 @@ class CTRBatchConverter(_Converter):
 
     Args:
         prepared: the output of a protocol (or :func:`hybrid.data.store.load_prepared`).
-        split: ``ctr_train`` or ``ctr_test``.
+        split: ``ctr_train``, ``ctr_valid`` or ``ctr_test``.
         max_history: most recent history events kept per sample.
         fields: sparse fields to include (default: every field the data has). History fields are named
             ``hist_<feature>``.
@@ -89,8 +89,8 @@ class CTRBatchConverter(_Converter):
 
     def __init__(self, prepared: PreparedData, split: str, max_history: int = 200,
                  fields: Sequence[str] | None = None, task_names: Sequence[str] = ("click",)) -> None:
-        if split not in ("ctr_train", "ctr_test"):
-            raise HybridInputError(f"unknown CTR split '{split}' (expected ctr_train or ctr_test)")
+        if split not in PreparedData.CTR_SPLITS:
+            raise HybridInputError(f"unknown CTR split '{split}' (expected one of: {', '.join(PreparedData.CTR_SPLITS)})")
         samples = getattr(prepared, split)
         self.num_samples = len(samples)
         self.max_history = max_history

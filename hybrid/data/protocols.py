@@ -9,13 +9,19 @@ every user's events once and describes every pretraining sequence and every CTR 
 - ``users``: one row per ``user_row``: ``user_id`` and user fields (encoded), ``offset``, ``length``;
 - ``pretrain_train`` / ``pretrain_eval``: ``user_row``, ``start``, ``end`` (absolute event positions),
   ``num_eval_targets`` (0 for training; 1 for evaluation: the window's last event is a held-out target);
-- ``ctr_train`` / ``ctr_test``: ``user_row``, ``hist_start``, ``hist_end`` (the history before the
-  candidate), the candidate's ``item_id``, ``category``, ``year``, ``genres`` (list), ``timestamp``,
+- ``ctr_train`` / ``ctr_valid`` / ``ctr_test``: ``user_row``, ``hist_start``, ``hist_end`` (the history before
+  the candidate), the candidate's ``item_id``, ``category``, ``year``, ``genres`` (list), ``timestamp``,
   and labels ``click`` (and ``rating5`` where ratings exist).
 
+Three CTR splits, by time. ``ctr_valid`` is what fine-tuning selects its checkpoint and detects the one-epoch
+drop on; ``ctr_test`` is only reported. Validation is cut by the same rule as test, just before it
+(``validation_share``): in ``last-item`` the training users whose last event comes latest; in ``ratings`` the
+last slice of time before the test cut. Validation targets are treated like test targets: outside the feature
+map's fit and outside every pretraining window.
+
 Leakage rules (tested): the feature map is fitted on training events only; no pretraining window, of
-either split, reaches an event that is a CTR evaluation target; in ``ratings`` no pretraining event is
-after the time cut.
+either split, reaches an event that is a CTR validation or test target; in ``ratings`` no pretraining event
+is after the validation cut.
 """
 from __future__ import annotations
 
@@ -54,6 +60,11 @@ class ProtocolConfig:
         user_split_quantile: ``last-item``: users whose last event is after this quantile of
             last-event times are test users (0.7 → 70/30).
         time_cut_quantile: ``ratings``: events after this quantile of all timestamps are test events.
+        validation_share: the validation split, taken just before the test split: ``last-item``: users
+            whose last event is in the quantile range ``(user_split_quantile - share, user_split_quantile]``;
+            ``ratings``: events in ``(time_cut_quantile - share, time_cut_quantile]``. Default 0.1 →
+            60/10/30 users (last-item) or 70/10/20 events (ratings). 0: no validation split (fine-tuning,
+            which selects on it, then refuses the data).
         transductive: ``last-item``: test users' earlier events are pretraining data too (GPSD's choice).
         positive_rating: ``ratings``: label = rating >= this.
         min_count: feature values seen fewer times in training map to OOV.
@@ -64,10 +75,18 @@ class ProtocolConfig:
     max_history: int = 200
     user_split_quantile: float = 0.7
     time_cut_quantile: float = 0.8
+    validation_share: float = 0.1
     transductive: bool = True
     positive_rating: float = 4.0
     min_count: int = 1
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        cut = self.user_split_quantile if self.protocol == "last-item" else self.time_cut_quantile
+        name = "user_split_quantile" if self.protocol == "last-item" else "time_cut_quantile"
+        if not 0.0 <= self.validation_share < cut:
+            raise ValueError(f"protocol.validation_share must be in [0, protocol.{name} = {cut}), got "
+                             f"{self.validation_share}")
 
 
 @dataclass
@@ -80,10 +99,12 @@ class PreparedData:
     pretrain_train: pd.DataFrame
     pretrain_eval: pd.DataFrame
     ctr_train: pd.DataFrame
+    ctr_valid: pd.DataFrame
     ctr_test: pd.DataFrame
     stats: dict = field(default_factory=dict)
 
-    TABLES = ("events", "users", "pretrain_train", "pretrain_eval", "ctr_train", "ctr_test")
+    TABLES = ("events", "users", "pretrain_train", "pretrain_eval", "ctr_train", "ctr_valid", "ctr_test")
+    CTR_SPLITS = ("ctr_train", "ctr_valid", "ctr_test")
 
 
 # -- shared steps -------------------------------------------------------------------------------------------
@@ -225,23 +246,29 @@ def _last_item(data: RawDataset, cfg: ProtocolConfig) -> PreparedData:
     count = events.groupby("user_id", sort=False)["item_id"].transform("size").to_numpy()
     last_time = events.groupby("user_id", sort=False)["timestamp"].max()
     split_time = float(np.quantile(last_time.to_numpy(), cfg.user_split_quantile))
+    valid_time = float(np.quantile(last_time.to_numpy(), cfg.user_split_quantile - cfg.validation_share))
     test_users = set(last_time.index[last_time.to_numpy() > split_time])
-    is_test_user = pd.Series(user).isin(test_users).to_numpy()
+    held_out = last_time.to_numpy() > (valid_time if cfg.validation_share > 0 else split_time)
+    valid_users = set(last_time.index[held_out]) - test_users
+    # validation users are held out exactly like test users (their last event is an evaluation target)
+    is_test_user = pd.Series(user).isin(test_users | valid_users).to_numpy()
     is_last = position == count - 1
 
-    # Training data = what pretraining and CTR training may see: never a test user's last event, and
-    # no test-user event at all when the setting is inductive.
+    # Training data = what pretraining and CTR training may see: never a held-out user's last event, and
+    # no held-out user's event at all when the setting is inductive.
     train_mask = ~is_test_user | (~is_last & cfg.transductive)
     fm = _fit_feature_map(events[train_mask], side, data.users, cfg, data.name)
     encoded, users, user_rows = _encode_events(events, fm)
     users = _attach_user_fields(users, data.users, fm)
     users["is_test"] = users["raw_user_id"].isin(test_users).to_numpy()
+    users["is_valid"] = users["raw_user_id"].isin(valid_users).to_numpy()
+    held = users["is_test"] | users["is_valid"]
 
     # Pretraining: each user's events except the last (the CTR target); the final element is the
     # second-to-last event (GPSD's target). Eval: test users' full sequence, last event held out.
     ends = users["offset"] + users["length"] - 1
     starts = np.maximum(users["offset"], ends - cfg.max_history)
-    keep = (users["length"] >= 3) & (~users["is_test"] | cfg.transductive)
+    keep = (users["length"] >= 3) & (~held | cfg.transductive)
     pretrain_train = pd.DataFrame({"user_row": users.index[keep], "start": starts[keep], "end": ends[keep],
                                    "num_eval_targets": 0})
     eval_users = users["is_test"] & (users["length"] >= 2)
@@ -270,11 +297,14 @@ def _last_item(data: RawDataset, cfg: ProtocolConfig) -> PreparedData:
                             "timestamp": np.repeat(encoded["timestamp"].to_numpy()[last_pos], 2),
                             "click": np.tile(np.array([1.0, 0.0], dtype=np.float32), n)})
     is_test = np.repeat(sample_users["is_test"].to_numpy(), 2)
-    ctr_train = samples[~is_test].reset_index(drop=True)
+    is_valid = np.repeat(sample_users["is_valid"].to_numpy(), 2)
+    ctr_train = samples[~is_test & ~is_valid].reset_index(drop=True)
+    ctr_valid = samples[is_valid].reset_index(drop=True)
     ctr_test = samples[is_test].reset_index(drop=True)
-    stats = {"split_time": split_time, "test_users": int(users["is_test"].sum())}
-    return PreparedData(fm, encoded, users.drop(columns=["is_test"]), pretrain_train, pretrain_eval,
-                        ctr_train, ctr_test, stats)
+    stats = {"split_time": split_time, "validation_time": valid_time if cfg.validation_share > 0 else None,
+             "test_users": int(users["is_test"].sum()), "validation_users": int(users["is_valid"].sum())}
+    return PreparedData(fm, encoded, users.drop(columns=["is_test", "is_valid"]), pretrain_train, pretrain_eval,
+                        ctr_train, ctr_valid, ctr_test, stats)
 
 
 # -- protocol B: ratings ------------------------------------------------------------------------------------
@@ -283,14 +313,19 @@ def _ratings(data: RawDataset, cfg: ProtocolConfig) -> PreparedData:
     _check_ratings(data.events, data.source or data.name)
     side = _item_side(data)
     events = _attach_event_side(_sorted_events(data), side)
-    cut = float(np.quantile(events["timestamp"].to_numpy(), cfg.time_cut_quantile))
-    is_train = events["timestamp"].to_numpy() <= cut
+    timestamps = events["timestamp"].to_numpy()
+    cut = float(np.quantile(timestamps, cfg.time_cut_quantile))
+    valid_cut = float(np.quantile(timestamps, cfg.time_cut_quantile - cfg.validation_share)) \
+        if cfg.validation_share > 0 else cut
+    # training = up to the validation cut: the feature map and pretraining never see a validation target
+    is_train = timestamps <= valid_cut
+    is_test = timestamps > cut
     fm = _fit_feature_map(events[is_train], side, data.users, cfg, data.name)
     encoded, users, user_rows = _encode_events(events, fm)
     users = _attach_user_fields(users, data.users, fm)
     position = np.arange(len(events)) - users["offset"].to_numpy()[user_rows]
 
-    # Pretraining sees only events before the cut; its eval target is each user's first event after it.
+    # Pretraining sees only training events; its eval target is each user's first event after them.
     n_train = np.bincount(user_rows, weights=is_train, minlength=len(users)).astype(np.int64)
     # Events are chronological per user, so a user's pre-cut events are the first n_train of them.
     train_end = users["offset"].to_numpy() + n_train
@@ -312,10 +347,12 @@ def _ratings(data: RawDataset, cfg: ProtocolConfig) -> PreparedData:
         "user_row": user_rows[rows], "hist_start": np.maximum(rows - position[rows], rows - cfg.max_history),
         "hist_end": rows, **cand, "timestamp": encoded["timestamp"].to_numpy()[rows],
         "click": (rating >= cfg.positive_rating).astype(np.float32), "rating5": (rating >= 5).astype(np.float32)})
-    train_rows = is_train[rows]
-    stats = {"time_cut": cut}
+    train_rows, test_rows = is_train[rows], is_test[rows]
+    valid_rows = ~train_rows & ~test_rows
+    stats = {"time_cut": cut, "validation_cut": valid_cut if cfg.validation_share > 0 else None}
     return PreparedData(fm, encoded, users, pretrain_train, pretrain_eval,
-                        samples[train_rows].reset_index(drop=True), samples[~train_rows].reset_index(drop=True), stats)
+                        samples[train_rows].reset_index(drop=True), samples[valid_rows].reset_index(drop=True),
+                        samples[test_rows].reset_index(drop=True), stats)
 
 
 def prepare(data: RawDataset, cfg: ProtocolConfig) -> PreparedData:
@@ -360,5 +397,5 @@ def _statistics(data: RawDataset, p: PreparedData, cfg: ProtocolConfig) -> dict:
         "time_range": [int(events["timestamp"].min()), int(events["timestamp"].max())],
         "vocab_sizes": p.feature_map.vocab_sizes(),
         "pretrain_train": seqs(p.pretrain_train), "pretrain_eval": seqs(p.pretrain_eval),
-        "ctr_train": ctr(p.ctr_train), "ctr_test": ctr(p.ctr_test),
+        "ctr_train": ctr(p.ctr_train), "ctr_valid": ctr(p.ctr_valid), "ctr_test": ctr(p.ctr_test),
     }

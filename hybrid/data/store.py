@@ -84,7 +84,9 @@ def load_prepared(path: str | os.PathLike) -> PreparedData:
     for name in PreparedData.TABLES:
         file = path / f"{name}.parquet"
         if not file.is_file():
-            raise HybridInputError(f"{file}: missing from the prepared data directory")
+            hint = (" (prepared by an older version, before the validation split: run `hybrid data prepare` again)"
+                    if name == "ctr_valid" else "")
+            raise HybridInputError(f"{file}: missing from the prepared data directory{hint}")
         # List columns stay Arrow-backed: no per-row Python lists on the way to the batch converter.
         tables[name] = pq.read_table(file).to_pandas(types_mapper=_arrow_lists)
     stats_file = path / STATS_FILE

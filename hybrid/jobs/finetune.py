@@ -20,7 +20,7 @@ Output layout under ``cfg.out``::
 Example:
     >>> cfg = load_config(FinetuneConfig, "configs/finetune_ml1m_ratings_dcn_v2.yaml")   # doctest: +SKIP
     >>> summary = run_finetune(cfg)   # doctest: +SKIP
-    >>> summary["auc_epoch1"], summary["best_auc"], summary["one_epoch_drop"]   # doctest: +SKIP
+    >>> summary["valid_best_auc"], summary["test_auc"], summary["one_epoch_drop"]   # doctest: +SKIP
 """
 from __future__ import annotations
 
@@ -135,7 +135,7 @@ class FinetuneConfig:
     Args:
         data: a prepared data directory (``hybrid data prepare --out ...``).
         ranker: which ranker and its config (:class:`RankerSpec`).
-        task_names: label columns to train, in order; the first is the primary task (``eval/auc``, best
+        task_names: label columns to train, in order; the first is the primary task (``valid/auc`` selects the best
             checkpoint). ``ratings`` data has ``click`` and ``rating5``.
         train: the loop (:class:`~hybrid.ctr_models.trainer.CTRTrainConfig`).
         out: output directory (checkpoints, resolved config, feature map, default MLflow store).
@@ -237,10 +237,11 @@ def run_finetune(cfg: FinetuneConfig, parent_run: str | None = None, prepare_mod
         strategy: the ``strategy`` tag; default ``cfg.transfer.strategy`` (``nt`` = no transfer).
 
     Returns:
-        ``auc_epoch1``, ``best_auc``, ``best_epoch``, ``best_step``, ``best_logloss``, ``best_gauc``,
-        ``final_auc``, ``final_logloss``, ``final_gauc``, ``one_epoch_drop`` (bool),
-        ``one_epoch_auc_drop``, ``steps``, ``epochs`` (see ``CTRTrainResult.summary``), plus ``curve``
-        (``[[epoch, auc], ...]``), ``best_checkpoint``, ``last_checkpoint``, ``run_id``, ``seconds``.
+        the validation figures (``valid_best_auc``, ``valid_auc_epoch1``, ``best_epoch``, ``one_epoch_drop``,
+        ...: what selected the ``best`` checkpoint), the test figures at the selected step (``test_auc``,
+        ``test_logloss``, ``test_gauc``) and of the final weights (``test_final_auc``, ...) — see
+        ``CTRTrainResult.summary`` — plus ``curve`` (``[[epoch, valid auc], ...]``), ``best_checkpoint``,
+        ``last_checkpoint``, ``run_id``, ``seconds``.
 
     Raises:
         HybridInputError: bad config or data (one line naming the key, column or file).
@@ -252,6 +253,9 @@ def run_finetune(cfg: FinetuneConfig, parent_run: str | None = None, prepare_mod
         prepare_model = transfer_hook(cfg.transfer)
     strategy = strategy or cfg.transfer.strategy.value
     prepared = load_prepared(cfg.data)
+    if len(prepared.ctr_valid) == 0:
+        raise HybridInputError(f"{cfg.data}: the prepared data has no validation samples (ctr_valid); fine-tuning "
+                               "selects its checkpoint on validation: prepare it with protocol.validation_share > 0")
     fm = prepared.feature_map
     out = Path(cfg.out)
     root = out / CHECKPOINTS
@@ -277,9 +281,10 @@ def run_finetune(cfg: FinetuneConfig, parent_run: str | None = None, prepare_mod
             CTRBatchConverter(prepared, "ctr_train", max_history=window, fields=fields, task_names=tasks),
             batch_size=cfg.train.batch_size // ctx.world_size, shuffle=True, seed=cfg.train.seed,
             num_replicas=ctx.world_size, rank=ctx.rank)
-        eval_loader = make_loader(
-            CTRBatchConverter(prepared, "ctr_test", max_history=window, fields=fields, task_names=tasks),
-            batch_size=cfg.train.eval_batch_size, shuffle=False)  # whole split on every rank
+        # select on validation, report test: both whole splits on every rank
+        valid_loader, test_loader = (make_loader(
+            CTRBatchConverter(prepared, split, max_history=window, fields=fields, task_names=tasks),
+            batch_size=cfg.train.eval_batch_size, shuffle=False) for split in ("ctr_valid", "ctr_test"))
 
         stage.write_inputs(cfg, fm)
         if report is not None:
@@ -318,8 +323,8 @@ def run_finetune(cfg: FinetuneConfig, parent_run: str | None = None, prepare_mod
                         # load_finetuned rebuilds the ranker with a placeholder of this shape; the vectors
                         # themselves are the ranker's buffer, restored with the weights.
                         "item_vectors_shape": list(item_vectors.shape) if item_vectors is not None else None}
-            result = train(model, train_loader, eval_loader, cfg.train, ctx=ctx, checkpoint_dir=root,
-                           manifest=manifest, log_metrics=log_metrics)
+            result = train(model, train_loader, valid_loader, cfg.train, ctx=ctx, checkpoint_dir=root,
+                           manifest=manifest, log_metrics=log_metrics, test_loader=test_loader)
             summary = result.summary()
             drop = result.one_epoch
             tracker.set_tags(run, {"one_epoch_drop": "true" if drop.flagged else "false"})
@@ -358,7 +363,7 @@ def load_finetuned(checkpoint: str | Path) -> tuple[Ranker, dict[str, Any]]:
 
     Example:
         >>> model, manifest = load_finetuned("runs/ml1m/finetune-dcn_v2/checkpoints/best")   # doctest: +SKIP
-        >>> manifest["metrics"]["eval/auc"]   # doctest: +SKIP
+        >>> manifest["metrics"]["valid/auc"], manifest["metrics"]["test/auc"]   # doctest: +SKIP
     """
     path = Path(checkpoint)
     if not (path / "manifest.json").is_file():

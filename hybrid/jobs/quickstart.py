@@ -83,8 +83,9 @@ def run_quickstart(out: Path, tracking_uri: str | None = None,
                                 tracking=tracking)
             stats = run_prepare(cfg, tracker=tracker, parent_run=parent).stats
             prepared[protocol] = cfg.out
-            print(f"      {protocol}: CTR train {stats['ctr_train']['samples']} / test {stats['ctr_test']['samples']} "
-                  f"samples, pretraining {stats['pretrain_train']['sequences']} sequences", flush=True)
+            print(f"      {protocol}: CTR train {stats['ctr_train']['samples']} / validation "
+                  f"{stats['ctr_valid']['samples']} / test {stats['ctr_test']['samples']} samples, pretraining "
+                  f"{stats['pretrain_train']['sequences']} sequences", flush=True)
         results["prepare"] = prepared
 
         _step(3, "pretraining a small generative model (L2H32A2, next-item sampled softmax) per protocol")
@@ -109,9 +110,10 @@ def run_quickstart(out: Path, tracking_uri: str | None = None,
                                   transfer=transfer_config(strategy, checkpoint))
                     summary = run_finetune(cfg, parent_run=parent)
                     results["finetune"][(ranker, strategy, seed)] = summary
-                    print(f"      {ranker} ({protocol}) {strategy} seed {seed}: AUC end of epoch 1 "
-                          f"{summary['auc_epoch1']:.4f}, best {summary['best_auc']:.4f}, final "
-                          f"{summary['final_auc']:.4f}, one-epoch drop: {'yes' if summary['one_epoch_drop'] else 'no'}",
+                    print(f"      {ranker} ({protocol}) {strategy} seed {seed}: validation AUC end of epoch 1 "
+                          f"{summary['valid_auc_epoch1']:.4f}, best {summary['valid_best_auc']:.4f}; test AUC at "
+                          f"the best validation step {summary['test_auc']:.4f}, final {summary['test_final_auc']:.4f}; "
+                          f"one-epoch drop (validation): {'yes' if summary['one_epoch_drop'] else 'no'}",
                           flush=True)
 
         _step(5, "reviewing the runs")
