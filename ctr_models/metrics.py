@@ -67,7 +67,8 @@ def gauc(labels, scores, groups) -> float:
     Args:
         labels: ``[N]`` 0/1.
         scores: ``[N]`` scores (logits or probabilities; only the order matters).
-        groups: ``[N]`` user ids (``CTRBatch.user_index``).
+        groups: ``[N]`` raw-user ids (``CTRBatch.user_index``: never the encoded id, which maps every
+            unknown user to the one OOV id).
 
     Returns:
         gAUC, or ``nan`` when no user has both labels.

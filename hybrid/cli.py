@@ -150,7 +150,9 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
         print(f"pretrained {result['step']} steps ({result['epoch']:.2f} epochs) in {result['seconds']:.1f} s: "
               f"HR@{k} {metrics.get(f'eval/hr_at_{k}', float('nan')):.4f}, "
               f"NDCG@{k} {metrics.get(f'eval/ndcg_at_{k}', float('nan')):.4f} "
-              f"(most popular: {base[f'hr_at_{k}']:.4f} / {base[f'ndcg_at_{k}']:.4f})")
+              f"(most popular: {base[f'hr_at_{k}']:.4f} / {base[f'ndcg_at_{k}']:.4f}) over "
+              f"{int(metrics.get('eval/targets', 0))} held-out targets, {int(metrics.get('eval/oov_targets', 0))} "
+              "of them unknown to the feature map (counted as misses)")
         print(f"checkpoint: {result['checkpoint']}")
     return 0
 

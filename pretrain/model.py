@@ -450,7 +450,10 @@ class GenerativeModel(nn.Module):
         """HR@k and NDCG@k of every target of the batch, ranked over the full item set.
 
         Targets are chosen as in :meth:`loss` (for evaluation batches: the trailing
-        ``num_eval_targets`` events, each predicted from everything before it).
+        ``num_eval_targets`` events, each predicted from everything before it), except that a target the
+        feature map does not know (the OOV id: an item first seen after training) stays in: no model can
+        rank it, so it counts as a miss (``hr = ndcg = 0``) instead of leaving the denominator, which would
+        flatter every model and baseline alike.
 
         Args:
             batch: the batch to score.
@@ -460,15 +463,21 @@ class GenerativeModel(nn.Module):
             chunk_size: items scored (and looked up) at a time.
 
         Returns:
-            ``{"hr@k": [N], "ndcg@k": [N]}`` per target (average over the evaluation set).
+            ``{"hr@k": [N], "ndcg@k": [N], "oov": [N] bool}`` per target (average over the evaluation set);
+            ``oov`` marks the unknown targets (all misses).
         """
         seq_ids, seq_emb, _ = self._lookup(batch)
         hidden, lengths, t = self._encode(batch, seq_ids, seq_emb)
         item_ids = _shift_left(jagged_to_padded(seq_ids[ITEM_FEATURE], lengths, t, keep="first"))
-        mask = self._target_mask(lengths, t, batch.num_eval_targets) & (item_ids >= NUM_RESERVED_IDS)
+        mask = self._target_mask(lengths, t, batch.num_eval_targets) & (item_ids != PAD_ID)
+        targets = item_ids[mask]
+        known = targets >= NUM_RESERVED_IDS
         table = item_table if item_table is not None else self.item_table(chunk_size)
-        hr, ndcg = hr_ndcg_at_k(self.query_vectors(hidden)[mask], table, item_ids[mask], k, chunk_size=chunk_size)
-        return {f"hr@{k}": hr, f"ndcg@{k}": ndcg}
+        hr, ndcg = torch.zeros(targets.shape, device=targets.device), torch.zeros(targets.shape, device=targets.device)
+        if known.any():
+            hr[known], ndcg[known] = hr_ndcg_at_k(self.query_vectors(hidden)[mask][known], table, targets[known], k,
+                                                  chunk_size=chunk_size)
+        return {f"hr@{k}": hr, f"ndcg@{k}": ndcg, "oov": ~known}
 
 
 def _rank_in_segment(lengths: torch.Tensor) -> torch.Tensor:

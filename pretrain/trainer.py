@@ -389,7 +389,9 @@ def evaluate(model: nn.Module, eval_loader: Iterable[SequenceBatch], *, ctx: Dis
 
     Returns:
         ``{"eval/hr_at_k", "eval/ndcg_at_k", "eval/loss", "eval/item_loss", ["eval/category_loss"],
-        "eval/targets"}`` — losses are means over targets (each batch weighted by its targets).
+        "eval/targets", "eval/oov_targets"}`` — losses are means over targets (each batch weighted by its
+        targets); HR/NDCG count the targets unknown to the feature map (``eval/oov_targets`` of
+        ``eval/targets``) as misses.
     """
     ctx = ctx or DistributedContext()
     core = unwrap(model)
@@ -408,6 +410,7 @@ def evaluate(model: nn.Module, eval_loader: Iterable[SequenceBatch], *, ctx: Dis
             return  # a filler round: only here to keep the collective lookups in step
         n = scores[f"hr@{k}"].numel()
         sums["targets"] = sums.get("targets", 0.0) + n
+        sums["oov_targets"] = sums.get("oov_targets", 0.0) + float(scores["oov"].sum())
         for name in ("hr", "ndcg"):
             sums[f"{name}_at_{k}"] = sums.get(f"{name}_at_{k}", 0.0) + float(scores[f"{name}@{k}"].sum())
         for name, value in losses.items():
@@ -416,7 +419,7 @@ def evaluate(model: nn.Module, eval_loader: Iterable[SequenceBatch], *, ctx: Dis
     for i, batch, keep in eval_rounds(_rng_neutral_iter(eval_loader), ctx):
         score(i, batch, keep)
     # a fixed list of names: every rank must all-reduce the same tensor, even one that scored nothing
-    names = ["targets", f"hr_at_{k}", f"ndcg_at_{k}", "loss", "item_loss"]
+    names = ["targets", "oov_targets", f"hr_at_{k}", f"ndcg_at_{k}", "loss", "item_loss"]
     if core.config.objective.category_loss_weight > 0:
         names.append("category_loss")
     totals = torch.tensor([sums.get(n, 0.0) for n in names], dtype=torch.float64)
@@ -424,8 +427,8 @@ def evaluate(model: nn.Module, eval_loader: Iterable[SequenceBatch], *, ctx: Dis
         dist.all_reduce(totals)
     total = dict(zip(names, totals.tolist()))
     targets = max(total["targets"], 1.0)
-    out = {f"eval/{n}": v / targets for n, v in total.items() if n != "targets"}
-    out["eval/targets"] = total["targets"]
+    out = {f"eval/{n}": v / targets for n, v in total.items() if n not in ("targets", "oov_targets")}
+    out["eval/targets"], out["eval/oov_targets"] = total["targets"], total["oov_targets"]
     return out
 
 
@@ -433,9 +436,10 @@ def evaluate(model: nn.Module, eval_loader: Iterable[SequenceBatch], *, ctx: Dis
 def popularity_metrics(eval_loader: Iterable[SequenceBatch], item_counts: torch.Tensor, k: int = 10) -> dict[str, float]:
     """The most-popular baseline: every user gets the same ranking, by training frequency.
 
-    Same targets as :func:`evaluate` (the trailing ``num_eval_targets`` events that have a predecessor,
-    reserved ids skipped) and the same ranking rule (:func:`~hybrid.pretrain.objectives.hr_ndcg_at_k`: ties count
-    against the target, reserved ids never ranked). The history is not excluded, as in the model's metric.
+    Same targets as :func:`evaluate` (the trailing ``num_eval_targets`` events that have a predecessor; a
+    target unknown to the feature map counts as a miss) and the same ranking rule
+    (:func:`~hybrid.pretrain.objectives.hr_ndcg_at_k`: ties count against the target, reserved ids never
+    ranked). The history is not excluded, as in the model's metric.
 
     Args:
         eval_loader: evaluation batches.
@@ -443,18 +447,20 @@ def popularity_metrics(eval_loader: Iterable[SequenceBatch], item_counts: torch.
         k: cut-off.
 
     Returns:
-        ``{"hr_at_k": ..., "ndcg_at_k": ..., "targets": ...}``.
+        ``{"hr_at_k": ..., "ndcg_at_k": ..., "targets": ..., "oov_targets": ...}``.
     """
     scores = item_counts.to(torch.float32).unsqueeze(1)  # [V, 1]: an item's score is its count
-    hits, gains, n = 0.0, 0.0, 0
+    hits, gains, n, oov = 0.0, 0.0, 0, 0
     for batch in eval_loader:
         targets = _eval_targets(batch)
-        if targets.numel() == 0:
+        known = targets[targets >= NUM_RESERVED_IDS]  # unknown targets: misses (in n, never a hit)
+        n, oov = n + targets.numel(), oov + targets.numel() - known.numel()
+        if known.numel() == 0:
             continue
-        query = torch.ones(targets.numel(), 1)
-        hr, ndcg = hr_ndcg_at_k(query, scores, targets, k, normalize=False)
-        hits, gains, n = hits + float(hr.sum()), gains + float(ndcg.sum()), n + targets.numel()
-    return {f"hr_at_{k}": hits / max(n, 1), f"ndcg_at_{k}": gains / max(n, 1), "targets": float(n)}
+        hr, ndcg = hr_ndcg_at_k(torch.ones(known.numel(), 1), scores, known, k, normalize=False)
+        hits, gains = hits + float(hr.sum()), gains + float(ndcg.sum())
+    return {f"hr_at_{k}": hits / max(n, 1), f"ndcg_at_{k}": gains / max(n, 1), "targets": float(n),
+            "oov_targets": float(oov)}
 
 
 def _eval_targets(batch: SequenceBatch) -> torch.Tensor:
@@ -468,8 +474,7 @@ def _eval_targets(batch: SequenceBatch) -> torch.Tensor:
     keep = pos_in_seq >= 1  # the first event has nothing before it to predict from
     if n > 0:
         keep &= pos_in_seq >= seq_len - n
-    targets = items[keep]
-    return targets[targets >= NUM_RESERVED_IDS]
+    return items[keep]  # events are never padding: an id below NUM_RESERVED_IDS here is OOV
 
 
 # ---------------------------------------------------------------------------------------------- checkpoints

@@ -150,3 +150,26 @@ def test_store_round_trip(tmp_path, toy):
     (out / "ctr_test.parquet").unlink()
     with pytest.raises(HybridInputError, match="ctr_test.parquet: missing"):
         load_prepared(out)
+
+
+def test_gauc_groups_by_raw_user_even_when_the_feature_map_does_not_know_them(ml100k):
+    """Inductive last-item: every test user is unknown to the feature map (one OOV id), yet each keeps
+    their own gAUC group — the raw user — so gAUC is not AUC over one giant "user"."""
+    from sklearn.metrics import roc_auc_score
+
+    from hybrid.core.feature_map import OOV_ID
+    from hybrid.ctr_models.metrics import auc, gauc
+
+    p = prepare(ml100k, ProtocolConfig(protocol="last-item", transductive=False))
+    conv = CTRBatchConverter(p, "ctr_test", max_history=10, fields=["user_id", "item_id"])
+    batch = conv.__getitems__(list(range(len(conv))))
+    assert (batch.sparse["user_id"].values() == OOV_ID).all()
+    raw = p.users["raw_user_id"].to_numpy()[p.ctr_test["user_row"].to_numpy()]
+    assert len(set(batch.user_index.tolist())) == len(set(raw)) > 200
+    labels = batch.labels[:, 0].numpy()
+    scores = np.random.default_rng(0).normal(size=len(labels)) + labels  # some signal
+    frame = pd.DataFrame({"user": raw, "y": labels, "s": scores})
+    per_user = [(len(g), roc_auc_score(g["y"], g["s"])) for _, g in frame.groupby("user") if g["y"].nunique() == 2]
+    expected = sum(n * a for n, a in per_user) / sum(n for n, _ in per_user)
+    assert gauc(labels, scores, batch.user_index) == pytest.approx(expected)
+    assert gauc(labels, scores, batch.user_index) != pytest.approx(auc(labels, scores))

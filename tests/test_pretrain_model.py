@@ -185,9 +185,14 @@ def test_eval_batches_score_only_trailing_targets():
     assert model.retrieval_metrics(make_batch(seqs))["hr@10"].numel() == 4 + 2 + 3  # every next event
     assert model.retrieval_metrics(make_batch(seqs, num_eval_targets=1))["hr@10"].numel() == 3
     assert model.retrieval_metrics(make_batch(seqs, num_eval_targets=2))["ndcg@10"].numel() == 6
-    # an OOV target is not scored
+    # an OOV target (an item unknown to the feature map) stays in the denominator as a miss
+    known = model.retrieval_metrics(make_batch(seqs, num_eval_targets=1))
     seqs[0][-1] = 1
-    assert model.retrieval_metrics(make_batch(seqs, num_eval_targets=1))["hr@10"].numel() == 2
+    scored = model.retrieval_metrics(make_batch(seqs, num_eval_targets=1))
+    assert scored["hr@10"].numel() == 3 and scored["oov"].tolist() == [True, False, False]
+    assert scored["hr@10"][0] == 0 and scored["ndcg@10"][0] == 0
+    torch.testing.assert_close(scored["hr@10"][1:], known["hr@10"][1:])    # the others are unchanged
+    assert not known["oov"].any()
     single = make_batch([[5]], num_eval_targets=1)  # no target at all → zero, not NaN
     assert model.loss(single)["item_loss"].item() == 0.0
 

@@ -61,7 +61,8 @@ class CTRBatch:
         labels: ``[B, T]`` float32 targets, one column per task (``task_names``).
         timestamps: ``[B]`` int64 time of the candidate event.
         hist_timestamps: ``[sum(hist lengths)]`` int64 aligned with the ``hist_*`` values.
-        user_index: ``[B]`` int64 encoded user id, for per-user metrics (gAUC).
+        user_index: ``[B]`` int64 one id per raw user (the prepared data's user row, which users unknown to the
+            feature map keep too), for per-user metrics (gAUC).
         task_names: names of the label columns, e.g. ``("click",)`` or ``("click", "rating5")``.
 
     Example:

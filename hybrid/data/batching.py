@@ -124,7 +124,9 @@ class CTRBatchConverter(_Converter):
         self.event_time = events["timestamp"].to_numpy(np.int64)
         self.timestamps = samples["timestamp"].to_numpy(np.int64)
         self.labels = samples[list(self.task_names)].to_numpy(np.float32)
-        self.user_index = users["user_id"].to_numpy(np.int64)[user_row]
+        # gAUC groups by the raw user: the prepared data's user row (one per raw user). The encoded user_id
+        # would merge every user the feature map does not know into the one OOV id.
+        self.user_index = user_row.astype(np.int64)
 
     def __len__(self) -> int:
         return self.num_samples

@@ -97,7 +97,8 @@ def run_quickstart(out: Path, tracking_uri: str | None = None,
             results["pretrain"][protocol] = pretrained
             m, b = pretrained["metrics"], pretrained["baseline"]
             print(f"      {protocol}: HR@10 {m.get('eval/hr_at_10', float('nan')):.4f} "
-                  f"(most popular: {b.get('hr_at_10', float('nan')):.4f})", flush=True)
+                  f"(most popular: {b.get('hr_at_10', float('nan')):.4f}) over {int(m.get('eval/targets', 0))} "
+                  f"held-out targets ({int(m.get('eval/oov_targets', 0))} unknown: misses)", flush=True)
 
         _step(4, "fine-tuning without transfer (NT) and with transferred + frozen tables (ST&SF)")
         for ranker, (protocol, config) in FINETUNES.items():
