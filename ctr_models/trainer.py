@@ -50,7 +50,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -81,7 +81,7 @@ from hybrid.core.training import (
     unwrap_dmp,
 )
 from hybrid.ctr_models.base import Ranker
-from hybrid.ctr_models.metrics import OneEpochDrop, ctr_metrics, one_epoch_drop
+from hybrid.ctr_models.metrics import OneEpochDrop, auc, auc_standard_error, ctr_metrics, one_epoch_drop
 
 BEST, LAST = "best", "last"
 #: metric-name prefixes of the two evaluation splits: ``valid/auc`` selects, ``test/auc`` is only reported
@@ -107,7 +107,10 @@ class CTRTrainConfig:
         max_steps: stop after this many steps (the schedule then spans ``min(max_steps, epochs x steps per
             epoch)``); ``None``: train all ``epochs``.
         one_epoch_tolerance: AUC dip below the end-of-epoch-1 value that counts as the one-epoch drop
-            (:func:`hybrid.ctr_models.metrics.detect_one_epoch_drop`; ~1e-3 suits ~10^5 test samples).
+            (:func:`hybrid.ctr_models.metrics.detect_one_epoch_drop`). ``null`` (default): judged against the
+            validation set's noise — ``one_epoch_z`` standard errors of its end-of-epoch-1 AUC
+            (:func:`~hybrid.ctr_models.metrics.auc_standard_error`: ~0.02 on 500 samples, ~0.002 on 10^5).
+        one_epoch_z: how many standard errors a dip must exceed when ``one_epoch_tolerance`` is ``null``.
         progress: show a tqdm progress bar (rank 0 only).
 
     Example:
@@ -125,7 +128,8 @@ class CTRTrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     log_every: int = 50
     max_steps: int | None = None
-    one_epoch_tolerance: float = 1e-3
+    one_epoch_tolerance: float | None = None
+    one_epoch_z: float = 1.0
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -137,8 +141,10 @@ class CTRTrainConfig:
             raise ValueError(f"train.eval_every must be >= 0 (0: only at epoch ends), got {self.eval_every!r}")
         if self.max_steps is not None and self.max_steps < 1:
             raise ValueError(f"train.max_steps must be a positive integer or null, got {self.max_steps}")
-        if self.one_epoch_tolerance < 0:
-            raise ValueError(f"train.one_epoch_tolerance must be >= 0, got {self.one_epoch_tolerance}")
+        if self.one_epoch_tolerance is not None and self.one_epoch_tolerance < 0:
+            raise ValueError(f"train.one_epoch_tolerance must be >= 0 or null, got {self.one_epoch_tolerance}")
+        if self.one_epoch_z <= 0:
+            raise ValueError(f"train.one_epoch_z must be > 0, got {self.one_epoch_z}")
 
 
 @dataclass
@@ -199,9 +205,10 @@ class CTRTrainResult:
         1), ``valid_best_auc`` / ``valid_best_logloss`` / ``valid_best_gauc`` (at the best evaluation, at
         ``best_epoch`` / ``best_step``), ``valid_final_auc`` / ``_logloss`` / ``_gauc`` (last evaluation),
         ``one_epoch_drop`` (bool) and ``one_epoch_auc_drop`` (end-of-epoch-1 AUC minus the lowest AUC after
-        it; ``nan`` when undefined). Test (only reported): ``test_auc`` / ``test_logloss`` / ``test_gauc``
-        at the selected (best-validation) step, ``test_final_auc`` / ``_logloss`` / ``_gauc`` of the final
-        weights (``nan`` without a test loader). And ``steps``, ``epochs``.
+        it; ``nan`` when undefined) with ``one_epoch_tolerance`` (the dip it had to exceed). Test (only
+        reported): ``test_auc`` / ``test_logloss`` / ``test_gauc`` at the selected (best-validation) step,
+        ``test_final_auc`` / ``_logloss`` / ``_gauc`` of the final weights (``nan`` without a test loader).
+        And ``steps``, ``epochs``.
         """
         nan = float("nan")
         last = self.evaluations[-1].metrics if self.evaluations else {}
@@ -220,6 +227,7 @@ class CTRTrainResult:
             "valid_final_gauc": last.get(f"{VALID}/gauc", nan),
             "one_epoch_drop": bool(self.one_epoch.flagged),
             "one_epoch_auc_drop": self.one_epoch.drop,
+            "one_epoch_tolerance": self.one_epoch.tolerance,
         }
         for kind in ("auc", "logloss", "gauc"):
             out[f"test_{kind}"] = test.get(f"{TEST}/{kind}", nan)
@@ -396,6 +404,7 @@ def train(
     best: Evaluation | None = None
     best_path: Path | None = None
     window = ThroughputWindow(unit="samples")
+    window_scores: list[tuple[torch.Tensor, torch.Tensor]] = []  # primary-task (logits, labels) since the last log
     bar = tqdm(total=total_steps, disable=not (rank0 and cfg.progress), desc="finetune", unit="step",
                dynamic_ncols=True)
     core.train()
@@ -423,6 +432,7 @@ def train(
             step += 1
             window.add({"loss": loss, **{f"bce/{t}": bce[i] for i, t in enumerate(core.task_names)},
                         **auxiliary}, batch.batch_size)
+            window_scores.append((logits[:, 0].detach(), batch.labels[:, 0]))
             bar.update(1)
 
             # 5. Logging and evaluation, at step boundaries, identically on every rank.
@@ -430,6 +440,10 @@ def train(
             frac_epoch = step / steps_per_epoch
             if step % cfg.log_every == 0 or done:
                 train_metrics = window.flush(ctx.world_size)
+                # AUC of the window's own training batches, beside the validation AUC: memorisation shows
+                # as train AUC rising while validation AUC stalls (the model moved during the window)
+                train_metrics["train/auc"] = _window_auc(window_scores, ctx)
+                window_scores.clear()
                 train_metrics["train/lr"] = optimizer.param_groups[0]["lr"]
                 train_metrics.update(core.logging_metrics())  # diagnostics of the last forward
                 metrics.update(train_metrics)
@@ -475,11 +489,38 @@ def train(
     if checkpoint_dir is not None:
         last_eval = evaluations[-1] if evaluations else Evaluation(step, step / steps_per_epoch, {})
         last_path = _save(checkpoint_dir / LAST, model, last_eval, manifest)
-    # 7. The one-epoch phenomenon: does validation AUC fall after the first epoch boundary?
-    drop = one_epoch_drop([(e.epoch, e.auc) for e in evaluations], tolerance=cfg.one_epoch_tolerance)
+    # 7. The one-epoch phenomenon: does validation AUC fall after the first epoch boundary by more than the
+    #    validation set's noise (or the configured tolerance)?
+    drop = one_epoch_drop([(e.epoch, e.auc) for e in evaluations], tolerance=one_epoch_tolerance(cfg, evaluations))
     return CTRTrainResult(metrics=metrics, step=step, epoch=step / steps_per_epoch, evaluations=evaluations,
                           best=best, best_checkpoint=best_path, last_checkpoint=last_path, one_epoch=drop,
                           final_test=final_test)
+
+
+def _window_auc(scores: Sequence[tuple[torch.Tensor, torch.Tensor]], ctx: DistributedContext) -> float:
+    """Primary-task AUC over the (logits, labels) of a log window, gathered from every rank."""
+    logits = torch.cat([s for s, _ in scores]).float().cpu().numpy() if scores else np.zeros(0, np.float32)
+    labels = torch.cat([y for _, y in scores]).float().cpu().numpy() if scores else np.zeros(0, np.float32)
+    if ctx.is_distributed:
+        gathered: list[Any] = [None] * ctx.world_size
+        dist.all_gather_object(gathered, (labels, logits))
+        labels, logits = np.concatenate([g[0] for g in gathered]), np.concatenate([g[1] for g in gathered])
+    known = ~np.isnan(labels)
+    return auc(labels[known], logits[known])
+
+
+def one_epoch_tolerance(cfg: CTRTrainConfig, evaluations: Sequence[Evaluation]) -> float:
+    """The dip the one-epoch detector must see: ``cfg.one_epoch_tolerance``, else ``cfg.one_epoch_z`` standard
+    errors of the end-of-epoch-1 validation AUC on the validation set's positives and negatives."""
+    if cfg.one_epoch_tolerance is not None:
+        return cfg.one_epoch_tolerance
+    before = [e for e in evaluations if e.epoch <= 1.0 + 1e-9]
+    if not before:
+        return 0.0  # nothing to compare against: the detector flags nothing anyway
+    ref = before[-1].metrics
+    positives = int(ref.get(f"{VALID}/positives", 0))
+    se = auc_standard_error(ref[f"{VALID}/auc"], positives, int(ref.get(f"{VALID}/samples", 0)) - positives)
+    return cfg.one_epoch_z * se if not math.isnan(se) else 0.0
 
 
 def _better(auc: float, best_auc: float) -> bool:
@@ -560,5 +601,7 @@ def evaluate(model: nn.Module, loader: Iterable[CTRBatch], *, ctx: DistributedCo
     for kind in ("auc", "logloss", "gauc"):
         out[f"{split}/{kind}"] = per_task[f"{primary}/{kind}"]
     out[f"{split}/samples"] = float(len(users))
+    known = labels[:, 0][~np.isnan(labels[:, 0])]  # the primary task's positives: the AUC's standard error
+    out[f"{split}/positives"] = float((known > 0.5).sum())
     out[f"perf/{split}_samples_per_s"] = len(users) / max(seconds, 1e-9)
     return out

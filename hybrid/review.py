@@ -59,6 +59,7 @@ class RunCurve:
     epochs: np.ndarray
     auc: np.ndarray
     test_auc: dict[int, float]
+    one_epoch_tag: str | None = None
 
 
 def _history(client, run_id: str, key: str) -> dict[int, float]:
@@ -90,7 +91,8 @@ def load_curves(tracker: Tracker, stage: str = "finetune") -> list[RunCurve]:
             dense_params=float(tags.get(TAGS.dense_params, "nan")), seed=tags.get(TAGS.seed, "0"),
             steps=np.array(steps, dtype=np.int64),
             epochs=np.array([epoch.get(s, np.nan) for s in steps], dtype=float),
-            auc=np.array([auc[s] for s in steps], dtype=float), test_auc=test))
+            auc=np.array([auc[s] for s in steps], dtype=float), test_auc=test,
+            one_epoch_tag=tags.get(TAGS.one_epoch_drop)))
     return curves
 
 
@@ -109,7 +111,10 @@ def summarise_run(curve: RunCurve) -> dict:
         "valid_auc_epoch1": float(epoch1), "valid_best_auc": float(curve.auc[best]) if best >= 0 else np.nan,
         "test_auc": curve.test_auc.get(best_step, np.nan),
         "test_final_auc": curve.test_auc[max(curve.test_auc)] if curve.test_auc else np.nan,
-        "one_epoch_drop": bool(one_epoch_drop(points).flagged) if points else False,
+        # the trainer's verdict (judged against its validation set's noise); recomputed with the fixed
+        # default tolerance only for runs logged without it
+        "one_epoch_drop": (curve.one_epoch_tag == "true" if curve.one_epoch_tag is not None
+                           else bool(one_epoch_drop(points).flagged) if points else False),
     }
 
 

@@ -16,13 +16,15 @@ from torchrun_support import run_torchrun
 from hybrid.core.checkpoint import latest_checkpoint, load_checkpoint, read_manifest
 from hybrid.core.training import OptimConfig
 from hybrid.ctr_models import build_ranker
-from hybrid.ctr_models.metrics import one_epoch_drop
+from hybrid.ctr_models.metrics import auc_standard_error, one_epoch_drop
 from hybrid.ctr_models.trainer import (
     BEST,
     LAST,
     CTRTrainConfig,
+    Evaluation,
     bce_per_task,
     evaluate,
+    one_epoch_tolerance,
     parameter_counts,
     prepare_for_training,
     train,
@@ -93,6 +95,8 @@ def test_every_ranker_learns_on_ml100k(prepared_ratings, name):
                    log_metrics=lambda m, step, epoch: logged.append((step, m)))
     losses = [m["train/loss"] for _, m in logged if "train/loss" in m]
     assert losses[-1] < losses[0] - 0.05
+    train_aucs = [m["train/auc"] for _, m in logged if "train/loss" in m]  # logged with every train window
+    assert len(train_aucs) == len(losses) and train_aucs[-1] > 0.65
     final = result.evaluations[-1].metrics
     assert final["valid/auc"] > 0.70 and final["valid/gauc"] > 0.65, final
     assert final["valid/samples"] == len(prepared_ratings.ctr_valid)
@@ -124,7 +128,7 @@ def test_eval_every_n_steps_inside_each_epoch_and_at_epoch_ends(small_ratings):
     assert all(epoch == pytest.approx(step / 12) for step, epoch, _ in calls)
     assert result.step == 24 and result.epoch == 2.0
     # the one-epoch detector reads exactly this curve
-    assert result.one_epoch == one_epoch_drop(result.curve(), tolerance=cfg.one_epoch_tolerance)
+    assert result.one_epoch == one_epoch_drop(result.curve(), tolerance=one_epoch_tolerance(cfg, result.evaluations))
     assert result.summary()["valid_auc_epoch1"] == result.evaluations[2].auc
 
 
@@ -224,6 +228,33 @@ def test_adam_with_a_high_learning_rate_shows_the_one_epoch_drop(small_ratings):
     assert drop.flagged and drop.drop > 0.01, result.curve()
     assert drop.boundary_epoch == 1.0 and drop.drop == pytest.approx(drop.boundary_auc - min(
         a for e, a in result.curve() if e > 1.0))
+    # the dip is judged against the validation set's noise: one standard error of its end-of-epoch-1 AUC
+    ref = next(e for e in result.evaluations if e.epoch == 1.0).metrics
+    positives = ref["valid/positives"]
+    assert 0 < positives < ref["valid/samples"] == len(small_ratings.ctr_valid)
+    se = auc_standard_error(drop.boundary_auc, int(positives), int(ref["valid/samples"] - positives))
+    assert drop.tolerance == pytest.approx(se) and 0.005 < se < 0.015    # 3,000 samples
+    assert result.summary()["one_epoch_tolerance"] == drop.tolerance
+
+
+def test_the_one_epoch_detector_judges_a_dip_against_the_validation_set_noise():
+    """A 0.01 dip after epoch 1 is noise on 300 validation samples (SE ≈ 0.028: not flagged) and a drop on
+    30,000 (SE ≈ 0.0028: flagged); a configured tolerance replaces the rule."""
+    def evaluations(samples):
+        metrics = lambda a: {"valid/auc": a, "valid/samples": samples, "valid/positives": samples / 2}  # noqa: E731
+        return [Evaluation(10, 0.5, metrics(0.74)), Evaluation(20, 1.0, metrics(0.75)),
+                Evaluation(30, 1.5, metrics(0.74)), Evaluation(40, 2.0, metrics(0.745))]
+
+    cfg = CTRTrainConfig()
+    for samples, flagged in ((300, False), (30_000, True)):
+        evals = evaluations(samples)
+        tolerance = one_epoch_tolerance(cfg, evals)
+        assert tolerance == pytest.approx(auc_standard_error(0.75, samples // 2, samples // 2))
+        assert one_epoch_drop([(e.epoch, e.auc) for e in evals], tolerance=tolerance).flagged is flagged
+    assert one_epoch_tolerance(dataclasses.replace(cfg, one_epoch_z=2.0), evaluations(300)) == pytest.approx(
+        2 * auc_standard_error(0.75, 150, 150))
+    assert one_epoch_tolerance(dataclasses.replace(cfg, one_epoch_tolerance=1e-3), evaluations(300)) == 1e-3
+    assert one_epoch_tolerance(cfg, evaluations(300)[2:]) == 0.0   # no evaluation before the boundary
 
 
 # --------------------------------------------------------------------------------------------- contracts

@@ -332,6 +332,7 @@ def run_finetune(cfg: FinetuneConfig, parent_run: str | None = None, prepare_mod
                                                                   if k not in ("one_epoch_drop", "steps", "epochs")}}
             if not math.isnan(drop.drop):
                 final["one_epoch/drop_size"] = drop.drop
+            final["one_epoch/tolerance"] = drop.tolerance  # the dip that counts: the validation set's noise
             tracker.log_metrics(run, {k: float(v) for k, v in final.items() if not math.isnan(float(v))},
                                 step=result.step, epoch=result.epoch)
             summary.update(curve=[list(p) for p in result.curve()], run_id=run,
