@@ -130,7 +130,7 @@ def auc_standard_error(auc_value: float, positives: int, negatives: int) -> floa
 
     Example:
         >>> round(auc_standard_error(0.75, 244, 244), 4), round(auc_standard_error(0.75, 50_000, 50_000), 4)
-        (0.0222, 0.0015)
+        (0.022, 0.0015)
     """
     a, n1, n2 = float(auc_value), int(positives), int(negatives)
     if math.isnan(a) or n1 < 1 or n2 < 1:

@@ -30,7 +30,8 @@ from hybrid.core.errors import HybridInputError
 
 EXIT_BAD_INPUT = 2
 _Config = TypeVar("_Config")
-_TRACKING_URI_HELP = "MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///<out>/mlflow.db)"
+_TRACKING_URI_HELP = ("MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///<working dir>/mlflow.db, "
+                      "which `mlflow ui` and `hybrid review` started there also read)")
 
 
 def _add_common(parser: argparse.ArgumentParser, top: bool = False) -> None:
@@ -219,7 +220,7 @@ def _cmd_review(args: argparse.Namespace) -> int:
     from hybrid.tracking import Tracker, resolve_tracking_uri
 
     out = Path(args.out)
-    tracker = Tracker(resolve_tracking_uri(args.tracking_uri, out), args.experiment)
+    tracker = Tracker(resolve_tracking_uri(args.tracking_uri), args.experiment)
     result = run_review(tracker, out)
     print(result["markdown"])
     for strategy, fit in result["fits"].items():

@@ -1,6 +1,8 @@
 """The one module that talks to MLflow.
 
-- Tracking URI: the explicit argument, else ``MLFLOW_TRACKING_URI``, else ``sqlite:///<out_dir>/mlflow.db``.
+- Tracking URI: the explicit argument, else ``MLFLOW_TRACKING_URI``, else ``sqlite:///<working dir>/mlflow.db``
+  — MLflow's own default, so ``mlflow ui`` and ``hybrid review`` started in the same directory find the runs of
+  every stage, and the store never lives inside an output directory that a stage replaces.
   Experiments this module creates in a SQLite store keep their artifacts beside it
   (``<store dir>/mlartifacts``), not in ``./mlruns`` under whatever directory the process started in.
 - One experiment per study; one parent run per pipeline; nested runs per stage (``mlflow.parentRunId``).
@@ -10,7 +12,7 @@
 - Only rank 0 logs: on other ranks every call is a no-op, so stage code need not check.
 
 Example:
-    >>> tracker = Tracker(resolve_tracking_uri(None, out_dir), experiment="ml-100k", enabled=True)
+    >>> tracker = Tracker(resolve_tracking_uri(None), experiment="ml-100k", enabled=True)   # ./mlflow.db
     >>> with tracker.run("pipeline") as parent:
     ...     with tracker.run("pretrain", parent=parent) as stage:
     ...         tracker.log_params(stage, {"lr": 1e-3})
@@ -54,16 +56,22 @@ class TAGS:
 MAX_PARAM_LENGTH = 6000  # MLflow's limit for a param value
 
 
-def resolve_tracking_uri(explicit: str | None, out_dir: str | os.PathLike) -> str:
-    """Argument, then ``MLFLOW_TRACKING_URI``, then a SQLite file in the output directory."""
+#: the store every command uses when given none (MLflow 3's own default, in the working directory)
+DEFAULT_STORE = "mlflow.db"
+
+
+def resolve_tracking_uri(explicit: str | None) -> str:
+    """Argument, then ``MLFLOW_TRACKING_URI``, then ``sqlite:///<working dir>/mlflow.db`` (absolute).
+
+    Not inside a stage's output: ``hybrid data prepare`` replaces its output directory atomically, which
+    would delete an open store with it.
+    """
     if explicit:
         return explicit
     env = os.environ.get("MLFLOW_TRACKING_URI")
     if env:
         return env
-    out_dir = Path(out_dir).resolve()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{out_dir / 'mlflow.db'}"
+    return f"sqlite:///{Path.cwd().resolve() / DEFAULT_STORE}"
 
 
 def artifact_location(tracking_uri: str) -> str | None:
@@ -216,7 +224,7 @@ class TrackingConfig:
     """MLflow settings (a section of every stage's config).
 
     Args:
-        tracking_uri: explicit URI; empty → ``MLFLOW_TRACKING_URI`` → ``sqlite:///<out>/mlflow.db``.
+        tracking_uri: explicit URI; empty → ``MLFLOW_TRACKING_URI`` → ``sqlite:///<working dir>/mlflow.db``.
         experiment: experiment name (one per study).
         enabled: ``false`` turns logging off.
     """
@@ -227,9 +235,9 @@ class TrackingConfig:
 
 
 
-def make_tracker(cfg: TrackingConfig, out_dir: str | os.PathLike) -> Tracker:
-    """The tracker a stage config asks for; its default store is ``sqlite:///<out_dir>/mlflow.db``."""
-    return Tracker(resolve_tracking_uri(cfg.tracking_uri, out_dir), cfg.experiment,
+def make_tracker(cfg: TrackingConfig) -> Tracker:
+    """The tracker a stage config asks for (store: :func:`resolve_tracking_uri`)."""
+    return Tracker(resolve_tracking_uri(cfg.tracking_uri), cfg.experiment,
                    enabled=None if cfg.enabled else False)
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
 import pytest
 
@@ -9,8 +10,10 @@ from hybrid.data.fetch import fetch_movielens_100k
 from hybrid.data.protocols import ProtocolConfig, prepare
 from hybrid.data.readers import read_movielens
 
-# The library logs with MLflow; tests never write into a user's store by accident.
-os.environ.pop("MLFLOW_TRACKING_URI", None)
+# The library logs with MLflow. Its default store is ./mlflow.db of the working directory; a test that names
+# none writes to a store of the test session's own (subprocesses inherit it), never the user's or the
+# repository's. Tests of the default itself unset this variable.
+os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{tempfile.mkdtemp(prefix='hybrid-tests-')}/mlflow.db"
 
 
 @pytest.fixture(scope="session")

@@ -101,3 +101,22 @@ def test_python_dash_m_entry_point(tmp_path):
                            "--out", str(tmp_path / "o")], capture_output=True, text=True, env=env, cwd=tmp_path)
     assert done.returncode == EXIT_BAD_INPUT
     assert done.stderr.strip().splitlines()[-1].startswith("error: ") and "Traceback" not in done.stderr
+
+
+def test_documented_commands_without_tracking_uri_share_the_default_store(tmp_path, ml100k_dir, monkeypatch, capsys):
+    """No --tracking-uri anywhere: prepare (twice into the same --out, which is replaced atomically), finetune
+    and review all use ./mlflow.db of the working directory — nothing crashes, review finds the runs."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    prepare = ["data", "prepare", "--dataset", "movielens-100k", "--path", str(ml100k_dir), "--protocol", "ratings",
+               "--out", "runs/ratings", "--set", "protocol.max_history=20"]
+    assert main(prepare) == 0
+    assert main(prepare) == 0                                     # the out directory (not the store) is replaced
+    assert main(["finetune", "--config", str(REPO / "configs/finetune_tiny.yaml"), "--set", "data=runs/ratings",
+                 "--set", "out=runs/ft", "--set", "train.max_steps=6", "--set", "train.eval_every=3"]) == 0
+    assert main(["review", "--experiment", "finetune-tiny", "--out", "runs/review"]) == 0
+    assert "| dcn_v2 | nt |" in capsys.readouterr().out
+    assert not list((tmp_path / "runs").rglob("mlflow.db"))       # one store, beside the outputs
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    stages = {r.data.tags["stage"] for e in client.search_experiments() for r in client.search_runs([e.experiment_id])}
+    assert {"prepare", "finetune", "review"} <= stages

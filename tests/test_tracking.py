@@ -7,10 +7,12 @@ from hybrid.tracking import PARENT_TAG, Tracker, resolve_tracking_uri
 
 def test_tracking_uri_resolution_order(tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    assert resolve_tracking_uri(None, tmp_path) == f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}"
+    monkeypatch.chdir(tmp_path)
+    # MLflow's own default: ./mlflow.db of the working directory (absolute), never inside a stage's output
+    assert resolve_tracking_uri(None) == f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///env.db")
-    assert resolve_tracking_uri(None, tmp_path) == "sqlite:///env.db"
-    assert resolve_tracking_uri("sqlite:///arg.db", tmp_path) == "sqlite:///arg.db"
+    assert resolve_tracking_uri(None) == "sqlite:///env.db"
+    assert resolve_tracking_uri("sqlite:///arg.db") == "sqlite:///arg.db"
 
 
 @pytest.fixture(scope="module")

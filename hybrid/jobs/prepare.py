@@ -49,7 +49,7 @@ class PrepareConfig:
 
 def run_prepare(cfg: PrepareConfig, tracker: Tracker | None = None, parent_run: str | None = None) -> PreparedData:
     """Read, prepare, save atomically, log params / statistics / data hash. Returns the prepared data."""
-    tracker = tracker or make_tracker(cfg.tracking, cfg.out)
+    tracker = tracker or make_tracker(cfg.tracking)
     data = cfg.data.read()
     with tracker.run(f"prepare-{cfg.protocol.protocol}", parent=parent_run,
                      tags={"stage": "prepare", "protocol": cfg.protocol.protocol, "dataset": data.name}) as run:

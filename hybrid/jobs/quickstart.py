@@ -67,8 +67,10 @@ def run_quickstart(out: Path, tracking_uri: str | None = None,
     overrides = overrides or {}
     seeds = {**SEEDS, **(seeds or {})}
     out.mkdir(parents=True, exist_ok=True)
-    tracking = TrackingConfig(tracking_uri=tracking_uri, experiment=EXPERIMENT)
-    tracker = make_tracker(tracking, out)
+    # the quickstart keeps its store inside its own output (which is never replaced): one folder to look at
+    tracking = TrackingConfig(tracking_uri=tracking_uri or f"sqlite:///{out.resolve() / 'mlflow.db'}",
+                              experiment=EXPERIMENT)
+    tracker = make_tracker(tracking)
     tracking = replace(tracking, tracking_uri=tracker.tracking_uri)   # every stage writes to the same store
     results: dict = {"pretrain": {}, "finetune": {}}
     with tracker.run("quickstart", tags={"stage": "pipeline", "dataset": "movielens-100k"}) as parent:

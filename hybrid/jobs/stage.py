@@ -13,7 +13,7 @@ Errors need no translation here: every bad-input error of the library is a
 
 Example:
     >>> import pandas as pd
-    >>> tracking = TrackingConfig(experiment="demo")           # default store: sqlite:///<out>/mlflow.db
+    >>> tracking = TrackingConfig(experiment="demo")           # default store: ./mlflow.db
     >>> feature_map = FeatureMap.fit({"item_id": pd.Series(["a", "b"])})
     >>> refuse_existing(out_dir / "checkpoints", "choose another out")       # None: nothing to overwrite
     >>> with training_stage(out_dir, batch_size=64) as stage:                 # 1 process here; torchrun: N
@@ -22,7 +22,7 @@ Example:
     ...         tracker.log_metrics(run, {"eval/auc": 0.8}, step=100)
     ...     stage.write_json("result.json", {"auc": 0.8})
     >>> sorted(p.name for p in out_dir.iterdir())
-    ['config.yaml', 'feature_map.json', 'mlflow.db', 'result.json']
+    ['config.yaml', 'feature_map.json', 'result.json']
 """
 from __future__ import annotations
 
@@ -100,7 +100,7 @@ class Stage:
         Yields ``(tracker, run_id)``; ``run_id`` is ``None`` where nothing is logged (other ranks, tracking
         disabled) and every tracker call is then a no-op.
         """
-        tracker = make_tracker(tracking, self.out)
+        tracker = make_tracker(tracking)
         with tracker.run(name, parent=parent, tags={**(tags or {}), "world_size": self.ctx.world_size}) as run:
             yield tracker, run
 

@@ -114,8 +114,8 @@ def _fresh(out: str | Path) -> None:
 
 def run_sweep(cfg: SweepConfig) -> dict[str, Any]:
     """Run every point not finished yet; returns ``{"done": [...], "skipped": [...], "failed": {...}}``."""
-    tracker = make_tracker(cfg.tracking, cfg.out)
-    # every stage logs into the sweep's store (left unset, each stage would default to a store in its own out)
+    tracker = make_tracker(cfg.tracking)
+    # every stage logs into the sweep's store, resolved once (MLFLOW_TRACKING_URI could change under a long sweep)
     cfg = replace(cfg, tracking=replace(cfg.tracking, tracking_uri=tracker.tracking_uri))
     done, skipped, failed = [], [], {}
     with tracker.run("sweep", tags={TAGS.stage: "sweep"}) as parent:
