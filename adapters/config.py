@@ -34,6 +34,7 @@ from hybrid.core.errors import TransferError
 
 NEW_ROW_POLICIES = ("keep", "mean", "zero")
 PROJECTIONS = ("svd", "random")
+EMBEDDING_SET_POLICIES = ("first", "all")
 
 
 class Strategy(str, enum.Enum):
@@ -128,6 +129,12 @@ class TransferConfig:
             pretrained rows (dot products best preserved; zero-padded when the target is wider);
             ``"random"`` multiplies by a seeded Gaussian ``[D_src, D_tgt] / sqrt(D_tgt)``.
         seed: seed of the ``"random"`` projection (the same on every rank).
+        embedding_sets: a model with several embedding sets has several namesakes of one table (the
+            multi-embedding MoE: ``experts.<k>.input.features.ec:t_item_id``). By name (no ``table_map``),
+            ``"first"`` (default) fills the first set only and the others keep their own init, so the K sets
+            stay different — the diversity the multi-embedding paradigm relies on; with a freezing strategy
+            only that set is frozen. ``"all"`` fills (and freezes) every set with the same rows: K identical
+            sets. A ``table_map`` says exactly which tables to fill and is not affected.
 
     Raises:
         TransferError: unknown strategy, policy or projection; no checkpoint for a strategy that needs one.
@@ -141,6 +148,7 @@ class TransferConfig:
     backbone_paths: tuple[str, ...] | None = None
     projection: str | None = None
     seed: int = 0
+    embedding_sets: str = "first"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "strategy", Strategy.parse(self.strategy))
@@ -149,6 +157,9 @@ class TransferConfig:
         if self.new_rows not in NEW_ROW_POLICIES:
             raise TransferError(f"TransferConfig.new_rows: unknown policy {self.new_rows!r}; expected one of "
                                 f"{', '.join(NEW_ROW_POLICIES)}")
+        if self.embedding_sets not in EMBEDDING_SET_POLICIES:
+            raise TransferError(f"TransferConfig.embedding_sets: unknown policy {self.embedding_sets!r}; expected one "
+                                f"of {', '.join(EMBEDDING_SET_POLICIES)}")
         if self.projection is not None and self.projection not in PROJECTIONS:
             raise TransferError(f"TransferConfig.projection: unknown {self.projection!r}; expected None or one of "
                                 f"{', '.join(PROJECTIONS)}")
@@ -177,7 +188,7 @@ class TransferConfig:
                 "table_map": table_map, "tables": list(self.tables) if self.tables is not None else None,
                 "new_rows": self.new_rows, "projection": self.projection,
                 "backbone_paths": list(self.backbone_paths) if self.backbone_paths is not None else None,
-                "seed": self.seed}
+                "seed": self.seed, "embedding_sets": self.embedding_sets}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "TransferConfig":

@@ -131,7 +131,8 @@ def apply_transfer(
     report.checkpoint, report.pretrain_run_id = str(source.path), source.run_id
 
     # 1. Plan and check everything before writing anything.
-    plans = _plan_tables(inner, config, source, report)
+    own_init: dict[str, str] = {}
+    plans = _plan_tables(inner, config, source, report, own_init)
     src_fm = _as_dict(source_feature_map) if source_feature_map is not None else source.feature_map
     tgt_fm = _as_dict(target_feature_map) if target_feature_map is not None else None
     seen: dict[str, str] = {}
@@ -174,7 +175,7 @@ def apply_transfer(
         module.load_state_dict({k: tensors[v] for k, v in mplan.keys.items()}, strict=True)
         report.modules.append(ModuleEntry(LOADED, mplan.source, mplan.target, tensors=len(mplan.keys),
                                           params=_numel(module)))
-    _own_init_entries(model, inner, report, {p.slot.key for p in plans}, "not in the transfer")
+    _own_init_entries(model, inner, report, {p.slot.key for p in plans}, "not in the transfer", own_init)
     _count(model, inner, report)
     return report
 
@@ -182,7 +183,9 @@ def apply_transfer(
 # ---------------------------------------------------------------------------------------------- planning
 
 def _plan_tables(inner: nn.Module, config: TransferConfig, source: PretrainedCheckpoint,
-                 report: TransferReport) -> list[_TablePlan]:
+                 report: TransferReport, own_init: dict[str, str]) -> list[_TablePlan]:
+    """The (pretrained table → target slot) writes; target slots deliberately left alone go into ``own_init``
+    (slot key → reason)."""
     available = source.tables
     table_map = config.table_map
     for what, names in (("TransferConfig.tables", config.tables or ()), ("TransferConfig.table_map", table_map or ())):
@@ -206,6 +209,13 @@ def _plan_tables(inner: nn.Module, config: TransferConfig, source: PretrainedChe
             targets = [(slot, t.feature) for t in table_map[src] for slot in resolve_target(inner, t.path, src)]
         else:
             targets = [(slot, None) for slot in all_table_slots(inner) if slot.table == src]
+            if len(targets) > 1 and config.embedding_sets == "first":
+                # several embedding sets (multi-embedding MoE): fill one, the others keep their own init so
+                # the sets stay different (TransferConfig.embedding_sets)
+                for slot, _ in targets[1:]:
+                    own_init[slot.key] = (f"another embedding set of {src}: keeps its own init, so the sets stay "
+                                          "different (embedding_sets='first'; 'all' fills every set alike)")
+                targets = targets[:1]
             if not targets:
                 has_plain = any(isinstance(m, (nn.Embedding, nn.EmbeddingBag)) for m in inner.modules())
                 reason = f"no table named '{src}' in the model" + (" (map nn.Embedding tables with table_map)"
@@ -384,12 +394,13 @@ def project(table: torch.Tensor, dim: int, method: str, seed: int = 0, known_fro
 
 # ---------------------------------------------------------------------------------------------- bookkeeping
 
-def _own_init_entries(model: nn.Module, inner: nn.Module, report: TransferReport, done: set[str], reason: str) -> None:
+def _own_init_entries(model: nn.Module, inner: nn.Module, report: TransferReport, done: set[str], reason: str,
+                      reasons: Mapping[str, str] | None = None) -> None:
     for slot in all_table_slots(inner):
         if slot.key in done:
             continue
-        report.tables.append(TableEntry(OWN_INIT, target=slot.name, target_shape=list(slot.shape), reason=reason,
-                                        frozen=slot.is_frozen(model)))
+        report.tables.append(TableEntry(OWN_INIT, target=slot.name, target_shape=list(slot.shape),
+                                        reason=(reasons or {}).get(slot.key, reason), frozen=slot.is_frozen(model)))
 
 
 def _count(model: nn.Module, inner: nn.Module, report: TransferReport) -> None:

@@ -155,19 +155,37 @@ def test_ft_moves_the_transformer_history_encoder_and_every_expert_gets_its_tabl
     assert report.skipped == [("backbone.*", "the model has no transformer backbone (only tables move)")]
     assert len(report.loaded_tables) == 3
 
-    # the multi-embedding MoE: the pretrained item table goes into every expert's own table
-    torch.manual_seed(0)
-    moe = build_ranker("multi_embedding_moe", {"features": {"embedding_dim": 16, "max_len": 8},
-                                               "history": {"encoder": "pooled"}, "num_experts": 2,
-                                               "expert_hidden": [8]}, tgt_fm.vocab_sizes(), ("click",))
-    report = apply_transfer(moe, TransferConfig("st_sf", path, tables=["t_item_id"]), tgt_fm)
-    assert report.frozen_tables == ["experts.0.input.features.ec:t_item_id", "experts.1.input.features.ec:t_item_id"]
+    # the multi-embedding MoE: by default the pretrained item table fills the first embedding set only; the
+    # other sets keep their own init (the K sets stay different) and the report says why
+    def moe_model():
+        torch.manual_seed(0)
+        return build_ranker("multi_embedding_moe", {"features": {"embedding_dim": 16, "max_len": 8},
+                                                    "history": {"encoder": "pooled"}, "num_experts": 2,
+                                                    "expert_hidden": [8]}, tgt_fm.vocab_sizes(), ("click",))
+
     mapping = raw_alignment(tgt_fm, src_fm, "item_id")
+    pretrained_rows = source["embeddings.embeddings.t_item_id.weight"]
+    moe = moe_model()
+    own_before = moe.experts[1].input.features.ec.embeddings["t_item_id"].weight.detach().clone()
+    report = apply_transfer(moe, TransferConfig("st_sf", path, tables=["t_item_id"]), tgt_fm)
+    assert report.frozen_tables == ["experts.0.input.features.ec:t_item_id"]
+    first = moe.experts[0].input.features.ec.embeddings["t_item_id"].weight
+    second = moe.experts[1].input.features.ec.embeddings["t_item_id"].weight
+    assert not first.requires_grad and all(torch.equal(first[t], pretrained_rows[s]) for t, s in mapping.items())
+    assert second.requires_grad and torch.equal(second, own_before)
+    entry = next(e for e in report.tables if e.target == "experts.1.input.features.ec:t_item_id")
+    assert entry.status == "own init" and "another embedding set of t_item_id" in entry.reason
+    assert "embedding_sets='first'" in str(report)
+    # embedding_sets="all": every set gets the same rows and, under SF, all are frozen
+    moe = moe_model()
+    report = apply_transfer(moe, TransferConfig("st_sf", path, tables=["t_item_id"], embedding_sets="all"), tgt_fm)
+    assert report.frozen_tables == ["experts.0.input.features.ec:t_item_id", "experts.1.input.features.ec:t_item_id"]
     for k in range(2):
         table = moe.experts[k].input.features.ec.embeddings["t_item_id"].weight
         assert not table.requires_grad
-        pretrained_rows = source["embeddings.embeddings.t_item_id.weight"]
         assert all(torch.equal(table[t], pretrained_rows[s]) for t, s in mapping.items())
+    with pytest.raises(TransferError, match="TransferConfig.embedding_sets: unknown policy 'some'"):
+        TransferConfig("st_sf", path, embedding_sets="some")
     assert ("t_category", "not in TransferConfig.tables") in report.skipped
 
 

@@ -18,9 +18,10 @@ CONFIG = Path(__file__).resolve().parents[1] / "configs" / "sweep_tiny.yaml"
 @pytest.mark.slow
 def test_tiny_sweep_with_a_failing_point_then_review(tmp_path, prepared_last_item, monkeypatch):
     data = save_prepared(prepared_last_item, tmp_path / "last-item")
-    # no tracking URI anywhere: the sweep's default store (in its out) must receive every stage's runs
+    # no tracking URI anywhere: the default store (./mlflow.db of the working directory) receives every stage's runs
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    store = f"sqlite:///{(tmp_path / 'sweep' / 'mlflow.db').resolve()}"
+    monkeypatch.chdir(tmp_path)
+    store = f"sqlite:///{(tmp_path / 'mlflow.db').resolve()}"
     overrides = [f"pretrain.data={data}", f"finetune.data={data}", f"out={tmp_path / 'sweep'}",
                  "sizes=[L1H8A2, L1H10A3, L1H16A2]", "pretrain.train.epochs=1", "finetune.train.epochs=2"]
     cfg = load_config(SweepConfig, CONFIG, overrides)
@@ -29,7 +30,7 @@ def test_tiny_sweep_with_a_failing_point_then_review(tmp_path, prepared_last_ite
     assert set(result["failed"]) == {"pretrain/L1H10A3", "finetune/L1H10A3/nt/seed0", "finetune/L1H10A3/st_sf/seed0"}
     assert len(result["done"]) == 2 + 4
     assert (tmp_path / "sweep" / "finetune" / "L1H10A3" / "nt" / "seed0" / "error.txt").is_file()
-    assert [p.relative_to(tmp_path) for p in tmp_path.rglob("mlflow.db")] == [Path("sweep/mlflow.db")]
+    assert [p.relative_to(tmp_path) for p in tmp_path.rglob("mlflow.db")] == [Path("mlflow.db")]
 
     client = MlflowClient(store)
     exp = client.get_experiment_by_name("sweep-tiny")
