@@ -61,11 +61,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
 from hybrid.core.batch import CTRBatch
 from hybrid.core.checkpoint import save_checkpoint
-from hybrid.core.progress import MetricsCallback, ThroughputWindow, rank0_callback
+from hybrid.core.progress import MetricsCallback, Progress, ThroughputWindow, rank0_callback
 from hybrid.core.tables import embedding_modules, is_table_key
 from hybrid.core.training import (
     DEFAULT_SHARDING,
@@ -111,7 +110,7 @@ class CTRTrainConfig:
             validation set's noise — ``one_epoch_z`` standard errors of its end-of-epoch-1 AUC
             (:func:`~hybrid.ctr_models.metrics.auc_standard_error`: ~0.02 on 500 samples, ~0.002 on 10^5).
         one_epoch_z: how many standard errors a dip must exceed when ``one_epoch_tolerance`` is ``null``.
-        progress: show a tqdm progress bar (rank 0 only).
+        progress: show progress (rank 0 only): a tqdm bar on a terminal, one line per log step otherwise.
 
     Example:
         >>> cfg = CTRTrainConfig(epochs=3, batch_size=1024, eval_every=100, optim=OptimConfig(lr=1e-3))
@@ -405,8 +404,7 @@ def train(
     best_path: Path | None = None
     window = ThroughputWindow(unit="samples")
     window_scores: list[tuple[torch.Tensor, torch.Tensor]] = []  # primary-task (logits, labels) since the last log
-    bar = tqdm(total=total_steps, disable=not (rank0 and cfg.progress), desc="finetune", unit="step",
-               dynamic_ncols=True)
+    bar = Progress("finetune", total_steps, enabled=rank0 and cfg.progress)
     core.train()
     for epoch in range(cfg.epochs):
         sampler.set_epoch(epoch)
@@ -447,8 +445,9 @@ def train(
                 train_metrics["train/lr"] = optimizer.param_groups[0]["lr"]
                 train_metrics.update(core.logging_metrics())  # diagnostics of the last forward
                 metrics.update(train_metrics)
-                bar.set_postfix(loss=f"{train_metrics['train/loss']:.4f}",
-                                samples_s=f"{train_metrics['perf/samples_per_s']:,.0f}")
+                bar.log(step, frac_epoch, {"loss": f"{train_metrics['train/loss']:.4f}",
+                                           "train AUC": f"{train_metrics['train/auc']:.4f}",
+                                           "samples/s": f"{train_metrics['perf/samples_per_s']:,.0f}"})
                 log(train_metrics, step, frac_epoch)
             epoch_end = position == steps_per_epoch
             if eval_loader is not None and ((cfg.eval_every and position % cfg.eval_every == 0)

@@ -54,7 +54,6 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
 from hybrid.core.batch import SequenceBatch
 from hybrid.core.checkpoint import (
@@ -65,7 +64,7 @@ from hybrid.core.checkpoint import (
     save_checkpoint,
 )
 from hybrid.core.feature_map import NUM_RESERVED_IDS
-from hybrid.core.progress import MetricsCallback, ThroughputWindow, rank0_callback
+from hybrid.core.progress import MetricsCallback, Progress, ThroughputWindow, rank0_callback
 from hybrid.core.training import (
     DEFAULT_SHARDING,
     DistributedContext,
@@ -111,7 +110,7 @@ class PretrainTrainConfig:
             per epoch)`` steps. ``None``: train all ``epochs``.
         k: cut-off of the retrieval metrics, logged as ``eval/hr_at_{k}`` and ``eval/ndcg_at_{k}`` (MLflow
             rejects ``@`` in metric names).
-        progress: show a tqdm progress bar (rank 0 only).
+        progress: show progress (rank 0 only): a tqdm bar on a terminal, one line per log step otherwise.
 
     Example:
         >>> cfg = PretrainTrainConfig(epochs=1, batch_size=128, optim=OptimConfig(lr=5e-3, warmup_steps=20))
@@ -281,8 +280,7 @@ def train(
     step_seconds: list[float] = []
     saved: Path | None = last
     window = ThroughputWindow(unit="events")  # non-padding events: the throughput of real tokens
-    bar = tqdm(total=total_steps, initial=step, disable=not (rank0 and cfg.progress), desc="pretrain",
-               unit="step", dynamic_ncols=True)
+    bar = Progress("pretrain", total_steps, enabled=rank0 and cfg.progress, initial=step)
     core.train()
     while step < total_steps:
         epoch, position = divmod(step, steps_per_epoch)
@@ -312,8 +310,8 @@ def train(
                 train_metrics = window.flush(ctx.world_size)
                 train_metrics["train/lr"] = optimizer.param_groups[0]["lr"]
                 metrics.update(train_metrics)
-                bar.set_postfix(loss=f"{train_metrics['train/loss']:.3f}",
-                                ev_s=f"{train_metrics['perf/events_per_s']:,.0f}")
+                bar.log(step, frac_epoch, {"loss": f"{train_metrics['train/loss']:.3f}",
+                                           "events/s": f"{train_metrics['perf/events_per_s']:,.0f}"})
                 log(train_metrics, step, frac_epoch)
             if eval_loader is not None and ((cfg.eval_every and step % cfg.eval_every == 0) or done):
                 with window.paused():

@@ -209,3 +209,20 @@ def test_data_without_a_validation_split_is_refused(ml100k, tmp_path, capsys):
     err = _bad([*common, "--set", f"data={bare}"], capsys)
     assert "ctr_valid.parquet: missing from the prepared data directory (prepared by an older version" in err
     assert not (tmp_path / "o").exists()
+
+
+def test_a_redirected_log_gets_plain_progress_lines(prepared_ratings_dir, tmp_path):
+    """Output to a file or pipe (not a terminal): no tqdm carriage-return frames, one line per log step."""
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-m", "hybrid", "finetune", "--config", str(TINY), "--set", f"data={prepared_ratings_dir}",
+         "--set", f"out={tmp_path / 'o'}", "--set", "train.max_steps=20", "--set", "train.log_every=10",
+         "--set", "train.eval_every=10", "--set", "train.progress=true", "--tracking-uri", _store(tmp_path)],
+        capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "\r" not in done.stdout + done.stderr
+    lines = [line for line in done.stdout.splitlines() if line.startswith("finetune step ")]
+    assert [line.split(" (")[0] for line in lines] == ["finetune step 10/20", "finetune step 20/20"]
+    assert "loss" in lines[0] and "train AUC" in lines[0] and "samples/s" in lines[0]

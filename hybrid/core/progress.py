@@ -98,3 +98,43 @@ class ThroughputWindow:
         self.sums, self.steps, self.count, self.seconds = {}, 0, 0, 0.0
         self.restart_clock()
         return out
+
+
+class Progress:
+    """A training loop's progress: a tqdm bar on a terminal, one plain line per log step otherwise.
+
+    A redirected log (CI, ``nohup``, a file) gets no carriage-return frames: tqdm is off when stderr is not
+    a TTY (its ``disable=None``), and :meth:`log` prints ``<desc> step 52/465 (epoch 0.22): loss 0.6214 ...``.
+
+    Args:
+        desc: ``"pretrain"`` / ``"finetune"``.
+        total: steps of the run; ``initial``: steps already done (a resumed run).
+        enabled: show progress at all (rank 0 and ``train.progress``).
+
+    Example:
+        >>> progress = Progress("demo", total=10, enabled=False)
+        >>> progress.update(); progress.log(1, 0.1, {"loss": "0.69"}); progress.close()
+    """
+
+    def __init__(self, desc: str, total: int, enabled: bool, initial: int = 0) -> None:
+        from tqdm.auto import tqdm
+
+        self.desc, self.total, self.enabled = desc, total, enabled
+        self.bar = tqdm(total=total, initial=initial, desc=desc, unit="step", dynamic_ncols=True,
+                        disable=None if enabled else True)
+
+    def update(self, n: int = 1) -> None:
+        self.bar.update(n)
+
+    def log(self, step: int, epoch: float, values: Mapping[str, str]) -> None:
+        """The figures of a log step: the bar's postfix on a terminal, else one line on stdout."""
+        if not self.enabled:
+            return
+        if self.bar.disable:
+            text = ", ".join(f"{k} {v}" for k, v in values.items())
+            print(f"{self.desc} step {step}/{self.total} (epoch {epoch:.2f}): {text}", flush=True)
+        else:
+            self.bar.set_postfix(values)
+
+    def close(self) -> None:
+        self.bar.close()
