@@ -40,10 +40,15 @@ def _add_common(parser: argparse.ArgumentParser, top: bool = False) -> None:
                         help="show tracebacks")
 
 
-def _add_config(parser: argparse.ArgumentParser) -> None:
+#: the ``--set`` example each command's help shows (a test loads each against its command's config)
+SET_EXAMPLES = {"prepare": "protocol.max_history=100", "pretrain": "train.epochs=5", "finetune": "train.seed=1",
+                "sweep": "seeds=[0,1]"}
+
+
+def _add_config(parser: argparse.ArgumentParser, command: str) -> None:
     parser.add_argument("--config", help="YAML config file")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config key, e.g. --set protocol.max_history=100 (repeatable)")
+                        help=f"override a config key, e.g. --set {SET_EXAMPLES[command]} (repeatable)")
     parser.add_argument("--tracking-uri", help=_TRACKING_URI_HELP)
     parser.add_argument("--experiment", help="MLflow experiment name")
 
@@ -81,13 +86,13 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("--path", help="dataset directory or file")
     prep.add_argument("--protocol", help="last-item | ratings")
     prep.add_argument("--out", help="output directory")
-    _add_config(prep)
+    _add_config(prep, "prepare")
     _add_common(prep)
 
     pre = commands.add_parser("pretrain", help="train the generative model on prepared sequences")
     pre.add_argument("--resume", action="store_true",
                      help="continue from the newest complete checkpoint in <out>/checkpoints")
-    _add_config(pre)
+    _add_config(pre, "pretrain")
     _add_common(pre)
 
     fine = commands.add_parser("finetune", help="train a CTR ranker on prepared CTR samples")
@@ -97,11 +102,11 @@ def build_parser() -> argparse.ArgumentParser:
                                          "ST&SF; default: st_sf with --init, nt without)")
     fine.add_argument("--transfer", dest="transfer_options", action="append", default=[], metavar="KEY=VALUE",
                       help="a TransferConfig option, e.g. --transfer new_rows=mean --transfer 'tables=[t_item_id]'")
-    _add_config(fine)
+    _add_config(fine, "finetune")
     _add_common(fine)
 
     sweep = commands.add_parser("sweep", help="sizes x strategies x seeds as nested MLflow runs")
-    _add_config(sweep)
+    _add_config(sweep, "sweep")
     _add_common(sweep)
 
     review = commands.add_parser("review", help="tables, plots and an HTML page from an experiment's runs")

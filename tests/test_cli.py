@@ -120,3 +120,20 @@ def test_documented_commands_without_tracking_uri_share_the_default_store(tmp_pa
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     stages = {r.data.tags["stage"] for e in client.search_experiments() for r in client.search_runs([e.experiment_id])}
     assert {"prepare", "finetune", "review"} <= stages
+
+
+def test_every_set_example_in_the_help_is_valid_for_its_command():
+    from hybrid.cli import SET_EXAMPLES
+    from hybrid.config import load_config
+    from hybrid.jobs.finetune import FinetuneConfig
+    from hybrid.jobs.prepare import PrepareConfig
+    from hybrid.jobs.pretrain import PretrainConfig
+    from hybrid.jobs.sweep import SweepConfig
+
+    configs = {"prepare": PrepareConfig, "pretrain": PretrainConfig, "finetune": FinetuneConfig, "sweep": SweepConfig}
+    assert set(SET_EXAMPLES) == set(configs)
+    for command, example in SET_EXAMPLES.items():
+        load_config(configs[command], overrides=[example])   # an unknown key would raise, naming it
+    help_text = subprocess.run([sys.executable, "-m", "hybrid", "pretrain", "--help"], capture_output=True,
+                               text=True, cwd=REPO).stdout
+    assert "--set train.epochs=5" in help_text
