@@ -476,8 +476,7 @@ def train(
     # 6. The final weights on test (already measured when the last evaluation was the best).
     final_test = None
     if test_loader is not None:
-        last_eval = evaluations[-1] if evaluations else None
-        if last_eval is not None and last_eval is best and best.test is not None and last_eval.step == step:
+        if evaluations and evaluations[-1] is best:  # the last evaluation (at the last step) is the best
             final_test = best.test
         else:
             final_test = evaluate(model, test_loader, ctx=ctx, split=TEST)
@@ -513,10 +512,12 @@ def one_epoch_tolerance(cfg: CTRTrainConfig, evaluations: Sequence[Evaluation]) 
     errors of the end-of-epoch-1 validation AUC on the validation set's positives and negatives."""
     if cfg.one_epoch_tolerance is not None:
         return cfg.one_epoch_tolerance
-    before = [e for e in evaluations if e.epoch <= 1.0 + 1e-9]
-    if not before:
+    # the detector's own reference evaluation (one rule: metrics.one_epoch_drop picks it)
+    ref_epoch = one_epoch_drop([(e.epoch, e.auc) for e in evaluations], tolerance=0.0).boundary_epoch
+    found = [e for e in evaluations if e.epoch == ref_epoch]
+    if not found:
         return 0.0  # nothing to compare against: the detector flags nothing anyway
-    ref = before[-1].metrics
+    ref = found[-1].metrics
     positives = int(ref.get(f"{VALID}/positives", 0))
     se = auc_standard_error(ref[f"{VALID}/auc"], positives, int(ref.get(f"{VALID}/samples", 0)) - positives)
     return cfg.one_epoch_z * se if not math.isnan(se) else 0.0
