@@ -1,0 +1,303 @@
+"""Raw behaviour data into DuckDB tables, in the canonical schema of :mod:`hybrid.data.schema`.
+
+The out-of-core engine (:mod:`hybrid.data.duckdb_engine`) runs the protocols as SQL over three tables that
+this module creates in a DuckDB connection:
+
+- ``raw_events(rn, user_id, item_id, timestamp[, rating][, behavior])`` — ``rn`` is the row's position in
+  the file: events at the same second keep file order, as the pandas path's stable sort does;
+- ``raw_items(item_id, genres, year)`` — one row per item (``genres`` ``|``-separated), optional;
+- ``raw_users(user_id, gender, age, occupation)`` — optional.
+
+Raw ids stay text (``VARCHAR``), as in the pandas readers: the feature map keys vocabularies by raw value.
+
+Taobao ``UserBehavior.csv`` and the generic ``events`` table (CSV/TSV/parquet) are read by DuckDB itself —
+in parallel, spilling to disk, never as Python objects — and checked in SQL with the pandas readers' messages
+(file, line or row, column). Other sources (MovieLens, RecBole: small, with format quirks the pandas readers
+already handle) are read by :func:`hybrid.data.readers.read_dataset` and handed to DuckDB as frames.
+"""
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass
+from pathlib import Path
+
+import duckdb
+import numpy as np
+import pandas as pd
+
+from hybrid.core.errors import HybridInputError
+from hybrid.data.readers import (
+    _ALL_CANONICAL,
+    _CANONICAL_KIND,
+    TAOBAO_COLUMNS,
+    UNKNOWN_YEAR,
+    _complete_items,
+    _complete_users,
+    _label,
+    _read_table,
+    _require_file,
+    _table_format,
+    read_dataset,
+)
+from hybrid.data.schema import EVENT_COLUMNS, OPTIONAL_EVENT_COLUMNS, RawDataset
+
+#: Readers this module implements in SQL; every other dataset goes through the pandas reader.
+NATIVE_DATASETS = ("taobao", "events")
+
+
+@dataclass(frozen=True)
+class Source:
+    """What was loaded: the dataset's name and path (for messages and stats) and which tables exist."""
+
+    name: str
+    source: str
+    has_items: bool
+    has_users: bool
+    event_columns: tuple[str, ...]
+
+
+def quote(name: str) -> str:
+    """A SQL identifier for any column name."""
+    return '"' + name.replace('"', '""') + '"'
+
+
+def load_source(con: duckdb.DuckDBPyConnection, dataset: str, path: str, *, columns: dict[str, str] | None = None,
+                items_path: str | None = None, users_path: str | None = None) -> Source:
+    """Create ``raw_events`` (and ``raw_items`` / ``raw_users``) in ``con`` for a dataset named as in
+    :func:`hybrid.data.readers.read_dataset`."""
+    if dataset == "taobao":
+        return load_taobao(con, path)
+    if dataset == "events":
+        return load_events_table(con, path, columns or {}, items_path, users_path)
+    options = {"columns": columns or None, "items_path": items_path, "users_path": users_path}
+    return load_raw_dataset(con, read_dataset(dataset, path, **{k: v for k, v in options.items() if v is not None}))
+
+
+# -- from pandas (small sources) ------------------------------------------------------------------------------
+
+def load_raw_dataset(con: duckdb.DuckDBPyConnection, data: RawDataset) -> Source:
+    """Hand a :class:`RawDataset` (already read and checked by a pandas reader) to DuckDB."""
+    events = data.events.reset_index(drop=True)
+    present = tuple(c for c in (*EVENT_COLUMNS, *OPTIONAL_EVENT_COLUMNS) if c in events)
+    frame = events[list(present)].assign(rn=np.arange(len(events), dtype=np.int64))
+    con.register("_events_frame", frame)
+    con.execute(f"CREATE TABLE raw_events AS SELECT rn, {', '.join(map(quote, present))} FROM _events_frame")
+    con.unregister("_events_frame")
+    if data.items is not None:
+        items = data.items.drop_duplicates("item_id")
+        items = pd.DataFrame({"item_id": items["item_id"], "genres": items["genres"],
+                              "year": items["year"] if "year" in items else None})
+        con.register("_items_frame", items)
+        con.execute("CREATE TABLE raw_items AS SELECT CAST(item_id AS VARCHAR) AS item_id, "
+                    "CAST(genres AS VARCHAR) AS genres, CAST(year AS VARCHAR) AS year FROM _items_frame")
+        con.unregister("_items_frame")
+    if data.users is not None:
+        _load_users_frame(con, data.users)
+    return Source(data.name, data.source, data.items is not None, data.users is not None, present)
+
+
+def _load_users_frame(con: duckdb.DuckDBPyConnection, users: pd.DataFrame) -> None:
+    users = users.drop_duplicates("user_id")
+    con.register("_users_frame", users)
+    fields = ", ".join(f"CAST({quote(c)} AS VARCHAR) AS {quote(c)}" for c in ("user_id", "gender", "age", "occupation")
+                       if c in users)
+    con.execute(f"CREATE TABLE raw_users AS SELECT {fields} FROM _users_frame")
+    con.unregister("_users_frame")
+
+
+# -- native readers -------------------------------------------------------------------------------------------
+
+def _read_csv_sql(path: Path, names: list[str], *, sep: str, header: bool, quoting: bool) -> str:
+    """A ``read_csv`` call with every column as text: parsing and its errors are ours, with line numbers."""
+    cols = "{" + ", ".join(f"'{n.replace(chr(39), chr(39) * 2)}': 'VARCHAR'" for n in names) + "}"
+    quote_opts = "quote='\"', escape='\"'" if quoting else "quote='', escape=''"
+    return (f"read_csv('{_sql_string(str(path))}', columns={cols}, header={str(header).lower()}, "
+            f"delim='{_sql_string(sep)}', {quote_opts}, auto_detect=false, strict_mode=true, nullstr='')")
+
+
+def _sql_string(text: str) -> str:
+    return text.replace("'", "''")
+
+
+def _stage_csv(con: duckdb.DuckDBPyConnection, path: Path, names: list[str], *, sep: str, header: bool,
+               quoting: bool) -> None:
+    """Copy the file into table ``staging`` (text columns; ``rowid`` = data row, in file order)."""
+    if path.stat().st_size == 0:
+        raise HybridInputError(f"{path}: file is empty")
+    try:
+        reader = _read_csv_sql(path, names, sep=sep, header=header, quoting=quoting)
+        con.execute(f"CREATE TABLE staging AS SELECT * FROM {reader}")
+    except duckdb.Error as exc:
+        raise HybridInputError(f"{path}: malformed file: {_duckdb_reason(exc)}") from None
+
+
+def _duckdb_reason(exc: duckdb.Error) -> str:
+    """The first informative line of a DuckDB reader error (its message is several paragraphs)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    text = " ".join(lines[:3]) if lines else type(exc).__name__
+    return text.removeprefix("Invalid Input Error: ").removeprefix("Conversion Error: ")
+
+
+class _Checker:
+    """SQL versions of the pandas readers' column checks, naming ``file, line N, column 'c'``."""
+
+    def __init__(self, con: duckdb.DuckDBPyConnection, path: Path, first_line: int, unit: str = "line"):
+        self.con, self.path, self.first_line, self.unit = con, path, first_line, unit
+
+    def where(self, row: int, label: str) -> str:
+        return f"{self.path}, {self.unit} {int(row) + self.first_line}, column {label}"
+
+    def first(self, condition: str, value: str) -> tuple | None:
+        return self.con.execute(f"SELECT rowid, {value} FROM staging WHERE {condition} ORDER BY rowid LIMIT 1").fetchone()
+
+    def column_type(self, column: str) -> str:
+        return self.con.execute(f"SELECT {quote(column)} FROM staging LIMIT 0").description[0][1].__str__().upper()
+
+    def key(self, column: str, label: str) -> str:
+        """Required text: non-empty; numbers become text (an integral float loses its ``.0``)."""
+        c, kind = quote(column), self.column_type(column)
+        bad = self.first(f"{c} IS NULL OR trim(CAST({c} AS VARCHAR)) = ''", c)
+        if bad is not None:
+            raise HybridInputError(f"{self.where(bad[0], label)}: empty value; every row needs one")
+        if kind in ("DOUBLE", "FLOAT") or kind.startswith("DECIMAL"):
+            return f"CASE WHEN {c} = floor({c}) THEN CAST(CAST({c} AS BIGINT) AS VARCHAR) ELSE CAST({c} AS VARCHAR) END"
+        return f"CAST({c} AS VARCHAR)"
+
+    def number(self, column: str, label: str) -> str:
+        """A finite float64: empty, NaN, infinite and non-numeric cells are errors."""
+        c = quote(column)
+        value = f"TRY_CAST({c} AS DOUBLE)"
+        bad = self.first(f"{value} IS NULL OR isnan({value}) OR isinf({value})", f"CAST({c} AS VARCHAR)")
+        if bad is not None:
+            raw = bad[1]
+            if raw is None or raw.strip().lower() in ("", "nan"):
+                raise HybridInputError(f"{self.where(bad[0], label)}: value is empty/NaN; every row needs a number")
+            if raw.strip().lower().lstrip("+-") in ("inf", "infinity"):
+                raise HybridInputError(f"{self.where(bad[0], label)}: {raw!r} is not a finite number")
+            raise HybridInputError(f"{self.where(bad[0], label)}: cannot parse {raw!r} as a number")
+        return value
+
+    def timestamp(self, column: str, label: str) -> str:
+        """Unix seconds (fractions floored) or, when the first row is not a number, a date-time (naive = UTC)."""
+        c, kind = quote(column), self.column_type(column)
+        if kind.startswith("TIMESTAMP") or kind == "DATE":
+            bad = self.first(f"{c} IS NULL", c)
+            if bad is not None:
+                raise HybridInputError(f"{self.where(bad[0], label)}: timestamp is empty (NaT)")
+            return f"CAST(floor(epoch(CAST({c} AS TIMESTAMPTZ))) AS BIGINT)"
+        if kind != "VARCHAR":
+            bad = self.first(f"{c} IS NULL OR isnan(CAST({c} AS DOUBLE))", c)
+            if bad is not None:
+                raise HybridInputError(f"{self.where(bad[0], label)}: timestamp is empty/NaN")
+            return f"CAST(floor(CAST({c} AS DOUBLE)) AS BIGINT)"
+        blank = self.first(f"{c} IS NULL OR trim({c}) = ''", c)
+        if blank is not None:
+            raise HybridInputError(f"{self.where(blank[0], label)}: timestamp is empty")
+        first_raw = self.con.execute(f"SELECT {c} FROM staging ORDER BY rowid LIMIT 1").fetchone()
+        first_raw = first_raw[0] if first_raw else ""
+        numeric = f"TRY_CAST({c} AS DOUBLE)"
+        if self.con.execute("SELECT TRY_CAST(? AS DOUBLE)", [first_raw]).fetchone()[0] is not None:
+            bad = self.first(f"{numeric} IS NULL", c)
+            if bad is not None:
+                raise HybridInputError(f"{self.where(bad[0], label)}: cannot parse {bad[1]!r} as a timestamp "
+                                       f"(expected unix seconds, like {first_raw!r} in the first row)")
+            return f"CAST(floor({numeric}) AS BIGINT)"
+        parsed = f"TRY_CAST({c} AS TIMESTAMPTZ)"
+        bad = self.first(f"{parsed} IS NULL", c)
+        if bad is not None:
+            raise HybridInputError(f"{self.where(bad[0], label)}: cannot parse {bad[1]!r} as a timestamp "
+                                   f"(expected a date-time like {first_raw!r} in the first row, or unix seconds)")
+        return f"CAST(floor(epoch({parsed})) AS BIGINT)"
+
+    def convert(self, column: str, canonical: str, label: str) -> str:
+        kind = _CANONICAL_KIND[canonical]
+        if kind == "key":
+            return self.key(column, label)
+        if kind == "timestamp":
+            return self.timestamp(column, label)
+        if kind == "float":
+            return self.number(column, label)
+        return f"CAST({quote(column)} AS VARCHAR)"
+
+
+def load_taobao(con: duckdb.DuckDBPyConnection, path: str | Path) -> Source:
+    """Tianchi ``UserBehavior.csv`` (no header: user, item, category, behaviour, timestamp), read by DuckDB.
+
+    Same result as :func:`hybrid.data.readers.read_taobao`: the behaviour becomes ``behavior``; an item's
+    category is the one of its first row in the file.
+    """
+    path = Path(path)
+    if path.is_dir():
+        path = path / "UserBehavior.csv"
+    _require_file(path, "Taobao behaviour file")
+    _stage_csv(con, path, list(TAOBAO_COLUMNS), sep=",", header=False, quoting=False)
+    check = _Checker(con, path, first_line=1)
+    exprs = {c: check.convert(c, "timestamp" if c == "timestamp" else "user_id", repr(c)) for c in TAOBAO_COLUMNS}
+    con.execute(f"""CREATE VIEW raw_events AS SELECT rowid AS rn, {exprs['user_id']} AS user_id,
+                    {exprs['item_id']} AS item_id, {exprs['timestamp']} AS timestamp,
+                    {exprs['behavior_type']} AS behavior FROM staging""")
+    con.execute(f"""CREATE TABLE raw_items AS SELECT item_id, arg_min(category, rn) AS genres,
+                    '{UNKNOWN_YEAR}' AS year FROM (SELECT rowid AS rn, {exprs['item_id']} AS item_id,
+                    {exprs['category_id']} AS category FROM staging) GROUP BY item_id""")
+    return Source("taobao", str(path), True, False, ("user_id", "item_id", "timestamp", "behavior"))
+
+
+def _csv_header(path: Path, sep: str) -> list[str]:
+    try:
+        with open(path, newline="", encoding="utf-8") as handle:
+            return next(csv.reader(handle, delimiter=sep), [])
+    except UnicodeDecodeError as exc:
+        raise HybridInputError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+
+
+def load_events_table(con: duckdb.DuckDBPyConnection, path: str | Path, columns: dict[str, str],
+                      items_path: str | None = None, users_path: str | None = None) -> Source:
+    """A generic events table (CSV/TSV by suffix, or parquet) read by DuckDB, with the checks and messages of
+    :func:`hybrid.data.readers.read_events_table`; its optional item / user side tables (small) are read by
+    the pandas reader."""
+    for canonical, file_column in columns.items():
+        if canonical not in _ALL_CANONICAL:
+            raise HybridInputError(f"unknown canonical column {canonical!r} in columns; expected one of "
+                                   f"{', '.join(_ALL_CANONICAL)}")
+        if not isinstance(file_column, str) or not file_column:
+            raise HybridInputError(f"columns[{canonical!r}] must be a non-empty column name, got {file_column!r}")
+    path = _require_file(Path(path), "events file")
+    fmt = _table_format(path)
+    if fmt == "parquet":
+        try:
+            con.execute(f"CREATE TABLE staging AS SELECT * FROM read_parquet('{_sql_string(str(path))}')")
+        except duckdb.Error as exc:
+            raise HybridInputError(f"{path}: not a readable parquet file ({_duckdb_reason(exc)})") from None
+        header = [d[0] for d in con.execute("SELECT * FROM staging LIMIT 0").description]
+        check = _Checker(con, path, first_line=1, unit="row")
+    else:
+        if path.stat().st_size == 0:
+            raise HybridInputError(f"{path}: file is empty")
+        header = _csv_header(path, fmt)
+        _stage_csv(con, path, header, sep=fmt, header=True, quoting=True)
+        check = _Checker(con, path, first_line=2)
+    wanted = [*EVENT_COLUMNS, *(c for c in OPTIONAL_EVENT_COLUMNS if columns.get(c, c) in header or c in columns)]
+    for canonical in wanted:
+        if columns.get(canonical, canonical) not in header:
+            raise HybridInputError(f"{path}: missing required column "
+                                   f"{_label(columns.get(canonical, canonical), canonical)}; columns present: "
+                                   f"{', '.join(map(str, header))}")
+    exprs = []
+    for canonical in wanted:
+        file_column = columns.get(canonical, canonical)
+        exprs.append(f"{check.convert(file_column, canonical, _label(file_column, canonical))} AS {quote(canonical)}")
+    con.execute(f"CREATE VIEW raw_events AS SELECT rowid AS rn, {', '.join(exprs)} FROM staging")
+    explicit = set(columns)
+    has_items = items_path is not None
+    if has_items:
+        item_file = _require_file(Path(items_path), "items file")
+        table = _complete_items(_read_table(item_file, columns, ("item_id",), ("title", "genres", "year"), explicit),
+                                item_file)
+        con.register("_items_frame", table)
+        con.execute("CREATE TABLE raw_items AS SELECT item_id, genres, year FROM _items_frame")
+        con.unregister("_items_frame")
+    if users_path is not None:
+        user_file = _require_file(Path(users_path), "users file")
+        table = _read_table(user_file, columns, ("user_id",), ("gender", "age", "occupation", "zip"), explicit)
+        _load_users_frame(con, _complete_users(table, user_file))
+    return Source(path.name.split(".")[0] or "events", str(path), has_items, users_path is not None, tuple(wanted))
