@@ -11,7 +11,8 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pandas as pd
@@ -42,19 +43,17 @@ def _arrow_lists(arrow_type: pa.DataType):
     return pd.ArrowDtype(arrow_type) if pa.types.is_list(arrow_type) or pa.types.is_large_list(arrow_type) else None
 
 
-def save_prepared(prepared: PreparedData, out_dir: str | os.PathLike, config_yaml: str | None = None) -> Path:
-    """Write ``prepared`` to ``out_dir`` atomically; returns the directory."""
+@contextmanager
+def atomic_directory(out_dir: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary directory beside ``out_dir`` that replaces it only when the block completes.
+
+    A failure inside the block removes the temporary directory and leaves any earlier ``out_dir`` as it was.
+    """
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
-        for name in PreparedData.TABLES:
-            getattr(prepared, name).to_parquet(tmp / f"{name}.parquet", index=False)
-        prepared.feature_map.save(tmp / FEATURE_MAP_FILE)
-        prepared.stats["data_hash"] = data_hash(tmp)
-        (tmp / STATS_FILE).write_text(json.dumps(prepared.stats, indent=2, default=str))
-        if config_yaml is not None:
-            (tmp / "config.yaml").write_text(config_yaml)
+        yield tmp
         if out_dir.exists():
             old = out_dir.with_name(f".{out_dir.name}.old")
             shutil.rmtree(old, ignore_errors=True)
@@ -66,7 +65,24 @@ def save_prepared(prepared: PreparedData, out_dir: str | os.PathLike, config_yam
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return out_dir
+
+
+def write_metadata(directory: Path, feature_map: FeatureMap, stats: dict, config_yaml: str | None) -> None:
+    """Beside the tables: ``feature_map.json``, ``stats.json`` (with the data hash), ``config.yaml``."""
+    feature_map.save(directory / FEATURE_MAP_FILE)
+    stats["data_hash"] = data_hash(directory)
+    (directory / STATS_FILE).write_text(json.dumps(stats, indent=2, default=str))
+    if config_yaml is not None:
+        (directory / "config.yaml").write_text(config_yaml)
+
+
+def save_prepared(prepared: PreparedData, out_dir: str | os.PathLike, config_yaml: str | None = None) -> Path:
+    """Write ``prepared`` to ``out_dir`` atomically; returns the directory."""
+    with atomic_directory(out_dir) as tmp:
+        for name in PreparedData.TABLES:
+            getattr(prepared, name).to_parquet(tmp / f"{name}.parquet", index=False)
+        write_metadata(tmp, prepared.feature_map, prepared.stats, config_yaml)
+    return Path(out_dir)
 
 
 def data_hash(path: str | os.PathLike) -> str:

@@ -1,16 +1,25 @@
 """The data stage: read a dataset, apply a protocol, write the prepared directory, log it to MLflow.
 
-``hybrid data prepare`` and the quickstart both call :func:`run_prepare`.
+``hybrid data prepare`` and the quickstart both call :func:`run_prepare`. The protocol runs out of core on
+DuckDB by default (``engine.name: duckdb``, :mod:`hybrid.data.duckdb_engine`) or in memory on pandas
+(``engine.name: pandas``, :mod:`hybrid.data.protocols`, the reference); both write the same directory.
 """
 from __future__ import annotations
 
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from hybrid.config import to_dict, to_yaml
-from hybrid.data.protocols import PreparedData, ProtocolConfig, prepare
+from hybrid.core.feature_map import FeatureMap
+from hybrid.data.duckdb_engine import EngineConfig
+from hybrid.data.protocols import ProtocolConfig, prepare
 from hybrid.data.readers import read_dataset
 from hybrid.data.schema import RawDataset
-from hybrid.data.store import save_prepared
+from hybrid.data.store import atomic_directory, save_prepared, write_metadata
 from hybrid.tracking import Tracker, TrackingConfig, make_tracker
 
 
@@ -31,10 +40,14 @@ class DataConfig:
     items_path: str | None = None
     users_path: str | None = None
 
-    def read(self) -> RawDataset:
-        """Read with the reader named by ``dataset``; reader-specific options only when set."""
+    def options(self) -> dict:
+        """The reader-specific options that are set."""
         options = {"columns": self.columns or None, "items_path": self.items_path, "users_path": self.users_path}
-        return read_dataset(self.dataset, self.path, **{k: v for k, v in options.items() if v is not None})
+        return {k: v for k, v in options.items() if v is not None}
+
+    def read(self) -> RawDataset:
+        """Read into memory with the reader named by ``dataset`` (the pandas engine's input)."""
+        return read_dataset(self.dataset, self.path, **self.options())
 
 
 @dataclass
@@ -43,23 +56,75 @@ class PrepareConfig:
 
     data: DataConfig = field(default_factory=DataConfig)
     protocol: ProtocolConfig = field(default_factory=ProtocolConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
     out: str = "runs/prepared"
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
 
-def run_prepare(cfg: PrepareConfig, tracker: Tracker | None = None, parent_run: str | None = None) -> PreparedData:
-    """Read, prepare, save atomically, log params / statistics / data hash. Returns the prepared data."""
+@dataclass
+class PreparedSummary:
+    """What :func:`run_prepare` wrote: the directory (read it with :func:`hybrid.data.store.load_prepared`),
+    its feature map and its statistics."""
+
+    path: Path
+    feature_map: FeatureMap
+    stats: dict
+
+
+def run_prepare(cfg: PrepareConfig, tracker: Tracker | None = None, parent_run: str | None = None) -> PreparedSummary:
+    """Read, prepare, save atomically, log params / statistics / data hash.
+
+    Input errors are raised before the MLflow run starts; the output directory appears only when complete.
+    """
     tracker = tracker or make_tracker(cfg.tracking)
-    data = cfg.data.read()
+    out = Path(cfg.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if cfg.engine.name == "pandas":
+        data = cfg.data.read()
+        with _prepare_run(tracker, cfg, data.name, parent_run) as run:
+            prepared = prepare(data, cfg.protocol)
+            save_prepared(prepared, out, config_yaml=to_yaml(cfg))
+            summary = PreparedSummary(out, prepared.feature_map, prepared.stats)
+            _log_summary(tracker, run, summary)
+        return summary
+
+    from hybrid.data.duckdb_engine import connect, run_protocol  # duckdb only for this engine
+    from hybrid.data.duckdb_sources import load_source
+
+    scratch_parent = Path(cfg.engine.temp_directory) if cfg.engine.temp_directory else out.parent
+    scratch_parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=f".{out.name}.scratch.", dir=scratch_parent))
+    try:
+        con = connect(cfg.engine, scratch)
+        try:
+            source = load_source(con, cfg.data.dataset, cfg.data.path, **cfg.data.options())
+            with _prepare_run(tracker, cfg, source.name, parent_run) as run:
+                with atomic_directory(out) as tmp:
+                    feature_map, stats = run_protocol(con, source, cfg.protocol, tmp, cfg.engine.row_group_size)
+                    write_metadata(tmp, feature_map, stats, to_yaml(cfg))
+                summary = PreparedSummary(out, feature_map, stats)
+                _log_summary(tracker, run, summary)
+        finally:
+            con.close()
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return summary
+
+
+@contextmanager
+def _prepare_run(tracker: Tracker, cfg: PrepareConfig, dataset: str, parent_run: str | None) -> Iterator[str | None]:
+    """The stage's MLflow run, its params logged on entry."""
     with tracker.run(f"prepare-{cfg.protocol.protocol}", parent=parent_run,
-                     tags={"stage": "prepare", "protocol": cfg.protocol.protocol, "dataset": data.name}) as run:
+                     tags={"stage": "prepare", "protocol": cfg.protocol.protocol, "dataset": dataset,
+                           "engine": cfg.engine.name}) as run:
         tracker.log_params(run, to_dict(cfg))
-        prepared = prepare(data, cfg.protocol)
-        save_prepared(prepared, cfg.out, config_yaml=to_yaml(cfg))
-        tracker.set_tags(run, {"data_hash": prepared.stats["data_hash"]})
-        tracker.log_metrics(run, _numeric(prepared.stats), step=0)
-        tracker.log_json(run, prepared.stats, "stats.json")
-    return prepared
+        yield run
+
+
+def _log_summary(tracker: Tracker, run, summary: PreparedSummary) -> None:
+    tracker.set_tags(run, {"data_hash": summary.stats["data_hash"]})
+    tracker.log_metrics(run, _numeric(summary.stats), step=0)
+    tracker.log_json(run, summary.stats, "stats.json")
 
 
 def _numeric(stats: dict, prefix: str = "data/") -> dict[str, float]:
