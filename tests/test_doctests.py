@@ -38,7 +38,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 #: modules whose examples read real ML-100K (the session fixtures fetch and prepare it once)
-NEEDS_DATA = {"hybrid.data.batching", "hybrid.data.protocols", "hybrid.jobs.finetune"}
+NEEDS_DATA = {"hybrid.data.batching", "hybrid.data.duckdb_engine", "hybrid.data.protocols", "hybrid.jobs.finetune"}
 
 
 def _namespace(tmp_path) -> dict:

@@ -191,3 +191,17 @@ def test_run_prepare_is_atomic_and_leaves_no_scratch(tmp_path, ml100k_dir):
                                              "engine": EngineConfig(name="pandas")}))
     assert reference.path == tmp_path / "ref"
     assert_same_prepared(load_prepared(out), load_prepared(tmp_path / "ref"))
+
+
+def test_run_prepare_refuses_an_unwritable_output_before_any_work(tmp_path, ml100k_dir):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    cfg = PrepareConfig(data=DataConfig(dataset="movielens-100k", path=str(ml100k_dir)), out=str(blocker / "prepared"),
+                        tracking=TrackingConfig(enabled=False))
+    with pytest.raises(HybridInputError, match="a-file: cannot create the output's directory"):
+        run_prepare(cfg)
+    scratch_blocked = PrepareConfig(data=cfg.data, out=str(tmp_path / "prepared"), tracking=cfg.tracking,
+                                    engine=EngineConfig(temp_directory=str(blocker / "scratch")))
+    with pytest.raises(HybridInputError, match="cannot write the scratch directory"):
+        run_prepare(scratch_blocked)
+    assert not (tmp_path / "prepared").exists()

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from hybrid.config import to_dict, to_yaml
+from hybrid.core.errors import HybridInputError
 from hybrid.core.feature_map import FeatureMap
 from hybrid.data.duckdb_engine import EngineConfig
 from hybrid.data.protocols import ProtocolConfig, prepare
@@ -78,7 +79,10 @@ def run_prepare(cfg: PrepareConfig, tracker: Tracker | None = None, parent_run: 
     """
     tracker = tracker or make_tracker(cfg.tracking)
     out = Path(cfg.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise HybridInputError(f"{out.parent}: cannot create the output's directory ({exc.strerror})") from None
     if cfg.engine.name == "pandas":
         data = cfg.data.read()
         with _prepare_run(tracker, cfg, data.name, parent_run) as run:
@@ -92,8 +96,11 @@ def run_prepare(cfg: PrepareConfig, tracker: Tracker | None = None, parent_run: 
     from hybrid.data.duckdb_sources import load_source
 
     scratch_parent = Path(cfg.engine.temp_directory) if cfg.engine.temp_directory else out.parent
-    scratch_parent.mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(prefix=f".{out.name}.scratch.", dir=scratch_parent))
+    try:  # before any work: an unwritable place is found now, not after the protocol
+        scratch_parent.mkdir(parents=True, exist_ok=True)
+        scratch = Path(tempfile.mkdtemp(prefix=f".{out.name}.scratch.", dir=scratch_parent))
+    except OSError as exc:
+        raise HybridInputError(f"{scratch_parent}: cannot write the scratch directory there ({exc.strerror})") from None
     try:
         con = connect(cfg.engine, scratch)
         try:
