@@ -111,6 +111,8 @@ class CTRTrainConfig:
             (:func:`~hybrid.ctr_models.metrics.auc_standard_error`: ~0.02 on 500 samples, ~0.002 on 10^5).
         one_epoch_z: how many standard errors a dip must exceed when ``one_epoch_tolerance`` is ``null``.
         progress: show progress (rank 0 only): a tqdm bar on a terminal, one line per log step otherwise.
+        num_workers: loader worker processes gathering training batches ahead of the step (prefetch;
+            they share the memory-mapped tables); ``0``: in the training process.
 
     Example:
         >>> cfg = CTRTrainConfig(epochs=3, batch_size=1024, eval_every=100, optim=OptimConfig(lr=1e-3))
@@ -130,8 +132,11 @@ class CTRTrainConfig:
     one_epoch_tolerance: float | None = None
     one_epoch_z: float = 1.0
     progress: bool = True
+    num_workers: int = 0
 
     def __post_init__(self) -> None:
+        if not isinstance(self.num_workers, int) or isinstance(self.num_workers, bool) or self.num_workers < 0:
+            raise ValueError(f"train.num_workers must be an integer >= 0, got {self.num_workers!r}")
         for name in ("epochs", "batch_size", "eval_batch_size", "max_history", "log_every"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:

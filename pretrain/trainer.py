@@ -111,6 +111,8 @@ class PretrainTrainConfig:
         k: cut-off of the retrieval metrics, logged as ``eval/hr_at_{k}`` and ``eval/ndcg_at_{k}`` (MLflow
             rejects ``@`` in metric names).
         progress: show progress (rank 0 only): a tqdm bar on a terminal, one line per log step otherwise.
+        num_workers: loader worker processes gathering training batches ahead of the step (prefetch;
+            they share the memory-mapped tables); ``0``: in the training process.
 
     Example:
         >>> cfg = PretrainTrainConfig(epochs=1, batch_size=128, optim=OptimConfig(lr=5e-3, warmup_steps=20))
@@ -131,8 +133,11 @@ class PretrainTrainConfig:
     max_steps: int | None = None
     k: int = 10
     progress: bool = True
+    num_workers: int = 0
 
     def __post_init__(self) -> None:
+        if not isinstance(self.num_workers, int) or isinstance(self.num_workers, bool) or self.num_workers < 0:
+            raise ValueError(f"train.num_workers must be an integer >= 0, got {self.num_workers!r}")
         for name in ("epochs", "batch_size", "eval_batch_size", "max_len", "keep_last", "log_every", "k"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:

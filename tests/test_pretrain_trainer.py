@@ -70,7 +70,7 @@ def train_config(**overrides) -> PretrainTrainConfig:
 
 def loaders(prepared, cfg: PretrainTrainConfig):
     train_loader = make_loader(SequenceBatchConverter(prepared, "pretrain_train", cfg.max_len, FEATURES),
-                               cfg.batch_size, shuffle=True, seed=cfg.seed)
+                               cfg.batch_size, shuffle=True, seed=cfg.seed, num_workers=cfg.num_workers)
     eval_loader = make_loader(SequenceBatchConverter(prepared, "pretrain_eval", cfg.max_len, FEATURES),
                               cfg.eval_batch_size, shuffle=False)
     return train_loader, eval_loader
@@ -204,6 +204,36 @@ def test_killed_and_resumed_run_is_bit_identical(prepared_last_item, tmp_path, s
     differing = [k for k in a if not torch.equal(a[k], b[k])]
     assert differing == []
     # the evaluations after the resume point are the same numbers
+    assert resumed.evaluations == [(s, m) for s, m in whole.evaluations if s > 40]
+
+
+def test_memory_mapped_data_with_loader_workers_resumes_to_the_in_memory_run(prepared_last_item,
+                                                                           prepared_last_item_dir, tmp_path):
+    """The training jobs' input path — memory-mapped tables, batches gathered in 2 worker processes, killed
+    at step 47 and resumed — ends bit-identical to an uninterrupted in-memory run without workers."""
+    from hybrid.data.store import open_prepared
+
+    sizes = prepared_last_item.feature_map.vocab_sizes()
+
+    def run(prepared, root: Path, num_workers: int, resume: bool = False, kill_at: int | None = None):
+        cfg = train_config(epochs=3, checkpoint_every=20, eval_every=25, log_every=1, num_workers=num_workers)
+        train_loader, eval_loader = loaders(prepared, cfg)
+        model = build_model(model_config(dropout=0.1), sizes, cfg.optim, seed=cfg.seed)
+
+        def log(metrics, step, epoch):
+            if step == kill_at:
+                raise KeyboardInterrupt("killed")
+
+        return train(model, train_loader, eval_loader, cfg, checkpoint_dir=root, resume=resume, log_metrics=log)
+
+    whole = run(prepared_last_item, tmp_path / "whole", num_workers=0)
+    mapped = open_prepared(prepared_last_item_dir)
+    with pytest.raises(KeyboardInterrupt):
+        run(mapped, tmp_path / "killed", num_workers=2, kill_at=47)
+    resumed = run(mapped, tmp_path / "killed", num_workers=2, resume=True)
+    a, b = checkpoint_tensors(whole.checkpoint), checkpoint_tensors(resumed.checkpoint)
+    assert resumed.step == whole.step and sorted(a) == sorted(b)
+    assert [k for k in a if not torch.equal(a[k], b[k])] == []
     assert resumed.evaluations == [(s, m) for s, m in whole.evaluations if s > 40]
 
 

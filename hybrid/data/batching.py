@@ -18,8 +18,6 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 
 import numpy as np
-import pandas as pd
-import pyarrow as pa
 import torch
 from torch.utils.data import DataLoader, Sampler
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
@@ -27,6 +25,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from hybrid.core.batch import CTRBatch, SequenceBatch
 from hybrid.core.errors import HybridInputError
 from hybrid.core.feature_map import history_key
+from hybrid.data.columns import as_table
 from hybrid.data.protocols import USER_FIELDS, PreparedData
 
 SEQUENCE_FEATURES = ("item_id", "category", "action")
@@ -46,15 +45,6 @@ def _clip_windows(starts: np.ndarray, ends: np.ndarray, max_len: int) -> tuple[n
     """Keep the most recent ``max_len`` events of each window."""
     starts = np.maximum(starts, ends - max_len)
     return starts, ends - starts
-
-
-def _list_column(frame: pd.DataFrame, name: str) -> tuple[np.ndarray, np.ndarray]:
-    """(offsets, values) of a list column, read from Arrow without building Python lists."""
-    array = pa.array(frame[name])
-    if isinstance(array, pa.ChunkedArray):
-        array = array.combine_chunks()
-    array = array.cast(pa.large_list(pa.int64()))
-    return array.offsets.to_numpy().astype(np.int64), array.flatten().to_numpy()
 
 
 def _kjt(keys: list[str], values: list[np.ndarray], lengths: list[np.ndarray]) -> KeyedJaggedTensor:
@@ -91,43 +81,35 @@ class CTRBatchConverter(_Converter):
                  fields: Sequence[str] | None = None, task_names: Sequence[str] = ("click",)) -> None:
         if split not in PreparedData.CTR_SPLITS:
             raise HybridInputError(f"unknown CTR split '{split}' (expected one of: {', '.join(PreparedData.CTR_SPLITS)})")
-        samples = getattr(prepared, split)
+        samples = as_table(getattr(prepared, split), split)
+        users, events = as_table(prepared.users, "users"), as_table(prepared.events, "events")
         self.num_samples = len(samples)
         self.max_history = max_history
         self.task_names = tuple(task_names)
         missing = [t for t in self.task_names if t not in samples]
         if missing:
-            raise HybridInputError(f"{split}: no label column {missing[0]!r} (has: {', '.join(samples.columns)})")
-        users, events = prepared.users, prepared.events
-        user_row = samples["user_row"].to_numpy(np.int64)
-
-        self.single: dict[str, np.ndarray] = {}
-        for name in ("user_id", *USER_FIELDS):
-            if name in users:
-                self.single[name] = users[name].to_numpy(np.int64)[user_row]
-        for name in CANDIDATE_FIELDS:
-            if name in samples:
-                self.single[name] = samples[name].to_numpy(np.int64)
+            raise HybridInputError(f"{split}: no label column {missing[0]!r} (has: {', '.join(samples.names)})")
+        # Columns are views (memory-mapped or of the DataFrame): each batch gathers its rows, nothing is
+        # copied per sample up front. User fields are looked up through the sample's user row.
+        self.user_row = samples["user_row"]
+        self.per_user = {name: users[name] for name in ("user_id", *USER_FIELDS) if name in users}
+        self.per_sample = {name: samples[name] for name in CANDIDATE_FIELDS if name in samples}
         self.multi: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         if "genres" in samples:
-            self.multi["genres"] = _list_column(samples, "genres")
-        self.history = {history_key(name): events[name].to_numpy(np.int64)
+            self.multi["genres"] = samples.list_column("genres")
+        self.history = {history_key(name): events[name]
                         for name in SEQUENCE_FEATURES if name in events and name in prepared.feature_map}
-        available = [*self.single, *self.multi, *self.history]
+        available = [*self.per_user, *self.per_sample, *self.multi, *self.history]
         self.fields = list(fields) if fields is not None else available
         unknown = [f for f in self.fields if f not in available]
         if unknown:
             raise HybridInputError(f"{split}: unknown sparse field {unknown[0]!r} (available: {', '.join(available)})")
 
-        self.hist_start = samples["hist_start"].to_numpy(np.int64)
-        self.hist_end = samples["hist_end"].to_numpy(np.int64)
-        self.event_time = events["timestamp"].to_numpy(np.int64)
-        self.timestamps = samples["timestamp"].to_numpy(np.int64)
-        self.labels = samples[list(self.task_names)].to_numpy(np.float32)
-        # gAUC groups by the raw user: the prepared data's user row (one per raw user). The encoded user_id
-        # would merge every user the feature map does not know into the one OOV id.
-        self.user_index = user_row.astype(np.int64)
-
+        self.hist_start = samples["hist_start"]
+        self.hist_end = samples["hist_end"]
+        self.event_time = events["timestamp"]
+        self.timestamps = samples["timestamp"]
+        self.labels = [samples[t] for t in self.task_names]
     def __len__(self) -> int:
         return self.num_samples
 
@@ -140,11 +122,15 @@ class CTRBatchConverter(_Converter):
         n = len(idx)
         starts, hist_len = _clip_windows(self.hist_start[idx], self.hist_end[idx], self.max_history)
         hist_pos = _window_index(starts, hist_len)
+        user_row = self.user_row[idx]
         ones = np.ones(n, dtype=np.int64)
         values, lengths = [], []
         for name in self.fields:
-            if name in self.single:
-                values.append(self.single[name][idx])
+            if name in self.per_user:
+                values.append(self.per_user[name][user_row])
+                lengths.append(ones)
+            elif name in self.per_sample:
+                values.append(self.per_sample[name][idx])
                 lengths.append(ones)
             elif name in self.multi:
                 offsets, flat = self.multi[name]
@@ -154,13 +140,16 @@ class CTRBatchConverter(_Converter):
             else:
                 values.append(self.history[name][hist_pos])
                 lengths.append(hist_len)
+        labels = np.stack([column[idx] for column in self.labels], axis=1).astype(np.float32, copy=False)
         return CTRBatch(
             sparse=_kjt(self.fields, values, lengths),
             dense=torch.zeros(n, 0),
-            labels=torch.from_numpy(self.labels[idx]),
-            timestamps=torch.from_numpy(self.timestamps[idx]),
-            hist_timestamps=torch.from_numpy(self.event_time[hist_pos]),
-            user_index=torch.from_numpy(self.user_index[idx]),
+            labels=torch.from_numpy(labels),
+            timestamps=torch.from_numpy(self.timestamps[idx].astype(np.int64, copy=False)),
+            hist_timestamps=torch.from_numpy(self.event_time[hist_pos].astype(np.int64, copy=False)),
+            # gAUC groups by the raw user: the prepared data's user row (one per raw user). The encoded
+            # user_id would merge every user the feature map does not know into the one OOV id.
+            user_index=torch.from_numpy(user_row.astype(np.int64, copy=False)),
             task_names=self.task_names,
         )
 
@@ -179,18 +168,18 @@ class SequenceBatchConverter(_Converter):
                  features: Sequence[str] | None = None) -> None:
         if split not in ("pretrain_train", "pretrain_eval"):
             raise HybridInputError(f"unknown pretraining split '{split}' (expected pretrain_train or pretrain_eval)")
-        windows = getattr(prepared, split)
-        events = prepared.events
+        windows = as_table(getattr(prepared, split), split)
+        events = as_table(prepared.events, "events")
         available = [f for f in SEQUENCE_FEATURES if f in events and f in prepared.feature_map]
         self.features = list(features) if features is not None else available
         unknown = [f for f in self.features if f not in available]
         if unknown:
             raise HybridInputError(f"{split}: unknown sequence feature {unknown[0]!r} (available: {', '.join(available)})")
-        self.columns = {f: events[f].to_numpy(np.int64) for f in self.features}
-        self.event_time = events["timestamp"].to_numpy(np.int64)
-        self.start = windows["start"].to_numpy(np.int64)
-        self.end = windows["end"].to_numpy(np.int64)
-        targets = windows["num_eval_targets"].unique() if len(windows) else np.array([0])
+        self.columns = {f: events[f] for f in self.features}  # views: each batch gathers its positions
+        self.event_time = events["timestamp"]
+        self.start = windows["start"]
+        self.end = windows["end"]
+        targets = np.unique(windows["num_eval_targets"]) if len(windows) else np.array([0])
         if len(targets) != 1:
             raise HybridInputError(f"{split}: mixed num_eval_targets {sorted(targets)} in one split")
         self.num_eval_targets = int(targets[0])
@@ -207,7 +196,7 @@ class SequenceBatchConverter(_Converter):
         starts, lengths = _clip_windows(self.start[idx], self.end[idx], self.max_len)
         pos = _window_index(starts, lengths)
         kjt = _kjt(self.features, [self.columns[f][pos] for f in self.features], [lengths] * len(self.features))
-        return SequenceBatch(features=kjt, timestamps=torch.from_numpy(self.event_time[pos]),
+        return SequenceBatch(features=kjt, timestamps=torch.from_numpy(self.event_time[pos].astype(np.int64, copy=False)),
                              lengths=torch.from_numpy(lengths), num_eval_targets=self.num_eval_targets)
 
 

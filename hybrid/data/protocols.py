@@ -41,6 +41,7 @@ from hybrid.core.feature_map import (
     Vocabulary,
     history_key,
 )
+from hybrid.data.columns import ColumnTable
 from hybrid.data.schema import RawDataset
 
 Protocol = Literal["last-item", "ratings"]
@@ -91,16 +92,21 @@ class ProtocolConfig:
 
 @dataclass
 class PreparedData:
-    """The output of a protocol (see the module docstring for the columns)."""
+    """The output of a protocol (see the module docstring for the columns).
+
+    The tables are DataFrames in memory (a protocol's output, :func:`hybrid.data.store.load_prepared`) or
+    memory-mapped :class:`~hybrid.data.columns.ColumnTable` s (:func:`hybrid.data.store.open_prepared`, what
+    the training jobs read); the batch converters take either.
+    """
 
     feature_map: FeatureMap
-    events: pd.DataFrame
-    users: pd.DataFrame
-    pretrain_train: pd.DataFrame
-    pretrain_eval: pd.DataFrame
-    ctr_train: pd.DataFrame
-    ctr_valid: pd.DataFrame
-    ctr_test: pd.DataFrame
+    events: pd.DataFrame | ColumnTable
+    users: pd.DataFrame | ColumnTable
+    pretrain_train: pd.DataFrame | ColumnTable
+    pretrain_eval: pd.DataFrame | ColumnTable
+    ctr_train: pd.DataFrame | ColumnTable
+    ctr_valid: pd.DataFrame | ColumnTable
+    ctr_test: pd.DataFrame | ColumnTable
     stats: dict = field(default_factory=dict)
 
     TABLES = ("events", "users", "pretrain_train", "pretrain_eval", "ctr_train", "ctr_valid", "ctr_test")

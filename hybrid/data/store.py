@@ -1,6 +1,7 @@
 """Save and load :class:`~hybrid.data.protocols.PreparedData` as a directory.
 
-Layout: one parquet file per table, ``feature_map.json``, ``stats.json`` and the resolved ``config.yaml``.
+Layout: one parquet file per table, ``feature_map.json``, ``stats.json``, the resolved ``config.yaml`` and
+``columns/`` (the tables' columns uncompressed, for memory-mapping: :mod:`hybrid.data.columns`).
 A directory is written under a temporary name and renamed into place when complete, so a failed run never
 leaves a half-written dataset (and an existing one is replaced only by a complete new one).
 """
@@ -21,6 +22,7 @@ import pyarrow.parquet as pq
 
 from hybrid.core.errors import HybridInputError
 from hybrid.core.feature_map import FeatureMap
+from hybrid.data.columns import open_tables, write_columns
 from hybrid.data.protocols import PreparedData
 
 FEATURE_MAP_FILE = "feature_map.json"
@@ -68,12 +70,14 @@ def atomic_directory(out_dir: str | os.PathLike) -> Iterator[Path]:
 
 
 def write_metadata(directory: Path, feature_map: FeatureMap, stats: dict, config_yaml: str | None) -> None:
-    """Beside the tables: ``feature_map.json``, ``stats.json`` (with the data hash), ``config.yaml``."""
+    """Beside the tables: ``feature_map.json``, ``stats.json`` (with the data hash), ``config.yaml``, and the
+    memory-mapped column cache the loaders read (:mod:`hybrid.data.columns`)."""
     feature_map.save(directory / FEATURE_MAP_FILE)
     stats["data_hash"] = data_hash(directory)
     (directory / STATS_FILE).write_text(json.dumps(stats, indent=2, default=str))
     if config_yaml is not None:
         (directory / "config.yaml").write_text(config_yaml)
+    write_columns(directory, PreparedData.TABLES, stats["data_hash"])
 
 
 def save_prepared(prepared: PreparedData, out_dir: str | os.PathLike, config_yaml: str | None = None) -> Path:
@@ -91,20 +95,34 @@ def data_hash(path: str | os.PathLike) -> str:
     return hash_files([path / f"{name}.parquet" for name in PreparedData.TABLES] + [path / FEATURE_MAP_FILE])
 
 
-def load_prepared(path: str | os.PathLike) -> PreparedData:
-    """Read a directory written by :func:`save_prepared` (or ``hybrid data prepare``)."""
+def _checked(path: str | os.PathLike) -> tuple[Path, dict]:
+    """The prepared directory ``path`` with every table present, and its stats."""
     path = Path(path)
     if not path.is_dir():
         raise HybridInputError(f"{path}: prepared data directory not found (run `hybrid data prepare` first)")
-    tables = {}
     for name in PreparedData.TABLES:
         file = path / f"{name}.parquet"
         if not file.is_file():
             hint = (" (prepared by an older version, before the validation split: run `hybrid data prepare` again)"
                     if name == "ctr_valid" else "")
             raise HybridInputError(f"{file}: missing from the prepared data directory{hint}")
-        # List columns stay Arrow-backed: no per-row Python lists on the way to the batch converter.
-        tables[name] = pq.read_table(file).to_pandas(types_mapper=_arrow_lists)
     stats_file = path / STATS_FILE
-    stats = json.loads(stats_file.read_text()) if stats_file.is_file() else {}
+    return path, (json.loads(stats_file.read_text()) if stats_file.is_file() else {})
+
+
+def load_prepared(path: str | os.PathLike) -> PreparedData:
+    """Read a directory written by :func:`save_prepared` (or ``hybrid data prepare``) into memory, as
+    DataFrames (for analysis and small data; the training jobs use :func:`open_prepared`)."""
+    path, stats = _checked(path)
+    # List columns stay Arrow-backed: no per-row Python lists on the way to the batch converter.
+    tables = {name: pq.read_table(path / f"{name}.parquet").to_pandas(types_mapper=_arrow_lists)
+              for name in PreparedData.TABLES}
+    return PreparedData(feature_map=FeatureMap.load(path / FEATURE_MAP_FILE), stats=stats, **tables)
+
+
+def open_prepared(path: str | os.PathLike) -> PreparedData:
+    """A prepared directory with its tables memory-mapped (:class:`~hybrid.data.columns.ColumnTable`): what
+    the training jobs read. Nothing is copied into the process; ranks and loader workers share the pages."""
+    path, stats = _checked(path)
+    tables = open_tables(path, PreparedData.TABLES, stats.get("data_hash") or data_hash(path))
     return PreparedData(feature_map=FeatureMap.load(path / FEATURE_MAP_FILE), stats=stats, **tables)

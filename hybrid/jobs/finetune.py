@@ -63,7 +63,7 @@ from hybrid.data.batching import (
 )
 from hybrid.data.item_vectors import ItemVectorsConfig, load_item_vectors
 from hybrid.data.protocols import USER_FIELDS
-from hybrid.data.store import data_hash, load_prepared
+from hybrid.data.store import data_hash, open_prepared
 from hybrid.jobs.prepare import DataConfig
 from hybrid.jobs.stage import refuse_existing, training_stage
 from hybrid.jobs.transfer import transfer_hook
@@ -187,7 +187,7 @@ def build_model(cfg: FinetuneConfig, feature_map: FeatureMap, *,
         HybridInputError: a config the ranker refuses (e.g. a field the data does not have).
 
     Example:
-        >>> model = build_model(FinetuneConfig(data=str(prepared_dir)), load_prepared(prepared_dir).feature_map)
+        >>> model = build_model(FinetuneConfig(data=str(prepared_dir)), open_prepared(prepared_dir).feature_map)
         >>> model.spec.kjt_keys          # the KJT keys its batches must carry
         ('item_id', 'user_id', 'category', 'year', 'gender', 'age', 'occupation', 'genres', 'hist_item_id', ...)
     """
@@ -252,7 +252,7 @@ def run_finetune(cfg: FinetuneConfig, parent_run: str | None = None, prepare_mod
     if prepare_model is None and cfg.transfer.strategy.moves_tables:
         prepare_model = transfer_hook(cfg.transfer)
     strategy = strategy or cfg.transfer.strategy.value
-    prepared = load_prepared(cfg.data)
+    prepared = open_prepared(cfg.data)
     if len(prepared.ctr_valid) == 0:
         raise HybridInputError(f"{cfg.data}: the prepared data has no validation samples (ctr_valid); fine-tuning "
                                "selects its checkpoint on validation: prepare it with protocol.validation_share > 0")
@@ -280,7 +280,7 @@ def run_finetune(cfg: FinetuneConfig, parent_run: str | None = None, prepare_mod
         train_loader = make_loader(
             CTRBatchConverter(prepared, "ctr_train", max_history=window, fields=fields, task_names=tasks),
             batch_size=cfg.train.batch_size // ctx.world_size, shuffle=True, seed=cfg.train.seed,
-            num_replicas=ctx.world_size, rank=ctx.rank)
+            num_replicas=ctx.world_size, rank=ctx.rank, num_workers=cfg.train.num_workers)
         # select on validation, report test: both whole splits on every rank
         valid_loader, test_loader = (make_loader(
             CTRBatchConverter(prepared, split, max_history=window, fields=fields, task_names=tasks),

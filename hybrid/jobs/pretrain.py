@@ -35,8 +35,9 @@ from hybrid.core.checkpoint import CheckpointError, read_manifest
 from hybrid.core.errors import HybridInputError
 from hybrid.core.feature_map import FeatureMap, table_name
 from hybrid.data.batching import SEQUENCE_FEATURES, SequenceBatchConverter, make_loader
+from hybrid.data.columns import as_table
 from hybrid.data.protocols import PreparedData
-from hybrid.data.store import data_hash, load_prepared
+from hybrid.data.store import data_hash, open_prepared
 from hybrid.jobs.stage import refuse_existing, training_stage
 from hybrid.pretrain.model import GenerativeModelConfig
 from hybrid.pretrain.objectives import ObjectiveConfig
@@ -127,16 +128,22 @@ class PretrainConfig:
     tracking: TrackingConfig = field(default_factory=lambda: TrackingConfig(experiment="pretrain"))
 
 
-def training_item_counts(prepared: PreparedData) -> np.ndarray:
-    """How often each item id occurs in the pretraining windows (the most-popular baseline's scores)."""
-    windows = prepared.pretrain_train
-    coverage = np.zeros(len(prepared.events) + 1, dtype=np.int64)
-    np.add.at(coverage, windows["start"].to_numpy(), 1)
-    np.add.at(coverage, windows["end"].to_numpy(), -1)
-    weight = np.cumsum(coverage)[:-1]  # how many windows cover each event
-    items = prepared.events["item_id"].to_numpy(np.int64)
-    size = prepared.feature_map.vocab_sizes()["item_id"]
-    return np.bincount(items, weights=weight, minlength=size).astype(np.int64)
+def training_item_counts(prepared: PreparedData, chunk: int = 1 << 22) -> np.ndarray:
+    """How often each item id occurs in the pretraining windows (the most-popular baseline's scores).
+
+    Reads the events in chunks of ``chunk`` positions, so memory stays bounded whatever their number.
+    """
+    windows = as_table(prepared.pretrain_train, "pretrain_train")
+    events = as_table(prepared.events, "events")
+    starts, ends = np.sort(windows["start"]), np.sort(windows["end"])
+    items = events["item_id"]
+    counts = np.zeros(prepared.feature_map.vocab_sizes()["item_id"], dtype=np.int64)
+    for first in range(0, len(events), chunk):
+        position = np.arange(first, min(first + chunk, len(events)))
+        # windows covering a position: those started at or before it minus those ended at or before it
+        weight = np.searchsorted(starts, position, side="right") - np.searchsorted(ends, position, side="right")
+        counts += np.bincount(items[position], weights=weight, minlength=len(counts)).astype(np.int64)
+    return counts
 
 
 def check_feature_map(path: Path, manifest: dict, fm: FeatureMap, features: tuple[str, ...], data_dir: str) -> None:
@@ -179,7 +186,7 @@ def run_pretrain(cfg: PretrainConfig, resume: bool = False, parent_run: str | No
     started = time.perf_counter()
     if not cfg.data:
         raise HybridInputError("data: set the prepared data directory (data: runs/ml1m/last-item)")
-    prepared = load_prepared(cfg.data)
+    prepared = open_prepared(cfg.data)
     fm = prepared.feature_map
     available = [f for f in SEQUENCE_FEATURES if f in prepared.events and f in fm]
     model_cfg = cfg.model.build(cfg.train.max_len, available)
@@ -198,7 +205,7 @@ def run_pretrain(cfg: PretrainConfig, resume: bool = False, parent_run: str | No
         train_loader = make_loader(
             SequenceBatchConverter(prepared, "pretrain_train", max_len=cfg.train.max_len, features=features),
             batch_size=cfg.train.batch_size // ctx.world_size, shuffle=True, seed=cfg.train.seed,
-            num_replicas=ctx.world_size, rank=ctx.rank)
+            num_replicas=ctx.world_size, rank=ctx.rank, num_workers=cfg.train.num_workers)
         eval_loader = make_loader(
             SequenceBatchConverter(prepared, "pretrain_eval", max_len=cfg.train.max_len, features=features),
             batch_size=cfg.train.eval_batch_size, shuffle=False)  # whole split on every rank (see evaluate)
