@@ -80,7 +80,7 @@ def test_failed_write_keeps_the_previous_output(tmp_path, ml100k_dir, monkeypatc
     argv = ["data", "prepare", "--dataset", "movielens-100k", "--path", str(ml100k_dir), "--out", str(out),
             "--tracking-uri", _store(tmp_path), "--experiment", "keep"]
     assert main(argv) == 0
-    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    before = {str(p.relative_to(out)): p.read_bytes() for p in out.rglob("*") if p.is_file()}
 
     def disk_full(self, path):
         raise OSError(28, "No space left on device")
@@ -88,7 +88,7 @@ def test_failed_write_keeps_the_previous_output(tmp_path, ml100k_dir, monkeypatc
     monkeypatch.setattr(store.FeatureMap, "save", disk_full)
     with pytest.raises(OSError):
         main(argv + ["--set", "protocol.max_history=10"])
-    assert {p.name: p.read_bytes() for p in out.iterdir()} == before     # old output intact
+    assert {str(p.relative_to(out)): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before     # old output intact
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".prep")) == []   # no debris
     client = MlflowClient(_store(tmp_path))
     runs = client.search_runs([client.get_experiment_by_name("keep").experiment_id])

@@ -177,14 +177,14 @@ def test_run_prepare_is_atomic_and_leaves_no_scratch(tmp_path, ml100k_dir):
                          engine=EngineConfig(memory_limit="1GB", threads=1))
     summary = run_prepare(good)
     assert summary.path == out and load_prepared(out).feature_map == summary.feature_map
-    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    before = {str(p.relative_to(out)): p.read_bytes() for p in out.rglob("*") if p.is_file()}
     bad_file = tmp_path / "events.csv"
     bad_file.write_text("user_id,item_id,timestamp,rating\n1,10,100,4\n1,11,200,\n")
     bad = PrepareConfig(data=DataConfig(dataset="events", path=str(bad_file)), out=str(out), tracking=tracking,
                         protocol=ProtocolConfig(protocol="ratings"))
     with pytest.raises(HybridInputError, match="line 3"):
         run_prepare(bad)
-    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert {str(p.relative_to(out)): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["events.csv", "prepared"]  # no scratch, no temp output
     # the pandas engine writes the same tables
     reference = run_prepare(PrepareConfig(**{**good.__dict__, "out": str(tmp_path / "ref"),
