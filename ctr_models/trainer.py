@@ -113,6 +113,9 @@ class CTRTrainConfig:
         progress: show progress (rank 0 only): a tqdm bar on a terminal, one line per log step otherwise.
         num_workers: loader worker processes gathering training batches ahead of the step (prefetch;
             they share the memory-mapped tables); ``0``: in the training process.
+        eval_max_users: evaluate on a seeded random subset of this many users of the validation and test
+            splits (the same subset at every evaluation); ``null``: every user. For splits of ~10^6 users,
+            where a full pass costs more than the training it checks.
 
     Example:
         >>> cfg = CTRTrainConfig(epochs=3, batch_size=1024, eval_every=100, optim=OptimConfig(lr=1e-3))
@@ -133,8 +136,12 @@ class CTRTrainConfig:
     one_epoch_z: float = 1.0
     progress: bool = True
     num_workers: int = 0
+    eval_max_users: int | None = None
 
     def __post_init__(self) -> None:
+        if self.eval_max_users is not None and (not isinstance(self.eval_max_users, int)
+                                                or isinstance(self.eval_max_users, bool) or self.eval_max_users < 1):
+            raise ValueError(f"train.eval_max_users must be a positive integer or null, got {self.eval_max_users!r}")
         if not isinstance(self.num_workers, int) or isinstance(self.num_workers, bool) or self.num_workers < 0:
             raise ValueError(f"train.num_workers must be an integer >= 0, got {self.num_workers!r}")
         for name in ("epochs", "batch_size", "eval_batch_size", "max_history", "log_every"):

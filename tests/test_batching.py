@@ -10,6 +10,7 @@ from hybrid.data.batching import (
     CTRBatchConverter,
     SequenceBatchConverter,
     make_loader,
+    user_subset,
 )
 from hybrid.data.protocols import ProtocolConfig, prepare
 from hybrid.data.schema import RawDataset
@@ -132,6 +133,23 @@ def test_bucket_sampler_shards_across_ranks():
     assert len({len(r) for r in ranks}) == 1                       # same number of steps on every rank
     sets = [set(np.concatenate(r)) for r in ranks]
     assert not (sets[0] & sets[1]) and not (sets[1] & sets[2])
+
+
+def test_evaluation_on_a_user_subset_takes_every_row_of_exactly_those_users(prepared_ratings):
+    conv = CTRBatchConverter(prepared_ratings, "ctr_test", max_history=20)
+    users = np.unique(conv.user_row)
+    rows = user_subset(conv.user_row, 50, seed=3)
+    chosen = np.unique(conv.user_row[rows])
+    assert len(chosen) == 50 and set(chosen) <= set(users)
+    assert np.array_equal(rows, np.flatnonzero(np.isin(conv.user_row, chosen)))      # all their rows, in order
+    assert np.array_equal(user_subset(conv.user_row, 50, seed=3), rows)                # fixed for the run
+    assert not np.array_equal(user_subset(conv.user_row, 50, seed=4), rows)
+    assert user_subset(conv.user_row, None) is None and user_subset(conv.user_row, len(users)) is None
+    loader = make_loader(conv, batch_size=64, shuffle=False, seed=3, max_users=50)
+    batches = list(loader)
+    assert np.array_equal(np.concatenate([b.user_index.numpy() for b in batches]), conv.user_row[rows])
+    whole = conv.__getitems__(rows.tolist())
+    assert torch.equal(torch.cat([b.labels for b in batches]), whole.labels)
 
 
 def test_store_round_trip(tmp_path, toy):

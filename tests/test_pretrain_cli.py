@@ -105,9 +105,13 @@ def test_pretrain_cli_trains_checkpoints_and_logs_to_mlflow(prepared_last_item_d
     # a second run into the same out is refused unless it resumes
     err = _bad(_argv(prepared_last_item_dir, out, tmp_path), capsys)
     assert "already holds a checkpoint (step-00000060); pass --resume" in err
-    # --resume with more epochs continues from step 60 (a new MLflow run, tagged with where it resumed)
-    assert main(_argv(prepared_last_item_dir, out, tmp_path, "--resume", "--set", "train.epochs=3")) == 0
+    # --resume with more epochs continues from step 60 (a new MLflow run, tagged with where it resumed),
+    # evaluated on 100 of the 283 evaluation users (one held-out target each), the baseline on the same ones
+    assert main(_argv(prepared_last_item_dir, out, tmp_path, "--resume", "--set", "train.epochs=3",
+                      "--set", "train.eval_max_users=100")) == 0
     assert "pretrained 90 steps (3.00 epochs)" in capsys.readouterr().out
+    result = json.loads((out / "result.json").read_text())
+    assert result["metrics"]["eval/targets"] == result["baseline"]["targets"] == 100
     client, runs = _runs(tmp_path)
     resumed = runs[-1]
     assert resumed.data.tags["resumed_from"] == str(last)
@@ -139,6 +143,7 @@ def test_a_checkpoint_from_another_feature_map_is_refused(prepared_last_item_dir
     ("model.backbone={dim: 8}", "model.backbone: dim is set by model.size"),
     ("train.optim.lr=0", "optim.lr must be positive"),
     ("train.batch_size=0", "train.batch_size must be a positive integer"),
+    ("train.eval_max_users=0", "train.eval_max_users must be a positive integer or null"),
     ("data=/nowhere", "/nowhere: prepared data directory not found"),
 ])
 def test_bad_configs_get_one_line_and_exit_2(prepared_last_item_dir, tmp_path, capsys, override, message):

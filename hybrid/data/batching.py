@@ -177,6 +177,7 @@ class SequenceBatchConverter(_Converter):
             raise HybridInputError(f"{split}: unknown sequence feature {unknown[0]!r} (available: {', '.join(available)})")
         self.columns = {f: events[f] for f in self.features}  # views: each batch gathers its positions
         self.event_time = events["timestamp"]
+        self.user_row = windows["user_row"]
         self.start = windows["start"]
         self.end = windows["end"]
         targets = np.unique(windows["num_eval_targets"]) if len(windows) else np.array([0])
@@ -216,13 +217,16 @@ class BucketBatchSampler(Sampler[list[int]]):
         pool_batches: how many batches are sorted together (1 = no bucketing).
         drop_last: drop a final short batch.
         num_replicas, rank: data parallelism.
+        rows: sample only these rows (ascending; ``None``: all); the batches hold row numbers.
     """
 
     def __init__(self, lengths: np.ndarray, batch_size: int, shuffle: bool = True, seed: int = 0,
-                 pool_batches: int = 50, drop_last: bool = False, num_replicas: int = 1, rank: int = 0) -> None:
+                 pool_batches: int = 50, drop_last: bool = False, num_replicas: int = 1, rank: int = 0,
+                 rows: np.ndarray | None = None) -> None:
         if batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
-        self.lengths = np.asarray(lengths)
+        self.rows = None if rows is None else np.asarray(rows, dtype=np.int64)
+        self.lengths = np.asarray(lengths) if self.rows is None else np.asarray(lengths)[self.rows]
         self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
         self.pool_batches, self.drop_last = pool_batches, drop_last
         self.num_replicas, self.rank = num_replicas, rank
@@ -255,7 +259,7 @@ class BucketBatchSampler(Sampler[list[int]]):
 
     def __iter__(self) -> Iterator[list[int]]:
         for batch in self._batches():
-            yield batch.tolist()
+            yield (batch if self.rows is None else self.rows[batch]).tolist()
 
     def __len__(self) -> int:
         return len(self._batches())
@@ -265,13 +269,37 @@ def _passthrough(batch):
     return batch
 
 
+def user_subset(user_row: np.ndarray, max_users: int | None, seed: int = 0) -> np.ndarray | None:
+    """Rows (ascending) of a split whose user is one of a seeded random ``max_users`` of the split's users.
+
+    ``None`` when ``max_users`` is ``None`` or covers every user: the whole split. The same seed and the same
+    users give the same subset, so every evaluation of a run (and of a resumed run) sees the same rows.
+
+    Example:
+        >>> user_subset(np.array([0, 0, 1, 2, 2, 3]), max_users=2, seed=0)
+        array([3, 4, 5])
+    """
+    if max_users is None:
+        return None
+    users = np.unique(user_row)
+    if max_users >= len(users):
+        return None
+    chosen = np.random.default_rng(seed).choice(users, size=max_users, replace=False)
+    return np.flatnonzero(np.isin(user_row, chosen))
+
+
 def make_loader(converter: CTRBatchConverter | SequenceBatchConverter, batch_size: int, shuffle: bool,
                 seed: int = 0, num_workers: int = 0, pool_batches: int = 50, drop_last: bool = False,
-                num_replicas: int = 1, rank: int = 0) -> DataLoader:
-    """A DataLoader of whole batches, bucketed by history / sequence length."""
+                num_replicas: int = 1, rank: int = 0, max_users: int | None = None) -> DataLoader:
+    """A DataLoader of whole batches, bucketed by history / sequence length.
+
+    ``max_users`` keeps only the rows of a seeded random subset of that many users (:func:`user_subset`):
+    how evaluation stays affordable on a split of a million users scored against a catalogue of millions.
+    """
     lengths = (converter.history_lengths() if isinstance(converter, CTRBatchConverter)
                else converter.sequence_lengths())
+    rows = user_subset(converter.user_row, max_users, seed=seed)
     sampler = BucketBatchSampler(lengths, batch_size, shuffle=shuffle, seed=seed, pool_batches=pool_batches,
-                                 drop_last=drop_last, num_replicas=num_replicas, rank=rank)
+                                 drop_last=drop_last, num_replicas=num_replicas, rank=rank, rows=rows)
     return DataLoader(converter, batch_sampler=sampler, collate_fn=_passthrough, num_workers=num_workers,
                       persistent_workers=num_workers > 0)

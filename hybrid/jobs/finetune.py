@@ -284,7 +284,8 @@ def run_finetune(cfg: FinetuneConfig, parent_run: str | None = None, prepare_mod
         # select on validation, report test: both whole splits on every rank
         valid_loader, test_loader = (make_loader(
             CTRBatchConverter(prepared, split, max_history=window, fields=fields, task_names=tasks),
-            batch_size=cfg.train.eval_batch_size, shuffle=False) for split in ("ctr_valid", "ctr_test"))
+            batch_size=cfg.train.eval_batch_size, shuffle=False, seed=cfg.train.seed,
+            max_users=cfg.train.eval_max_users) for split in ("ctr_valid", "ctr_test"))
 
         stage.write_inputs(cfg, fm)
         if report is not None:

@@ -208,7 +208,8 @@ def run_pretrain(cfg: PretrainConfig, resume: bool = False, parent_run: str | No
             num_replicas=ctx.world_size, rank=ctx.rank, num_workers=cfg.train.num_workers)
         eval_loader = make_loader(
             SequenceBatchConverter(prepared, "pretrain_eval", max_len=cfg.train.max_len, features=features),
-            batch_size=cfg.train.eval_batch_size, shuffle=False)  # whole split on every rank (see evaluate)
+            batch_size=cfg.train.eval_batch_size, shuffle=False,  # whole split on every rank (see evaluate)
+            seed=cfg.train.seed, max_users=cfg.train.eval_max_users)
         counts = torch.from_numpy(training_item_counts(prepared))
         baseline = popularity_metrics(eval_loader, counts, k=cfg.train.k)
 
