@@ -41,7 +41,7 @@ from hybrid.data.sql_protocol import Backend, quantile_from_counts
 
 __all__ = ["ENGINES", "EngineConfig", "DuckDBBackend", "connect", "quantile_from_counts", "run_protocol"]
 
-ENGINES = ("duckdb", "pandas")
+ENGINES = ("duckdb", "pandas", "spark")
 
 
 @dataclass
@@ -49,13 +49,22 @@ class EngineConfig:
     """How ``hybrid data prepare`` computes a protocol.
 
     Args:
-        name: ``duckdb`` (out of core; the default) or ``pandas`` (in memory; the reference implementation,
-            fine up to a few million events).
+        name: ``duckdb`` (out of core on one machine; the default), ``pandas`` (in memory; the reference
+            implementation, fine up to a few million events) or ``spark`` (a Spark cluster, or local mode:
+            :mod:`hybrid.data.spark_engine`; needs ``pip install 'hybrid-ctr[spark]'`` and Java 17).
         memory_limit: DuckDB's memory limit (``"4GB"``); what does not fit spills to ``temp_directory``.
         threads: DuckDB worker threads (0: one per core).
-        temp_directory: where DuckDB keeps its scratch database and spills (default: a hidden directory
-            beside the output, removed afterwards). It needs free disk of a few times the input's size.
+        temp_directory: where DuckDB keeps its scratch database and spills, or where Spark's executors write
+            the tables' part-files before the driver compacts them (default: a hidden directory beside the
+            output, removed afterwards). It needs free disk of a few times the input's size; for Spark on a
+            cluster it must be a shared path that the executors write and the driver reads.
         row_group_size: rows per parquet row group of the written tables.
+        spark_master: ``spark`` only: the master URL (``local[*]``, ``spark://host:7077``, ``yarn``,
+            ``k8s://...``); empty: the one ``spark-submit --master`` or ``spark-defaults.conf`` sets.
+
+    Example:
+        >>> EngineConfig(name="spark", spark_master="local[2]").spark_master
+        'local[2]'
     """
 
     name: str = "duckdb"
@@ -63,6 +72,7 @@ class EngineConfig:
     threads: int = 0
     temp_directory: str | None = None
     row_group_size: int = 1_000_000
+    spark_master: str = "local[*]"
 
     def __post_init__(self) -> None:
         if self.name not in ENGINES:
