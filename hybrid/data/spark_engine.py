@@ -11,8 +11,9 @@ Where things run:
 - **executors**: reading the events (CSV/parquet), every join, window and aggregate, and writing each
   prepared table as sorted parquet part-files into the scratch directory (``scratch/tables/<table>``);
 - **driver** (this process): the small results the protocol needs in Python — the vocabularies, the
-  per-second counts of split times, one positive id per user for the sampled negative — read back through
-  parquet in the scratch directory, never as a whole table in Python objects; and the compaction of each
+  per-second counts of split times, one positive id per user for the sampled negative — collected as Arrow
+  batches, never as Python objects per row; the sampled negatives go back through a parquet file in the
+  scratch directory; and the compaction of each
   table's part-files, in partition order (= the query's ``ORDER BY``), into one parquet file of the output,
   streamed row group by row group with pyarrow (memory: about one row group).
 
@@ -34,7 +35,6 @@ Example (a session in local mode; ``tests/test_spark_engine.py`` runs this on ML
 from __future__ import annotations
 
 import itertools
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -179,11 +179,13 @@ class SparkBackend(Backend):
 
     def fetch(self, sql: str) -> dict[str, np.ndarray]:
         frame = self.spark.sql(sql)
-        directory = self._scratch_dir("fetch")
-        frame.write.parquet(str(directory))
-        table = pa.concat_tables([pq.read_table(p) for p in _part_files(directory)] or
-                                 [_empty_arrow(frame.schema)])
-        shutil.rmtree(directory, ignore_errors=True)
+        # Arrow batches straight from the executors, no Python object per row (toArrow from Spark 4; before
+        # it, the same call under the name toPandas uses)
+        if hasattr(frame, "toArrow"):
+            table = frame.toArrow()
+        else:
+            batches = frame._collect_as_arrow()
+            table = pa.Table.from_batches(batches) if batches else _empty_arrow(frame.schema)
         return {name: table.column(name).to_numpy(zero_copy_only=False) for name in frame.columns}
 
     def row(self, sql: str) -> tuple:

@@ -1,14 +1,15 @@
 """The data stage: read a dataset, apply a protocol, write the prepared directory, log it to MLflow.
 
 ``hybrid data prepare`` and the quickstart both call :func:`run_prepare`. The protocol runs out of core on
-DuckDB by default (``engine.name: duckdb``, :mod:`hybrid.data.duckdb_engine`) or in memory on pandas
-(``engine.name: pandas``, :mod:`hybrid.data.protocols`, the reference); both write the same directory.
+DuckDB by default (``engine.name: duckdb``, :mod:`hybrid.data.duckdb_engine`), on Spark past one machine
+(``engine.name: spark``, :mod:`hybrid.data.spark_engine`, the same SQL) or in memory on pandas
+(``engine.name: pandas``, :mod:`hybrid.data.protocols`, the reference); all write the same directory.
 """
 from __future__ import annotations
 
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -92,9 +93,6 @@ def run_prepare(cfg: PrepareConfig, tracker: Tracker | None = None, parent_run: 
             _log_summary(tracker, run, summary)
         return summary
 
-    from hybrid.data.duckdb_engine import connect, run_protocol  # duckdb only for this engine
-    from hybrid.data.duckdb_sources import load_source
-
     scratch_parent = Path(cfg.engine.temp_directory) if cfg.engine.temp_directory else out.parent
     try:  # before any work: an unwritable place is found now, not after the protocol
         scratch_parent.mkdir(parents=True, exist_ok=True)
@@ -102,20 +100,43 @@ def run_prepare(cfg: PrepareConfig, tracker: Tracker | None = None, parent_run: 
     except OSError as exc:
         raise HybridInputError(f"{scratch_parent}: cannot write the scratch directory there ({exc.strerror})") from None
     try:
-        con = connect(cfg.engine, scratch)
-        try:
-            source = load_source(con, cfg.data.dataset, cfg.data.path, **cfg.data.options())
+        with _engine(cfg.engine, scratch) as (load_source, run_protocol):
+            source = load_source(cfg.data.dataset, cfg.data.path, **cfg.data.options())
             with _prepare_run(tracker, cfg, source.name, parent_run) as run:
                 with atomic_directory(out) as tmp:
-                    feature_map, stats = run_protocol(con, source, cfg.protocol, tmp, cfg.engine.row_group_size)
+                    feature_map, stats = run_protocol(source, cfg.protocol, tmp)
                     write_metadata(tmp, feature_map, stats, to_yaml(cfg))
                 summary = PreparedSummary(out, feature_map, stats)
                 _log_summary(tracker, run, summary)
-        finally:
-            con.close()
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return summary
+
+
+@contextmanager
+def _engine(engine: EngineConfig, scratch: Path) -> Iterator[tuple[Callable, Callable]]:
+    """``(load_source(dataset, path, **options), run_protocol(source, protocol, out))`` of the out-of-core
+    engine named by ``engine.name`` (DuckDB or Spark), its scratch files in ``scratch``."""
+    if engine.name == "spark":
+        from hybrid.data import spark_engine  # pyspark only for this engine (a clear error when missing)
+
+        spark = spark_engine.spark_session(engine)
+        db = spark_engine.SparkBackend(spark, scratch, engine.row_group_size)
+        try:
+            yield (lambda *args, **kw: spark_engine.load_source(db, *args, **kw),
+                   lambda source, protocol, out: spark_engine.run_protocol(db, source, protocol, out))
+        finally:
+            db.close()
+        return
+    from hybrid.data.duckdb_engine import connect, run_protocol  # duckdb only for this engine
+    from hybrid.data.duckdb_sources import load_source
+
+    con = connect(engine, scratch)
+    try:
+        yield (lambda *args, **kw: load_source(con, *args, **kw),
+               lambda source, protocol, out: run_protocol(con, source, protocol, out, engine.row_group_size))
+    finally:
+        con.close()
 
 
 @contextmanager
