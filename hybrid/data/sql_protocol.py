@@ -31,7 +31,7 @@ Example (a backend that prints what the ``side`` step asks of it):
     ...         print(name, "=", " ".join(sql.split())[:60])
     >>> from hybrid.data.duckdb_sources import Source
     >>> build_side(Printing(), Source("demo", "", True, False, ("user_id", "item_id", "timestamp")))
-    side = SELECT item_id, genres, genres[1] AS category, year FROM (
+    side = SELECT item_id, genres, genres[1] AS category, year FROM (...
 """
 from __future__ import annotations
 
