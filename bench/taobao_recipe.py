@@ -15,9 +15,11 @@ tree (launcher, ranks and loader workers):
 4. ``hybrid finetune``: the GPSD ranker (same backbone) from stage 3's checkpoint with ST&SF (sparse
    transfer, sparse frozen), ``--finetune-steps`` steps, validation and test AUC on ``--eval-users`` users.
 
-Memory is reported two ways, both summed over the process tree: RSS counts a page once per process that maps
+Memory is reported three ways, each summed over the process tree: RSS counts a page once per process that maps
 it (so the prepared columns, mapped by both ranks, count twice), PSS splits each shared page between the
-processes that map it (what the tree really holds). Peaks are of the sums.
+processes that map it (what the tree really holds), anonymous counts only the heap (tables, optimizer state,
+activations, batches: what the kernel cannot reclaim; mapped column pages are page cache it can drop and
+re-read). Peaks are of the sums.
 
     python bench/taobao_recipe.py [--events 100000000] [--pretrain-steps 300] [--finetune-steps 200]
         [--data-dir runs/bench-scale] [--out bench/results/taobao_recipe.json]
@@ -88,29 +90,30 @@ def _tree(root: int) -> list[int]:
     return tree
 
 
-def _memory_kb(pid: int) -> tuple[int, int]:
-    """(RSS, PSS) of one process in kB; (0, 0) once it has gone."""
+def _memory_kb(pid: int) -> tuple[int, int, int]:
+    """(RSS, PSS, anonymous) of one process in kB; zeros once it has gone."""
     try:
         with open(f"/proc/{pid}/smaps_rollup") as f:
-            fields = {line.split(":")[0]: int(line.split()[1]) for line in f if line.split(":")[0] in ("Rss", "Pss")}
-        return fields.get("Rss", 0), fields.get("Pss", 0)
+            fields = {line.split(":")[0]: int(line.split()[1]) for line in f
+                      if line.split(":")[0] in ("Rss", "Pss", "Anonymous")}
+        return fields.get("Rss", 0), fields.get("Pss", 0), fields.get("Anonymous", 0)
     except (OSError, ValueError, IndexError):
-        return 0, 0
+        return 0, 0, 0
 
 
 def run_sampled(cmd: list[str], every: float, env: dict | None = None, cwd: Path = REPO) -> dict:
     """Run ``cmd``; return wall seconds, peak total RSS / PSS of its process tree (GB), stdout, stderr."""
     process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=cwd)
-    peak = {"rss": 0, "pss": 0, "processes": 0}
+    peak = {"rss": 0, "pss": 0, "anon": 0, "processes": 0}
     started = time.perf_counter()
 
     def sample() -> None:
         while process.poll() is None:
             pids = _tree(process.pid)
             sizes = [_memory_kb(pid) for pid in pids]
-            peak["rss"] = max(peak["rss"], sum(r for r, _ in sizes))
-            peak["pss"] = max(peak["pss"], sum(p for _, p in sizes))
-            peak["processes"] = max(peak["processes"], sum(1 for r, _ in sizes if r))
+            for i, name in enumerate(("rss", "pss", "anon")):
+                peak[name] = max(peak[name], sum(size[i] for size in sizes))
+            peak["processes"] = max(peak["processes"], sum(1 for size in sizes if size[0]))
             time.sleep(every)
 
     sampler = threading.Thread(target=sample, daemon=True)
@@ -121,7 +124,8 @@ def run_sampled(cmd: list[str], every: float, env: dict | None = None, cwd: Path
     if process.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed ({process.returncode}):\n{stderr[-4000:]}")
     return {"seconds": round(seconds, 1), "peak_rss_gb": round(peak["rss"] / 2**20, 3),
-            "peak_pss_gb": round(peak["pss"] / 2**20, 3), "processes": peak["processes"],
+            "peak_pss_gb": round(peak["pss"] / 2**20, 3), "peak_anonymous_gb": round(peak["anon"] / 2**20, 3),
+            "processes": peak["processes"],
             "stdout": stdout, "stderr": stderr}
 
 
@@ -164,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     def report(name: str, run: dict, **extra) -> None:
         stages[name] = {k: v for k, v in run.items() if k not in ("stdout", "stderr")} | extra
         print(f"{name:10s} {run['seconds']:8.1f} s   RSS {run['peak_rss_gb']:6.2f} GB   "
-              f"PSS {run['peak_pss_gb']:6.2f} GB   {extra}", flush=True)
+              f"PSS {run['peak_pss_gb']:6.2f} GB   anon {run['peak_anonymous_gb']:6.2f} GB   {extra}", flush=True)
 
     # 1. prepare
     if not (args.reuse and (prepared / "stats.json").is_file()):

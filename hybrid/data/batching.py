@@ -42,7 +42,9 @@ def _window_index(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
 
 
 def _clip_windows(starts: np.ndarray, ends: np.ndarray, max_len: int) -> tuple[np.ndarray, np.ndarray]:
-    """Keep the most recent ``max_len`` events of each window."""
+    """Keep the most recent ``max_len`` events of each window (int64 positions and lengths, whatever width
+    the columns are stored in)."""
+    starts, ends = starts.astype(np.int64, copy=False), ends.astype(np.int64, copy=False)
     starts = np.maximum(starts, ends - max_len)
     return starts, ends - starts
 

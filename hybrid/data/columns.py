@@ -40,7 +40,7 @@ from hybrid.core.errors import HybridInputError
 COLUMNS_DIR = "columns"
 MANIFEST = "manifest.json"
 #: bump when the file layout changes: an older cache is then rebuilt, not misread
-LAYOUT_VERSION = 1
+LAYOUT_VERSION = 2
 
 
 class ColumnTable:
@@ -125,10 +125,47 @@ def _list_of_ints(field: pa.Field) -> bool:
         pa.types.is_integer(field.type.value_type)
 
 
+class _NpyWriter:
+    """Appends to a ``.npy`` file of ``n`` values with plain writes: the pages written are not mapped into
+    the process (a memory-mapped writer would hold every written page in its resident set)."""
+
+    def __init__(self, path: Path, dtype: np.dtype, n: int) -> None:
+        self.path, self.dtype, self.n, self.written = path, np.dtype(dtype), n, 0
+        self.file = open(path, "wb")
+        np.lib.format.write_array_header_1_0(self.file, {"descr": np.lib.format.dtype_to_descr(self.dtype),
+                                                          "fortran_order": False, "shape": (n,)})
+
+    def append(self, values: np.ndarray) -> None:
+        self.file.write(np.ascontiguousarray(values.astype(self.dtype, copy=False)).tobytes())
+        self.written += len(values)
+
+    def close(self, check: bool = True) -> None:
+        self.file.close()
+        if check and self.written != self.n:  # the metadata promised another length: never keep such a file
+            raise HybridInputError(f"{self.path}: wrote {self.written} values, expected {self.n}")
+
+
+def _cache_dtype(file: pq.ParquetFile, index: int, field: pa.Field) -> np.dtype:
+    """The column's dtype in the cache: 64-bit integers whose values all fit in int32 (ids, positions and
+    second timestamps, as the row groups' statistics prove) are stored as int32 — half the pages the
+    loaders map and touch. Anything unproven keeps its parquet width."""
+    dtype = np.dtype(field.type.to_pandas_dtype())
+    if dtype != np.int64:
+        return dtype
+    narrow = np.iinfo(np.int32)
+    for group in range(file.num_row_groups):
+        chunk = file.metadata.row_group(group).column(index)
+        stats = chunk.statistics if chunk.path_in_schema == field.name else None
+        if stats is None or not stats.has_min_max or stats.min < narrow.min or stats.max > narrow.max:
+            return dtype
+    return np.dtype(np.int32)
+
+
 def write_table_columns(parquet: Path, out: Path) -> dict:
     """Stream ``parquet``'s fixed-width and integer-list columns into ``out/<column>.npy`` files.
 
-    Returns the table's entry of the cache manifest (rows, column kinds and dtypes).
+    One row group at a time, appended with plain writes, so memory stays at one row group whatever the
+    table's size. Returns the table's entry of the cache manifest (rows, column kinds and dtypes).
     """
     file = pq.ParquetFile(parquet)
     schema = file.schema_arrow
@@ -136,36 +173,36 @@ def write_table_columns(parquet: Path, out: Path) -> dict:
     fixed = [f for f in schema if _fixed_width(f)]
     lists = [f for f in schema if _list_of_ints(f)]
     out.mkdir(parents=True, exist_ok=True)
-    arrays = {f.name: np.lib.format.open_memmap(out / f"{f.name}.npy", mode="w+",
-                                                dtype=f.type.to_pandas_dtype(), shape=(n,)) for f in fixed}
+    leaves = {file.schema.column(j).path: j for j in range(file.metadata.num_columns)}  # parquet's numbering
+    dtypes = {f.name: _cache_dtype(file, leaves[f.name], f) for f in fixed}
+    writers = {f.name: _NpyWriter(out / f"{f.name}.npy", dtypes[f.name], n) for f in fixed}
     for f in lists:  # two passes: the value count first (a list column's length is not in the metadata)
         total = sum(_list_arrays(file.read_row_group(g, columns=[f.name]).column(f.name))[0][-1]
                     for g in range(file.num_row_groups))
-        arrays[f"{f.name}.offsets"] = np.lib.format.open_memmap(out / f"{f.name}.offsets.npy", mode="w+",
-                                                                dtype=np.int64, shape=(n + 1,))
-        arrays[f"{f.name}.offsets"][0] = 0
-        arrays[f"{f.name}.values"] = np.lib.format.open_memmap(out / f"{f.name}.values.npy", mode="w+",
-                                                               dtype=np.int64, shape=(int(total),))
-    row, filled = 0, {f.name: 0 for f in lists}
-    for group in range(file.num_row_groups):
-        batch = file.read_row_group(group, columns=[f.name for f in (*fixed, *lists)])
-        m = batch.num_rows
-        for f in fixed:
-            column = batch.column(f.name)
-            if column.null_count:
-                raise HybridInputError(f"{parquet}: column {f.name!r} has {column.null_count} missing values "
-                                       f"(row group {group}); a prepared table has none — prepare it again")
-            arrays[f.name][row:row + m] = column.to_numpy()
-        for f in lists:
-            starts, values = _list_arrays(batch.column(f.name))
-            base = filled[f.name]
-            arrays[f"{f.name}.offsets"][row + 1:row + m + 1] = starts[1:] + base
-            arrays[f"{f.name}.values"][base:base + len(values)] = values
-            filled[f.name] = base + len(values)
-        row += m
-    for array in arrays.values():
-        array.flush()
-    return {"rows": n, "columns": {f.name: str(np.dtype(f.type.to_pandas_dtype())) for f in fixed},
+        writers[f"{f.name}.offsets"] = _NpyWriter(out / f"{f.name}.offsets.npy", np.int64, n + 1)
+        writers[f"{f.name}.offsets"].append(np.zeros(1, dtype=np.int64))
+        writers[f"{f.name}.values"] = _NpyWriter(out / f"{f.name}.values.npy", np.int64, int(total))
+    filled = {f.name: 0 for f in lists}
+    complete = False
+    try:
+        for group in range(file.num_row_groups):
+            batch = file.read_row_group(group, columns=[f.name for f in (*fixed, *lists)])
+            for f in fixed:
+                column = batch.column(f.name)
+                if column.null_count:
+                    raise HybridInputError(f"{parquet}: column {f.name!r} has {column.null_count} missing values "
+                                           f"(row group {group}); a prepared table has none — prepare it again")
+                writers[f.name].append(column.to_numpy())
+            for f in lists:
+                starts, values = _list_arrays(batch.column(f.name))
+                writers[f"{f.name}.offsets"].append(starts[1:] + filled[f.name])
+                writers[f"{f.name}.values"].append(values)
+                filled[f.name] += len(values)
+        complete = True
+    finally:  # after a failure the files are incomplete by design (the caller removes the temporary dir)
+        for writer in writers.values():
+            writer.close(check=complete)
+    return {"rows": n, "columns": {name: str(dtype) for name, dtype in dtypes.items()},
             "lists": [f.name for f in lists]}
 
 
