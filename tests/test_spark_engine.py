@@ -33,10 +33,12 @@ from hybrid.data import spark_engine  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def spark():
+def spark(tmp_path_factory):
     from pyspark.sql import SparkSession
 
+    warehouse = tmp_path_factory.mktemp("spark-warehouse")  # Spark makes one at start, in the cwd by default
     session = (SparkSession.builder.master("local[2]").appName("hybrid-tests")
+               .config("spark.sql.warehouse.dir", str(warehouse))
                .config("spark.ui.enabled", "false").config("spark.sql.shuffle.partitions", "4")
                .config("spark.sql.session.timeZone", "UTC").config("spark.sql.ansi.enabled", "false")
                .config("spark.driver.memory", "1g").getOrCreate())
