@@ -28,7 +28,6 @@ import pandas as pd
 from hybrid.core.errors import HybridInputError
 from hybrid.data.readers import (
     _ALL_CANONICAL,
-    _CANONICAL_KIND,
     TAOBAO_COLUMNS,
     UNKNOWN_YEAR,
     _complete_items,
@@ -40,6 +39,7 @@ from hybrid.data.readers import (
     read_dataset,
 )
 from hybrid.data.schema import EVENT_COLUMNS, OPTIONAL_EVENT_COLUMNS, RawDataset
+from hybrid.data.sql_checks import ColumnChecks
 
 #: Readers this module implements in SQL; every other dataset goes through the pandas reader.
 NATIVE_DATASETS = ("taobao", "events")
@@ -138,86 +138,40 @@ def _duckdb_reason(exc: duckdb.Error) -> str:
     return text.removeprefix("Invalid Input Error: ").removeprefix("Conversion Error: ")
 
 
-class _Checker:
-    """SQL versions of the pandas readers' column checks, naming ``file, line N, column 'c'``."""
+class DuckDBChecks(ColumnChecks):
+    """:class:`~hybrid.data.sql_checks.ColumnChecks` in DuckDB's SQL over view ``staging`` (``rowid``: the
+    data row's number, from 0)."""
 
     def __init__(self, con: duckdb.DuckDBPyConnection, path: Path, first_line: int, unit: str = "line"):
-        self.con, self.path, self.first_line, self.unit = con, path, first_line, unit
+        super().__init__(path, first_line, unit)
+        self.con = con
 
-    def where(self, row: int, label: str) -> str:
-        return f"{self.path}, {self.unit} {int(row) + self.first_line}, column {label}"
+    def q(self, name: str) -> str:
+        return quote(name)
 
     def first(self, condition: str, value: str) -> tuple | None:
         return self.con.execute(f"SELECT rowid, {value} FROM staging WHERE {condition} ORDER BY rowid LIMIT 1").fetchone()
 
+    def line(self, row: int) -> int:
+        return int(row)
+
     def column_type(self, column: str) -> str:
-        return self.con.execute(f"SELECT {quote(column)} FROM staging LIMIT 0").description[0][1].__str__().upper()
+        return str(self.con.execute(f"SELECT {quote(column)} FROM staging LIMIT 0").description[0][1]).upper()
 
-    def key(self, column: str, label: str) -> str:
-        """Required text: non-empty; numbers become text (an integral float loses its ``.0``)."""
-        c, kind = quote(column), self.column_type(column)
-        bad = self.first(f"{c} IS NULL OR trim(CAST({c} AS VARCHAR)) = ''", c)
-        if bad is not None:
-            raise HybridInputError(f"{self.where(bad[0], label)}: empty value; every row needs one")
-        if kind in ("DOUBLE", "FLOAT") or kind.startswith("DECIMAL"):
-            return f"CASE WHEN {c} = floor({c}) THEN CAST(CAST({c} AS BIGINT) AS VARCHAR) ELSE CAST({c} AS VARCHAR) END"
-        return f"CAST({c} AS VARCHAR)"
+    def to_double(self, expr: str) -> str:
+        return f"TRY_CAST({expr} AS DOUBLE)"
 
-    def number(self, column: str, label: str) -> str:
-        """A finite float64: empty, NaN, infinite and non-numeric cells are errors."""
-        c = quote(column)
-        value = f"TRY_CAST({c} AS DOUBLE)"
-        bad = self.first(f"{value} IS NULL OR isnan({value}) OR isinf({value})", f"CAST({c} AS VARCHAR)")
-        if bad is not None:
-            raw = bad[1]
-            if raw is None or raw.strip().lower() in ("", "nan"):
-                raise HybridInputError(f"{self.where(bad[0], label)}: value is empty/NaN; every row needs a number")
-            if raw.strip().lower().lstrip("+-") in ("inf", "infinity"):
-                raise HybridInputError(f"{self.where(bad[0], label)}: {raw!r} is not a finite number")
-            raise HybridInputError(f"{self.where(bad[0], label)}: cannot parse {raw!r} as a number")
-        return value
+    def is_infinite(self, expr: str) -> str:
+        return f"isinf({expr})"
 
-    def timestamp(self, column: str, label: str) -> str:
-        """Unix seconds (fractions floored) or, when the first row is not a number, a date-time (naive = UTC)."""
-        c, kind = quote(column), self.column_type(column)
-        if kind.startswith("TIMESTAMP") or kind == "DATE":
-            bad = self.first(f"{c} IS NULL", c)
-            if bad is not None:
-                raise HybridInputError(f"{self.where(bad[0], label)}: timestamp is empty (NaT)")
-            return f"CAST(floor(epoch(CAST({c} AS TIMESTAMPTZ))) AS BIGINT)"
-        if kind != "VARCHAR":
-            bad = self.first(f"{c} IS NULL OR isnan(CAST({c} AS DOUBLE))", c)
-            if bad is not None:
-                raise HybridInputError(f"{self.where(bad[0], label)}: timestamp is empty/NaN")
-            return f"CAST(floor(CAST({c} AS DOUBLE)) AS BIGINT)"
-        blank = self.first(f"{c} IS NULL OR trim({c}) = ''", c)
-        if blank is not None:
-            raise HybridInputError(f"{self.where(blank[0], label)}: timestamp is empty")
-        first_raw = self.con.execute(f"SELECT {c} FROM staging ORDER BY rowid LIMIT 1").fetchone()
-        first_raw = first_raw[0] if first_raw else ""
-        numeric = f"TRY_CAST({c} AS DOUBLE)"
-        if self.con.execute("SELECT TRY_CAST(? AS DOUBLE)", [first_raw]).fetchone()[0] is not None:
-            bad = self.first(f"{numeric} IS NULL", c)
-            if bad is not None:
-                raise HybridInputError(f"{self.where(bad[0], label)}: cannot parse {bad[1]!r} as a timestamp "
-                                       f"(expected unix seconds, like {first_raw!r} in the first row)")
-            return f"CAST(floor({numeric}) AS BIGINT)"
-        parsed = f"TRY_CAST({c} AS TIMESTAMPTZ)"
-        bad = self.first(f"{parsed} IS NULL", c)
-        if bad is not None:
-            raise HybridInputError(f"{self.where(bad[0], label)}: cannot parse {bad[1]!r} as a timestamp "
-                                   f"(expected a date-time like {first_raw!r} in the first row, or unix seconds)")
-        return f"CAST(floor(epoch({parsed})) AS BIGINT)"
+    def to_timestamp(self, expr: str) -> str:
+        return f"TRY_CAST({expr} AS TIMESTAMPTZ)"
 
-    def convert(self, column: str, canonical: str, label: str) -> str:
-        kind = _CANONICAL_KIND[canonical]
-        if kind == "key":
-            return self.key(column, label)
-        if kind == "timestamp":
-            return self.timestamp(column, label)
-        if kind == "float":
-            return self.number(column, label)
-        return f"CAST({quote(column)} AS VARCHAR)"
+    def epoch(self, timestamp: str) -> str:
+        return f"epoch({timestamp})"
+
+    def parses_as_double(self, text: str) -> bool:
+        return self.con.execute("SELECT TRY_CAST(? AS DOUBLE)", [text]).fetchone()[0] is not None
 
 
 def load_taobao(con: duckdb.DuckDBPyConnection, path: str | Path) -> Source:
@@ -231,7 +185,7 @@ def load_taobao(con: duckdb.DuckDBPyConnection, path: str | Path) -> Source:
         path = path / "UserBehavior.csv"
     _require_file(path, "Taobao behaviour file")
     _stage_csv(con, path, list(TAOBAO_COLUMNS), sep=",", header=False, quoting=False)
-    check = _Checker(con, path, first_line=1)
+    check = DuckDBChecks(con, path, first_line=1)
     exprs = {c: check.convert(c, "timestamp" if c == "timestamp" else "user_id", repr(c)) for c in TAOBAO_COLUMNS}
     con.execute(f"""CREATE VIEW raw_events AS SELECT rowid AS rn, {exprs['user_id']} AS user_id,
                     {exprs['item_id']} AS item_id, {exprs['timestamp']} AS timestamp,
@@ -269,13 +223,13 @@ def load_events_table(con: duckdb.DuckDBPyConnection, path: str | Path, columns:
         except duckdb.Error as exc:
             raise HybridInputError(f"{path}: not a readable parquet file ({_duckdb_reason(exc)})") from None
         header = [d[0] for d in con.execute("SELECT * FROM staging LIMIT 0").description]
-        check = _Checker(con, path, first_line=1, unit="row")
+        check = DuckDBChecks(con, path, first_line=1, unit="row")
     else:
         if path.stat().st_size == 0:
             raise HybridInputError(f"{path}: file is empty")
         header = _csv_header(path, fmt)
         _stage_csv(con, path, header, sep=fmt, header=True, quoting=True)
-        check = _Checker(con, path, first_line=2)
+        check = DuckDBChecks(con, path, first_line=2)
     wanted = [*EVENT_COLUMNS, *(c for c in OPTIONAL_EVENT_COLUMNS if columns.get(c, c) in header or c in columns)]
     for canonical in wanted:
         if columns.get(canonical, canonical) not in header:

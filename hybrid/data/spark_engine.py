@@ -49,7 +49,6 @@ from hybrid.data.duckdb_sources import Source, _csv_header
 from hybrid.data.protocols import ProtocolConfig
 from hybrid.data.readers import (
     _ALL_CANONICAL,
-    _CANONICAL_KIND,
     TAOBAO_COLUMNS,
     UNKNOWN_YEAR,
     _complete_items,
@@ -61,6 +60,7 @@ from hybrid.data.readers import (
     read_dataset,
 )
 from hybrid.data.schema import EVENT_COLUMNS, OPTIONAL_EVENT_COLUMNS, RawDataset
+from hybrid.data.sql_checks import ColumnChecks
 from hybrid.data.sql_protocol import Backend
 
 INSTALL_HINT = "engine.name 'spark' needs pyspark and a Java runtime: pip install 'hybrid-ctr[spark]'"
@@ -349,86 +349,44 @@ def _register_users(db: SparkBackend, users) -> None:
                                        if c in users}))
 
 
-class _Checker:
-    """The pandas readers' column checks in Spark SQL over view ``staging`` (``rn``: increasing in file order),
-    naming ``file, line N, column 'c'`` as :class:`hybrid.data.duckdb_sources._Checker` does."""
+class SparkChecks(ColumnChecks):
+    """:class:`~hybrid.data.sql_checks.ColumnChecks` in Spark SQL over view ``staging`` (``rn``: increasing
+    in file order, not contiguous); ANSI mode is off, so a cast that does not parse gives null."""
+
+    TEXT = "STRING"
 
     def __init__(self, db: SparkBackend, path: Path, first_line: int, unit: str = "line"):
-        self.db, self.path, self.first_line, self.unit = db, path, first_line, unit
+        super().__init__(path, first_line, unit)
+        self.db = db
         self.types = {f.name: f.dataType.simpleString().upper() for f in db.spark.table("staging").schema.fields}
 
-    def where(self, rn: int, label: str) -> str:
-        # rn increases in file order but is not contiguous: the line is the number of rows before it
-        before = self.db.scalar(f"SELECT count(*) FROM staging WHERE rn < {int(rn)}")
-        return f"{self.path}, {self.unit} {int(before) + self.first_line}, column {label}"
+    def q(self, name: str) -> str:
+        return self.db.q(name)
 
     def first(self, condition: str, value: str) -> tuple | None:
         rows = self.db.spark.sql(f"SELECT rn, {value} AS v FROM staging WHERE {condition} ORDER BY rn LIMIT 1").collect()
         return tuple(rows[0]) if rows else None
 
-    def key(self, column: str, label: str) -> str:
-        c, kind = self.db.q(column), self.types[column]
-        bad = self.first(f"{c} IS NULL OR trim(CAST({c} AS STRING)) = ''", c)
-        if bad is not None:
-            raise HybridInputError(f"{self.where(bad[0], label)}: empty value; every row needs one")
-        if kind in ("DOUBLE", "FLOAT") or kind.startswith("DECIMAL"):
-            return f"CASE WHEN {c} = floor({c}) THEN CAST(CAST({c} AS BIGINT) AS STRING) ELSE CAST({c} AS STRING) END"
-        return f"CAST({c} AS STRING)"
+    def line(self, row: int) -> int:
+        return int(self.db.scalar(f"SELECT count(*) FROM staging WHERE rn < {int(row)}"))
 
-    def number(self, column: str, label: str) -> str:
-        c = self.db.q(column)
-        value = f"CAST({c} AS DOUBLE)"  # null when it does not parse (ANSI mode off)
-        bad = self.first(f"{value} IS NULL OR isnan({value}) OR abs({value}) = CAST('Infinity' AS DOUBLE)",
-                         f"CAST({c} AS STRING)")
-        if bad is not None:
-            raw = bad[1]
-            if raw is None or raw.strip().lower() in ("", "nan"):
-                raise HybridInputError(f"{self.where(bad[0], label)}: value is empty/NaN; every row needs a number")
-            if raw.strip().lower().lstrip("+-") in ("inf", "infinity"):
-                raise HybridInputError(f"{self.where(bad[0], label)}: {raw!r} is not a finite number")
-            raise HybridInputError(f"{self.where(bad[0], label)}: cannot parse {raw!r} as a number")
-        return value
+    def column_type(self, column: str) -> str:
+        return self.types[column]
 
-    def timestamp(self, column: str, label: str) -> str:
-        c, kind = self.db.q(column), self.types[column]
-        if kind.startswith("TIMESTAMP") or kind == "DATE":
-            bad = self.first(f"{c} IS NULL", c)
-            if bad is not None:
-                raise HybridInputError(f"{self.where(bad[0], label)}: timestamp is empty (NaT)")
-            return f"CAST(floor(CAST(CAST({c} AS TIMESTAMP) AS DOUBLE)) AS BIGINT)"
-        if kind != "STRING":
-            bad = self.first(f"{c} IS NULL OR isnan(CAST({c} AS DOUBLE))", c)
-            if bad is not None:
-                raise HybridInputError(f"{self.where(bad[0], label)}: timestamp is empty/NaN")
-            return f"CAST(floor(CAST({c} AS DOUBLE)) AS BIGINT)"
-        blank = self.first(f"{c} IS NULL OR trim({c}) = ''", c)
-        if blank is not None:
-            raise HybridInputError(f"{self.where(blank[0], label)}: timestamp is empty")
-        first_raw = self.first("true", c)[1]
-        numeric = f"CAST({c} AS DOUBLE)"
-        first_is_number = self.db.scalar(f"SELECT CAST({_literal(first_raw)} AS DOUBLE)") is not None
-        if first_is_number:
-            bad = self.first(f"{numeric} IS NULL", c)
-            if bad is not None:
-                raise HybridInputError(f"{self.where(bad[0], label)}: cannot parse {bad[1]!r} as a timestamp "
-                                       f"(expected unix seconds, like {first_raw!r} in the first row)")
-            return f"CAST(floor({numeric}) AS BIGINT)"
-        parsed = f"CAST({c} AS TIMESTAMP)"
-        bad = self.first(f"{parsed} IS NULL", c)
-        if bad is not None:
-            raise HybridInputError(f"{self.where(bad[0], label)}: cannot parse {bad[1]!r} as a timestamp "
-                                   f"(expected a date-time like {first_raw!r} in the first row, or unix seconds)")
-        return f"CAST(floor(CAST({parsed} AS DOUBLE)) AS BIGINT)"
+    def to_double(self, expr: str) -> str:
+        return f"CAST({expr} AS DOUBLE)"
 
-    def convert(self, column: str, canonical: str, label: str) -> str:
-        kind = _CANONICAL_KIND[canonical]
-        if kind == "key":
-            return self.key(column, label)
-        if kind == "timestamp":
-            return self.timestamp(column, label)
-        if kind == "float":
-            return self.number(column, label)
-        return f"CAST({self.db.q(column)} AS STRING)"
+    def is_infinite(self, expr: str) -> str:
+        return f"abs({expr}) = CAST('Infinity' AS DOUBLE)"
+
+    def to_timestamp(self, expr: str) -> str:
+        return f"CAST({expr} AS TIMESTAMP)"
+
+    def epoch(self, timestamp: str) -> str:
+        return f"CAST({timestamp} AS DOUBLE)"
+
+    def parses_as_double(self, text: str) -> bool:
+        return self.db.scalar(f"SELECT CAST({_literal(text)} AS DOUBLE)") is not None
 
 
 def _literal(text: str) -> str:
@@ -470,7 +428,7 @@ def _load_taobao(db: SparkBackend, path: str | Path) -> Source:
     if path.stat().st_size == 0:
         raise HybridInputError(f"{path}: file is empty")
     _stage(db, path, _csv_reader(db, path, list(TAOBAO_COLUMNS), sep=",", header=False, quoting=False))
-    check = _Checker(db, path, first_line=1)
+    check = SparkChecks(db, path, first_line=1)
     exprs = {c: check.convert(c, "timestamp" if c == "timestamp" else "user_id", repr(c)) for c in TAOBAO_COLUMNS}
     db.view("raw_events", f"""SELECT rn, {exprs['user_id']} AS user_id, {exprs['item_id']} AS item_id,
                    {exprs['timestamp']} AS timestamp, {exprs['behavior_type']} AS behavior FROM staging""")
@@ -511,7 +469,7 @@ def _load_events_table(db: SparkBackend, path: str | Path, columns: dict[str, st
                                    f"{_label(columns.get(canonical, canonical), canonical)}; columns present: "
                                    f"{', '.join(map(str, header))}")
     _stage(db, path, reader)
-    check = _Checker(db, path, first_line=first_line, unit=unit)
+    check = SparkChecks(db, path, first_line=first_line, unit=unit)
     exprs = [f"{check.convert(columns.get(c, c), c, _label(columns.get(c, c), c))} AS {db.q(c)}" for c in wanted]
     db.view("raw_events", f"SELECT rn, {', '.join(exprs)} FROM staging")
     explicit = set(columns)
