@@ -6,6 +6,8 @@
     torchrun --nproc_per_node=N -m hybrid pretrain --config FILE ...     (sharded)
     hybrid finetune --config FILE [--set k=v ...] [--tracking-uri URI]
         [--init PRETRAIN_CHECKPOINT --strategy nt|ft|st|ft_sf|st_sf [--transfer key=value ...]]
+    hybrid score --model FINETUNE_CHECKPOINT --input EVENTS --out scores.parquet [--since T] [--items F]
+    torchrun --nproc_per_node=N -m hybrid score ...                      (each rank its users, one output)
     hybrid quickstart [--out DIR]
 
 Bad input prints one line naming the file / row / column / key and exits with code 2; ``--debug`` shows
@@ -104,6 +106,26 @@ def build_parser() -> argparse.ArgumentParser:
                       help="a TransferConfig option, e.g. --transfer new_rows=mean --transfer 'tables=[t_item_id]'")
     _add_config(fine, "finetune")
     _add_common(fine)
+
+    score = commands.add_parser("score", help="score new events (raw ids) with a fine-tuned ranker")
+    score.add_argument("--model", required=True, metavar="CHECKPOINT",
+                       help="a fine-tuning checkpoint: <finetune out>/checkpoints/best (or a step-... directory)")
+    score.add_argument("--input", required=True,
+                       help="events with raw ids: a CSV/TSV/parquet file, or a dataset directory (--dataset)")
+    score.add_argument("--out", required=True, help="the scores' parquet file (written atomically)")
+    score.add_argument("--dataset", help="the input's reader: events (default for a file) | taobao | movielens-100k "
+                                         "| movielens-1m | recbole (default for a directory: the training data's)")
+    score.add_argument("--columns", dest="column_map", action="append", default=[], metavar="CANONICAL=FILE_COLUMN",
+                       help="events only: a column of the file under another name, e.g. --columns user_id=uid")
+    score.add_argument("--items", help="events only: item side table (default: the training data's)")
+    score.add_argument("--users", help="events only: user side table (default: the training data's)")
+    score.add_argument("--since", help="score only rows at or after this time (unix seconds or a date); earlier "
+                                       "rows are history")
+    score.add_argument("--batch-size", type=int, default=1024, help="samples per forward pass (default 1024)")
+    score.add_argument("--chunk-rows", type=int, default=200_000,
+                       help="input rows handed over per chunk; memory scales with it (default 200000)")
+    score.add_argument("--memory-limit", default="2GB", help="DuckDB memory for sorting the input (default 2GB)")
+    _add_common(score)
 
     sweep = commands.add_parser("sweep", help="sizes x strategies x seeds as nested MLflow runs")
     _add_config(sweep, "sweep")
@@ -206,6 +228,29 @@ def _load_finetune_config(args: argparse.Namespace):
         raise
 
 
+def _cmd_score(args: argparse.Namespace) -> int:
+    from hybrid.jobs.score import ScoreConfig, run_score
+    from hybrid.tracking import is_rank_zero
+
+    columns = {}
+    for item in args.column_map:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip() or not value.strip():
+            raise HybridInputError(f"--columns {item!r}: expected CANONICAL=FILE_COLUMN, e.g. user_id=uid")
+        columns[key.strip()] = value.strip()
+    cfg = ScoreConfig(model=args.model, input=args.input, out=args.out, dataset=args.dataset, columns=columns,
+                      items_path=args.items, users_path=args.users, since=args.since, batch_size=args.batch_size,
+                      chunk_rows=args.chunk_rows, memory_limit=args.memory_limit)
+    result = run_score(cfg)
+    if is_rank_zero():
+        from hybrid.jobs.score import ScoreReport
+
+        report = ScoreReport(**{k: result[k] for k in ScoreReport.__dataclass_fields__})
+        print(report.summary())
+        print(f"scores written to {result['out']} in {result['seconds']:.1f} s ({result['rows_per_s']:.0f} rows/s)")
+    return 0
+
+
 def _cmd_sweep(args: argparse.Namespace) -> int:
     from hybrid.jobs.sweep import SweepConfig, run_sweep
 
@@ -253,11 +298,11 @@ def _print_stats(stats: dict) -> None:
 
 
 COMMANDS = {("data", "fetch"): _cmd_fetch, ("data", "prepare"): _cmd_prepare, ("pretrain", None): _cmd_pretrain,
-            ("finetune", None): _cmd_finetune,
+            ("finetune", None): _cmd_finetune, ("score", None): _cmd_score,
             ("sweep", None): _cmd_sweep, ("review", None): _cmd_review, ("quickstart", None): _cmd_quickstart,
             ("bootstrap", None): lambda args: bootstrap()}
 #: commands that build TorchRec models: the stack is checked before they start
-NEEDS_TORCHREC = {"pretrain", "finetune", "sweep", "quickstart"}
+NEEDS_TORCHREC = {"pretrain", "finetune", "score", "sweep", "quickstart"}
 
 
 def _quiet_third_party_logs() -> None:

@@ -83,17 +83,39 @@ def load_raw_dataset(con: duckdb.DuckDBPyConnection, data: RawDataset) -> Source
     con.register("_events_frame", frame)
     con.execute(f"CREATE TABLE raw_events AS SELECT rn, {', '.join(map(quote, present))} FROM _events_frame")
     con.unregister("_events_frame")
-    if data.items is not None:
-        items = data.items.drop_duplicates("item_id")
+    load_side_frames(con, data.items, data.users)
+    return Source(data.name, data.source, data.items is not None, data.users is not None, present)
+
+
+def load_side_frames(con: duckdb.DuckDBPyConnection, items: pd.DataFrame | None, users: pd.DataFrame | None) -> None:
+    """Create ``raw_items`` / ``raw_users`` from side tables already read and checked (``None``: no table)."""
+    if items is not None:
+        items = items.drop_duplicates("item_id")
         items = pd.DataFrame({"item_id": items["item_id"], "genres": items["genres"],
                               "year": items["year"] if "year" in items else None})
         con.register("_items_frame", items)
         con.execute("CREATE TABLE raw_items AS SELECT CAST(item_id AS VARCHAR) AS item_id, "
                     "CAST(genres AS VARCHAR) AS genres, CAST(year AS VARCHAR) AS year FROM _items_frame")
         con.unregister("_items_frame")
-    if data.users is not None:
-        _load_users_frame(con, data.users)
-    return Source(data.name, data.source, data.items is not None, data.users is not None, present)
+    if users is not None:
+        _load_users_frame(con, users)
+
+
+def read_side_files(items_path: str | None, users_path: str | None,
+                    columns: dict[str, str] | None = None) -> tuple[pd.DataFrame | None, pd.DataFrame | None]:
+    """The optional item / user side tables of an ``events`` dataset (small: read and checked by pandas)."""
+    columns = columns or {}
+    explicit = set(columns)
+    items = users = None
+    if items_path is not None:
+        item_file = _require_file(Path(items_path), "items file")
+        items = _complete_items(_read_table(item_file, columns, ("item_id",), ("title", "genres", "year"), explicit),
+                                item_file)
+    if users_path is not None:
+        user_file = _require_file(Path(users_path), "users file")
+        users = _complete_users(_read_table(user_file, columns, ("user_id",), ("gender", "age", "occupation", "zip"),
+                                            explicit), user_file)
+    return items, users
 
 
 def _load_users_frame(con: duckdb.DuckDBPyConnection, users: pd.DataFrame) -> None:
@@ -241,17 +263,6 @@ def load_events_table(con: duckdb.DuckDBPyConnection, path: str | Path, columns:
         file_column = columns.get(canonical, canonical)
         exprs.append(f"{check.convert(file_column, canonical, _label(file_column, canonical))} AS {quote(canonical)}")
     con.execute(f"CREATE VIEW raw_events AS SELECT rowid AS rn, {', '.join(exprs)} FROM staging")
-    explicit = set(columns)
-    has_items = items_path is not None
-    if has_items:
-        item_file = _require_file(Path(items_path), "items file")
-        table = _complete_items(_read_table(item_file, columns, ("item_id",), ("title", "genres", "year"), explicit),
-                                item_file)
-        con.register("_items_frame", table)
-        con.execute("CREATE TABLE raw_items AS SELECT item_id, genres, year FROM _items_frame")
-        con.unregister("_items_frame")
-    if users_path is not None:
-        user_file = _require_file(Path(users_path), "users file")
-        table = _read_table(user_file, columns, ("user_id",), ("gender", "age", "occupation", "zip"), explicit)
-        _load_users_frame(con, _complete_users(table, user_file))
-    return Source(path.name.split(".")[0] or "events", str(path), has_items, users_path is not None, tuple(wanted))
+    load_side_frames(con, *read_side_files(items_path, users_path, columns))
+    return Source(path.name.split(".")[0] or "events", str(path), items_path is not None, users_path is not None,
+                  tuple(wanted))

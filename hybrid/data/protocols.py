@@ -126,9 +126,16 @@ def _sorted_events(data: RawDataset) -> pd.DataFrame:
 
 def _item_side(data: RawDataset) -> pd.DataFrame | None:
     """Raw item id → ``category`` (first genre), ``genres`` (list), ``year``; ``None`` without an item table."""
-    if data.items is None:
+    return item_side_table(data.items)
+
+
+def item_side_table(items: pd.DataFrame | None) -> pd.DataFrame | None:
+    """An items table (``item_id``, ``genres`` ``|``-separated, ``year``; missing values allowed) → raw item id
+    → ``category`` (first genre), ``genres`` (list), ``year``, as the protocols encode them (``unknown`` where
+    absent). ``None`` → ``None``. Scoring uses it on the items of each chunk."""
+    if items is None:
         return None
-    items = data.items.drop_duplicates("item_id").set_index("item_id")
+    items = items.drop_duplicates("item_id").set_index("item_id")
     genres = items["genres"].fillna("").astype(str).str.split("|")
     genres = genres.map(lambda g: [x for x in g if x] or [UNKNOWN])
     year = items["year"].fillna(UNKNOWN).astype(str) if "year" in items else pd.Series(UNKNOWN, index=items.index)
