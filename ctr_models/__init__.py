@@ -13,6 +13,9 @@ registry name               config                         module
 ``gpsd``                    :class:`GPSDRankerConfig`      :class:`hybrid.ctr_models.gpsd_ranker.GPSDRanker`
 ==========================  =============================  ==============================================
 
+Serving: :mod:`hybrid.ctr_models.export` turns any of them into a ``torch.export`` program over plain tables and
+padded ids (``export_ranker``, ``save_exported``, ``load_exported``).
+
 Example:
     >>> model = build_ranker("dcn_v2", {"cross_type": "mixture"}, vocab_sizes, ("click",))
 """

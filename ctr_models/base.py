@@ -2,13 +2,13 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from hybrid.core import CTRBatch
-from hybrid.ctr_models.features import FeatureConfig, FeatureSpec
+from hybrid.ctr_models.features import CTRFeatures, CTRInputs, FeatureConfig, FeatureSpec
 from hybrid.ctr_models.multimodal import MultimodalFeatures
 
 
@@ -44,7 +44,16 @@ class Ranker(nn.Module):
     * ``spec`` — the :class:`~hybrid.ctr_models.features.FeatureSpec` of ``config.features`` over
       ``vocab_sizes`` (a ranker with its own defaults passes ``features=``).
 
-    Subclasses implement ``forward(batch: CTRBatch) -> logits [B, T]`` and may override:
+    ``forward(batch: CTRBatch) -> logits [B, T]`` is two steps, which subclasses implement:
+
+    * :meth:`embed` — the TorchRec part: the batch's KJT through the ranker's
+      :class:`~hybrid.ctr_models.features.CTRFeatures` into dense :class:`~hybrid.ctr_models.features.CTRInputs`
+      (one per embedding set: a list for the multi-embedding MoE, :attr:`multi_embedding`);
+    * :meth:`forward_inputs` — the dense body on those views only. It never reads the batch, so the same body
+      runs on views built another way (``hybrid.ctr_models.export.ServingRanker``: plain tables on padded
+      ids, exportable with ``torch.export``).
+
+    They may override:
 
     * :meth:`auxiliary_losses` — extra loss terms of the **last** forward, already weighted, to be added to
       the BCE by the trainer (e.g. ``{"decorrelation": λ·L}``); empty by default.
@@ -64,6 +73,8 @@ class Ranker(nn.Module):
     """
 
     task_names: tuple[str, ...]
+    #: True when :meth:`embed` returns (and :meth:`forward_inputs` takes) one ``CTRInputs`` per embedding set.
+    multi_embedding: ClassVar[bool] = False
 
     def __init__(self, config: Any, vocab_sizes: Mapping[str, int], task_names: Sequence[str], *,
                  features: FeatureConfig | None = None) -> None:
@@ -85,5 +96,18 @@ class Ranker(nn.Module):
         multimodal = self.multimodal_features
         return multimodal.logging_metrics() if multimodal is not None else {}
 
-    def forward(self, batch: CTRBatch) -> torch.Tensor:  # pragma: no cover - abstract
+    def feature_sets(self) -> list[CTRFeatures]:
+        """The ranker's embedding modules, in the order :meth:`forward_inputs` takes their views (one; ``K``
+        for the multi-embedding MoE)."""
+        return [m for m in self.modules() if isinstance(m, CTRFeatures)]
+
+    def embed(self, batch: CTRBatch) -> CTRInputs | list[CTRInputs]:  # pragma: no cover - abstract
+        """The batch's dense views: one :class:`CTRInputs`, or a list of one per embedding set."""
         raise NotImplementedError
+
+    def forward_inputs(self, inputs: CTRInputs | list[CTRInputs]) -> torch.Tensor:  # pragma: no cover - abstract
+        """Logits ``[B, T]`` from the views :meth:`embed` returns (the body: no KJT, no TorchRec module)."""
+        raise NotImplementedError
+
+    def forward(self, batch: CTRBatch) -> torch.Tensor:
+        return self.forward_inputs(self.embed(batch))

@@ -27,7 +27,7 @@ from hybrid.ctr_models._config import (
     require_positive_ints,
 )
 from hybrid.ctr_models.base import Ranker
-from hybrid.ctr_models.features import FeatureConfig
+from hybrid.ctr_models.features import CTRInputs, FeatureConfig
 from hybrid.ctr_models.history import HistoryConfig
 from hybrid.ctr_models.inputs import FlatInput
 from hybrid.ctr_models.layers import MLP, TaskHeads
@@ -119,7 +119,7 @@ class DCNv2(Ranker):
             ``config.multimodal`` switches a feature on; kept as a non-trainable buffer.
 
     Shapes:
-        ``forward(batch) → [B, T]`` logits.
+        ``forward(batch) → [B, T]`` logits (``forward_inputs(embed(batch))``, see :class:`Ranker`).
 
     Example:
         >>> model = DCNv2(DCNv2Config.tiny(), vocab_sizes, batch.task_names)
@@ -141,8 +141,11 @@ class DCNv2(Ranker):
         head_in = self.deep.out_features if config.structure == "stacked" else d + self.deep.out_features
         self.heads = TaskHeads(head_in, len(self.task_names), config.tower_hidden, config.dropout)
 
-    def forward(self, batch: CTRBatch) -> torch.Tensor:
-        x0 = self.input(batch)
+    def embed(self, batch: CTRBatch) -> CTRInputs:
+        return self.input.features(batch)
+
+    def forward_inputs(self, inputs: CTRInputs) -> torch.Tensor:
+        x0 = self.input.forward_inputs(inputs)
         if self.config.structure == "stacked":
             h = self.deep(self.cross(x0))
         else:

@@ -220,6 +220,14 @@ class CTRInputs:
         history_timestamps: ``[B, T]`` int64 (0 on padding), or ``None``.
         timestamps: ``[B]`` int64 candidate time.
         dense: ``[B, num_dense]`` float.
+        field_ids: ``single field → [B]`` int64 ids of the candidate/context fields (what the multimodal
+            features look item vectors up by).
+        history_ids: ``base name → [B, T]`` int64 ids of the history, laid out as ``history`` (PAD = 0 on
+            padding).
+
+    The rankers' bodies (``Ranker.forward_inputs``) read nothing else, so any module that fills these views
+    — :class:`CTRFeatures` from a KJT, ``hybrid.ctr_models.export.ServingRanker`` from padded ids — drives
+    the same ranker.
     """
 
     fields: torch.Tensor
@@ -232,6 +240,8 @@ class CTRInputs:
     history_timestamps: torch.Tensor | None
     timestamps: torch.Tensor
     dense: torch.Tensor
+    field_ids: dict[str, torch.Tensor] = field(default_factory=dict)
+    history_ids: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 class CTRFeatures(nn.Module):
@@ -321,6 +331,7 @@ class CTRFeatures(nn.Module):
 
         history = mask = lengths = hist_ts = None
         by_field: dict[str, torch.Tensor] = {}
+        hist_ids: dict[str, torch.Tensor] = {}
         if spec.has_history:
             hist_lengths = seq[spec.history_keys[0]].lengths()
             for f, key in zip(spec.history_fields, spec.history_keys):
@@ -333,6 +344,10 @@ class CTRFeatures(nn.Module):
                 by_field[f] = jagged_to_padded(rows(key), jt.lengths(), spec.max_len, keep="recent",
                                                impl=spec.pad_impl)
             history = torch.stack(list(by_field.values()), 0).sum(0)
+            # The ids in the same layout, all fields in one gather (no host sync; ids are exact either way).
+            padded_ids = jagged_to_padded(torch.stack([ids[k].values() for k in spec.history_keys], 1),
+                                          hist_lengths, spec.max_len, keep="recent", impl="gather")
+            hist_ids = {f: padded_ids[..., h] for h, f in enumerate(spec.history_fields)}
             mask = lengths_to_mask(hist_lengths, spec.max_len)
             lengths = mask.sum(1)
             n_events = seq[spec.history_keys[0]].values().shape[0]
@@ -347,4 +362,5 @@ class CTRFeatures(nn.Module):
         return CTRInputs(fields=field_stack, field_names=spec.single_fields + spec.multi_fields,
                          target=target, history=history, history_by_field=by_field, mask=mask,
                          lengths=lengths, history_timestamps=hist_ts, timestamps=batch.timestamps,
-                         dense=batch.dense.float())
+                         dense=batch.dense.float(), field_ids={f: ids[f].values() for f in spec.single_fields},
+                         history_ids=hist_ids)

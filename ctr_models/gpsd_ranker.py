@@ -31,6 +31,7 @@ from hybrid.ctr_models.base import Ranker
 from hybrid.ctr_models.features import (
     HISTORY_ONLY_FIELDS,
     CTRFeatures,
+    CTRInputs,
     FeatureConfig,
     base_feature,
 )
@@ -127,8 +128,11 @@ class GPSDRanker(Ranker):
         nn.init.zeros_(self.segment.weight)
         self.heads = TaskHeads(d, len(self.task_names), (config.head_mult * d,), config.dropout)
 
-    def forward(self, batch: CTRBatch) -> torch.Tensor:
-        x = self.features(batch)
+    def embed(self, batch: CTRBatch) -> CTRInputs:
+        return self.features(batch)
+
+    def forward_inputs(self, inputs: CTRInputs) -> torch.Tensor:
+        x = inputs
         hist, target, lengths = x.history, x.target, x.lengths        # [B, T, E], [B, E], [B]
         B, T, E = hist.shape
         pos = lengths.view(B, 1)                                      # candidate slot = first padded slot

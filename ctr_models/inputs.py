@@ -25,8 +25,9 @@ class FlatInput(nn.Module):
             0 = none. Not together with ``multimodal``.
 
     Shapes:
-        ``CTRBatch → [B, output_dim]`` with ``output_dim = F·D + H + M + extra_dim + num_dense`` (``H`` = the
-        history encoder's ``output_dim``, 0 without one; ``M`` = the multimodal features' ``output_dim``).
+        ``CTRBatch → [B, output_dim]`` (:meth:`forward_inputs`: ``CTRInputs → [B, output_dim]``) with
+        ``output_dim = F·D + H + M + extra_dim + num_dense`` (``H`` = the history encoder's ``output_dim``, 0
+        without one; ``M`` = the multimodal features' ``output_dim``).
 
     Example:
         >>> flat = FlatInput(spec, HistoryConfig(encoder="pooled"))
@@ -51,8 +52,11 @@ class FlatInput(nn.Module):
         self.output_dim = spec.num_fields * spec.embedding_dim + hist_dim + self.extra_dim + spec.num_dense
 
     def forward(self, batch: CTRBatch) -> torch.Tensor:
-        inputs = self.features(batch)
-        extra = self.multimodal(batch, inputs) if self.multimodal is not None else None
+        return self.forward_inputs(self.features(batch))
+
+    def forward_inputs(self, inputs: CTRInputs) -> torch.Tensor:
+        """``x0`` from already embedded inputs (this module's multimodal features computed from them)."""
+        extra = self.multimodal(inputs) if self.multimodal is not None else None
         return self.flatten(inputs, extra)
 
     def flatten(self, inputs: CTRInputs, extra: torch.Tensor | None = None) -> torch.Tensor:

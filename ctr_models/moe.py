@@ -38,7 +38,7 @@ from hybrid.ctr_models._config import (
 )
 from hybrid.ctr_models.base import Ranker
 from hybrid.ctr_models.dcn_v2 import CROSS_TYPES, build_cross_net
-from hybrid.ctr_models.features import FeatureConfig, FeatureSpec
+from hybrid.ctr_models.features import CTRInputs, FeatureConfig, FeatureSpec
 from hybrid.ctr_models.history import HistoryConfig
 from hybrid.ctr_models.inputs import FlatInput
 from hybrid.ctr_models.layers import MLP, TaskHeads
@@ -243,8 +243,11 @@ class MMoE(_MoEMixin, Ranker):
                                      for _ in range(config.num_experts))
         self._build_mixture(d, config)
 
-    def forward(self, batch: CTRBatch) -> torch.Tensor:
-        x = self.input(batch)
+    def embed(self, batch: CTRBatch) -> CTRInputs:
+        return self.input.features(batch)
+
+    def forward_inputs(self, inputs: CTRInputs) -> torch.Tensor:
+        x = self.input.forward_inputs(inputs)
         experts = torch.stack([e(x) for e in self.experts], 0)                     # [K, B, H]
         return self._mix(experts, x)
 
@@ -348,7 +351,8 @@ class MultiEmbeddingMoE(_MoEMixin, Ranker):
         embedding_device: where the tables are created.
 
     Shapes:
-        ``forward(batch) → [B, T]``. Tables live at ``experts.<k>.input.features.ec.embeddings.t_<f>``.
+        ``forward(batch) → [B, T]``. Tables live at ``experts.<k>.input.features.ec.embeddings.t_<f>``;
+        :meth:`embed` returns one ``CTRInputs`` per expert, :meth:`forward_inputs` takes that list.
 
     Example:
         >>> model = MultiEmbeddingMoE(MultiEmbeddingMoEConfig.tiny(), vocab_sizes, batch.task_names)
@@ -356,6 +360,8 @@ class MultiEmbeddingMoE(_MoEMixin, Ranker):
         >>> len(model.experts), bool(torch.isfinite(loss))
         (2, True)
     """
+
+    multi_embedding = True
 
     def __init__(self, config: MultiEmbeddingMoEConfig, vocab_sizes: Mapping[str, int],
                  task_names: Sequence[str], embedding_device: torch.device | str | None = None,
@@ -369,15 +375,18 @@ class MultiEmbeddingMoE(_MoEMixin, Ranker):
                                      for _ in range(config.num_experts))
         self._build_mixture(self.experts[0].input.output_dim, config)
 
-    def forward(self, batch: CTRBatch) -> torch.Tensor:
-        if self.multimodal is None:
-            x0s, hs = zip(*(e(batch) for e in self.experts))
-        else:
-            # The multimodal features are computed once; MK-MMD sees every expert's item embeddings.
-            inputs = [e.input.features(batch) for e in self.experts]
-            extra = self.multimodal(batch, inputs)
-            x0s = tuple(e.input.flatten(x, extra) for e, x in zip(self.experts, inputs))
-            hs = tuple(e.interact(x0) for e, x0 in zip(self.experts, x0s))
+    def embed(self, batch: CTRBatch) -> list[CTRInputs]:
+        """One :class:`CTRInputs` per expert, each from that expert's own tables."""
+        return [e.input.features(batch) for e in self.experts]
+
+    def forward_inputs(self, inputs: list[CTRInputs]) -> torch.Tensor:
+        if len(inputs) != len(self.experts):
+            raise ValueError(f"MultiEmbeddingMoE.forward_inputs: expected one CTRInputs per expert "
+                             f"({len(self.experts)}), got {len(inputs)}")
+        # The multimodal features are computed once; MK-MMD sees every expert's item embeddings.
+        extra = self.multimodal(inputs) if self.multimodal is not None else None
+        x0s = tuple(e.input.flatten(x, extra) for e, x in zip(self.experts, inputs))
+        hs = tuple(e.interact(x0) for e, x0 in zip(self.experts, x0s))
         experts = torch.stack(hs, 0)                                               # [K, B, H]
         # The gate sees every embedding set (their mean), so no set is privileged.
         return self._mix(experts, torch.stack(x0s, 0).mean(0))

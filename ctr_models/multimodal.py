@@ -22,7 +22,8 @@ can instead fill missing rows with the mean vector, ``missing="mean"``; those it
   (through the ranker's ``auxiliary_losses()``). Bandwidths are multiples of the batch's mean pairwise squared
   distance; memory is ``O(n²)`` (one Gram matrix, never the ``[n, n, d]`` difference tensor).
 
-:class:`MultimodalFeatures` is what a ranker owns: it reads the batch's item ids, computes the switched-on
+:class:`MultimodalFeatures` is what a ranker owns: it reads the batch's item ids (from the ranker's
+:class:`~hybrid.ctr_models.features.CTRInputs`), computes the switched-on
 features ``[B, output_dim]`` (appended to the ranker's input) and the MK-MMD term of the last forward.
 """
 from __future__ import annotations
@@ -33,9 +34,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from hybrid.core import CTRBatch
-from hybrid.core.feature_map import NUM_RESERVED_IDS, history_key, table_name
-from hybrid.core.jagged import jagged_to_padded, lengths_to_mask
+from hybrid.core.feature_map import NUM_RESERVED_IDS, table_name
 from hybrid.ctr_models._config import (
     freeze_lists,
     require,
@@ -395,15 +394,23 @@ class MultimodalFeatures(nn.Module):
             history for SimTier / MNSE.
 
     Shapes:
-        ``forward(batch, inputs) → [B, output_dim]`` = ``[SimTier (D) | MNSE per input (len(bases)·mnse_dim) |
+        ``forward(inputs) → [B, output_dim]`` = ``[SimTier (D) | MNSE per input (len(bases)·mnse_dim) |
         proj(v_candidate) (D)]`` for the parts switched on. ``inputs`` is the ranker's :class:`CTRInputs`
-        (or one per embedding set for the multi-embedding MoE): its item ID embeddings are what MK-MMD aligns
-        ``proj(v)`` with (averaged over embedding sets).
+        (or one per embedding set for the multi-embedding MoE): the candidate's and the history's item ids are
+        read from the first (``field_ids`` / ``history_ids``), and its item ID embeddings are what MK-MMD
+        aligns ``proj(v)`` with (averaged over embedding sets).
+
+    Attributes:
+        traceable: ``False`` (training, evaluation). ``True`` (what ``hybrid.ctr_models.export.ServingRanker``
+            sets on its copy): a forward ``torch.export`` can trace — cosines computed directly rather than
+            gathered from the cached ``V × V`` table (keyed on the buffer's address), and nothing of the batch
+            kept (coverage metrics; MK-MMD, a training loss, is not computed). Same features within float
+            rounding.
 
     Example:
         >>> mm = MultimodalFeatures(MultimodalConfig(simtier=True, mkmmd_weight=0.1), vectors, spec)
         >>> x = ctr_features(batch)
-        >>> extra = mm(batch, x)                        # [B, mm.output_dim], appended to the ranker input
+        >>> extra = mm(x)                               # [B, mm.output_dim], appended to the ranker input
         >>> mm.auxiliary_losses()                       # {"mkmmd": 0.1 · MMD²} in training mode
     """
 
@@ -416,7 +423,7 @@ class MultimodalFeatures(nn.Module):
         require(not needs_history or ITEM_FIELD in spec.history_fields, "MultimodalConfig", "simtier",
                 f"SimTier / MNSE compare the candidate with its history: the ranker needs the history field "
                 f"'{ITEM_FIELD}' (features.history_fields is {spec.history_fields})")
-        self.config, self.max_len, self.pad_impl = config, spec.max_len, spec.pad_impl
+        self.config, self.max_len = config, spec.max_len
         D = spec.embedding_dim
         self.register_buffer("item_vectors", item_vectors.detach().to(torch.float32).clone())
         self.simtier = SimTier(config.num_tiers, D, config.tier_norm, spec.init_std) if config.simtier else None
@@ -432,6 +439,7 @@ class MultimodalFeatures(nn.Module):
                            if config.uses_projection else None)
         self.output_dim = ((D if config.simtier else 0) + sum(m.output_dim for m in self.mnse.values())
                            + (D if config.item_field else 0))
+        self.traceable = False
         self._table: tuple[tuple, torch.Tensor, torch.Tensor] | None = None
         self._last_mmd: torch.Tensor | None = None
         self._last_coverage: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -443,21 +451,26 @@ class MultimodalFeatures(nn.Module):
             return max_len
         return TIME_GAP_LEVELS_PER_DOUBLING * TIME_GAP_MAX_LOG2
 
-    def forward(self, batch: CTRBatch, inputs: CTRInputs | Sequence[CTRInputs]) -> torch.Tensor:
+    def forward(self, inputs: CTRInputs | Sequence[CTRInputs]) -> torch.Tensor:
         cfg = self.config
         sets = [inputs] if isinstance(inputs, CTRInputs) else list(inputs)
-        kjt = batch.sparse.to_dict()
-        cand_ids = kjt[ITEM_FIELD].values()
+        x = sets[0]
+        if ITEM_FIELD not in x.field_ids:
+            raise ValueError(f"MultimodalFeatures: CTRInputs.field_ids has no '{ITEM_FIELD}' (has "
+                             f"{sorted(x.field_ids)}); the candidate's item vector is looked up by it")
+        cand_ids = x.field_ids[ITEM_FIELD]
         cand_vec = self.item_vectors[cand_ids]
         parts: list[torch.Tensor] = []
         if cfg.simtier or cfg.mnse:
-            hist = kjt[history_key(ITEM_FIELD)]
-            hist_ids = jagged_to_padded(hist.values(), hist.lengths(), self.max_len, keep="recent", impl=self.pad_impl)
-            mask = lengths_to_mask(hist.lengths(), self.max_len)
+            if ITEM_FIELD not in x.history_ids or x.mask is None:
+                raise ValueError(f"MultimodalFeatures: SimTier / MNSE need the padded history ids "
+                                 f"CTRInputs.history_ids['{ITEM_FIELD}'] and CTRInputs.mask")
+            hist_ids, mask = x.history_ids[ITEM_FIELD], x.mask
             cos, valid = self.cosines(cand_ids, hist_ids, mask)
-            # Kept as tensors: converting here would force a device sync on every step.
-            self._last_coverage = (has_vector(cand_vec).float().mean().detach(),
-                                   (valid.sum() / mask.sum().clamp(min=1)).detach())
+            if not self.traceable:
+                # Kept as tensors: converting here would force a device sync on every step.
+                self._last_coverage = (has_vector(cand_vec).float().mean().detach(),
+                                       (valid.sum() / mask.sum().clamp(min=1)).detach())
             if self.simtier is not None:
                 parts.append(self.simtier(cos, valid))
             for i, (name, mnse) in enumerate(self.mnse.items()):
@@ -467,7 +480,7 @@ class MultimodalFeatures(nn.Module):
             projected = self.projection(cand_vec)
             if cfg.item_field:
                 parts.append(projected)
-            if cfg.mkmmd_weight > 0:
+            if cfg.mkmmd_weight > 0 and not self.traceable:
                 self._last_mmd = self._alignment(cand_ids, cand_vec, projected, sets)
         return torch.cat(parts, dim=1) if parts else cand_vec.new_zeros(cand_vec.shape[0], 0)
 
@@ -476,7 +489,7 @@ class MultimodalFeatures(nn.Module):
         """:func:`candidate_history_cosine` by item id: ``cand_ids [B], hist_ids [B, T], mask [B, T] →
         (cos [B, T], valid [B, T])``, from the cosine table when the vocabulary is small enough."""
         vectors = self.item_vectors
-        if vectors.shape[0] > self.similarity_table_max_rows:
+        if self.traceable or vectors.shape[0] > self.similarity_table_max_rows:
             return candidate_history_cosine(vectors[cand_ids], vectors[hist_ids], mask)
         # Rebuilt whenever the buffer changes (a loaded checkpoint copies into it in place: _version moves).
         key = (vectors.data_ptr(), vectors._version, vectors.device)

@@ -44,7 +44,7 @@ from hybrid.ctr_models._config import (
     require_positive_ints,
 )
 from hybrid.ctr_models.base import Ranker
-from hybrid.ctr_models.features import CTRFeatures, FeatureConfig
+from hybrid.ctr_models.features import CTRFeatures, CTRInputs, FeatureConfig
 from hybrid.ctr_models.layers import MLP, TaskHeads, masked_softmax
 from hybrid.ctr_models.multimodal import MultimodalConfig, build_multimodal
 
@@ -238,13 +238,16 @@ class TIN(Ranker):
         self.heads = TaskHeads(self.mlp.out_features, len(self.task_names), config.tower_hidden, config.dropout)
         self.last_attention: torch.Tensor | None = None
 
-    def forward(self, batch: CTRBatch) -> torch.Tensor:
-        x = self.features(batch)
+    def embed(self, batch: CTRBatch) -> CTRInputs:
+        return self.features(batch)
+
+    def forward_inputs(self, inputs: CTRInputs) -> torch.Tensor:
+        x = inputs
         e, v = self.temporal(x.history, x.target, x.lengths, x.history_timestamps, x.timestamps)
         u_tin, pooled, alpha = target_aware_attention(e, v, x.mask)
         self.last_attention = alpha.detach()
         parts = [x.fields.flatten(1), pooled, u_tin]
         if self.multimodal is not None:
-            parts.append(self.multimodal(batch, x))
+            parts.append(self.multimodal(x))
         h = torch.cat(parts + [x.dense], dim=1)
         return self.heads(self.mlp(h))

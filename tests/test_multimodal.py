@@ -105,7 +105,7 @@ def test_simtier_counts_match_numpy_with_padding_truncation_and_missing_vectors(
     with torch.no_grad():
         mm.simtier.tier_embedding.copy_(torch.eye(N))   # the output is then log1p(counts) itself
     batch = _batch(cands, histories)
-    out = mm(batch, CTRFeatures(spec)(batch))
+    out = mm(CTRFeatures(spec)(batch))
     expected = _numpy_counts(vectors, cands, histories, T, N)
     np.testing.assert_allclose(torch.expm1(out).detach().numpy(), expected, atol=1e-4)
     # padding / missing vectors are never counted: row sums = real events with a vector (in the window)
@@ -153,7 +153,7 @@ def test_simtier_fraction_norm_is_independent_of_history_length():
     with torch.no_grad():
         mm.simtier.tier_embedding.copy_(torch.eye(4))
     batch = _batch([2, 2], [[3, 4], [3, 4, 3, 4, 3, 4]])
-    out = mm(batch, CTRFeatures(spec)(batch))
+    out = mm(CTRFeatures(spec)(batch))
     torch.testing.assert_close(out[0], out[1])
     torch.testing.assert_close(out[0], torch.tensor([0.5, 0.0, 0.0, 0.5]))
 
@@ -206,7 +206,7 @@ def test_mnse_inputs_and_missing_embedding():
                            mnse_bases=(2, 3), mnse_dim=3, similarity_levels=5)
     mm = MultimodalFeatures(cfg, vectors, spec)
     batch = _batch([2, 2, 2], [[3, 4], [], [1]], hist_ts=[[10, 20], [], [50]], ts=[30, 40, 50])
-    out = mm(batch, CTRFeatures(spec)(batch))
+    out = mm(CTRFeatures(spec)(batch))
     assert out.shape == (3, 3 * 6) and mm.output_dim == 18
     ms, hl, tg = out[:, :6], out[:, 6:12], out[:, 12:]
     # row 0: max cos = cos(45°) → round((0.707+1)/2·4) = 3; 2 events; gap 10 s → round(4·log2 11) = 14
