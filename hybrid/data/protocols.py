@@ -230,8 +230,12 @@ def _candidate_columns(raw_items: np.ndarray, side: pd.DataFrame | None, fm: Fea
     """
     out = {"item_id": fm["item_id"].encode(pd.Series(raw_items, dtype=object))}
     if side is not None:
-        # Row len(side) stands for items missing from the item table.
-        item_genres = [fm["genres"].encode(g) for g in side["genres"]] + [fm["genres"].encode([UNKNOWN])]
+        # Row len(side) stands for items missing from the item table. The genre lists are encoded in one call,
+        # flattened, and cut back into lists by their offsets.
+        genre_lists = [*side["genres"], [UNKNOWN]]
+        offsets = np.concatenate([[0], np.cumsum([len(g) for g in genre_lists])]).astype(np.int32)
+        flat = fm["genres"].encode(pd.Series([g for gs in genre_lists for g in gs], dtype=object))
+        item_genres = pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat, type=pa.int64()))
         position = side.index.get_indexer(raw_items)
         position = np.where(position < 0, len(side), position)
         lookup = pd.DataFrame({"category": fm["category"].encode(side["category"]),
@@ -239,7 +243,7 @@ def _candidate_columns(raw_items: np.ndarray, side: pd.DataFrame | None, fm: Fea
         lookup.loc[len(side)] = [fm["category"].encode([UNKNOWN])[0], fm["year"].encode([UNKNOWN])[0]]
         out["category"] = lookup["category"].to_numpy()[position]
         out["year"] = lookup["year"].to_numpy()[position]
-        genres = pa.array(item_genres, type=pa.list_(pa.int64())).take(pa.array(position))
+        genres = item_genres.take(pa.array(position))
         out["genres"] = pd.Series(genres, dtype=pd.ArrowDtype(pa.list_(pa.int64())))
     return out
 

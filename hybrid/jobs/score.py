@@ -54,6 +54,7 @@ SCORE_PREFIX = "score_"
 ITEM_SIDE_KEYS = ("category", "year", "genres", "hist_category")
 USER_SIDE_FIELDS = ("gender", "age", "occupation")
 REPORT_KEY = "hybrid_score_report"
+UNKNOWN_ACTION = "<no action column>"  # not a token of any action vocabulary: encodes as OOV
 
 
 @dataclass
@@ -203,6 +204,10 @@ class Predictor:
         chunk = chunk.reset_index(drop=True)
         side = item_side_table(chunk[["item_id", "genres", "year"]]) if "genres" in chunk else None
         events = _attach_event_side(chunk, side)
+        if "action" in fm and "action" not in events:
+            # No rating / behaviour column in the input: the history's action tokens are unknown (OOV), as for any
+            # action the model never saw. The candidate's own action is never read.
+            events["action"] = UNKNOWN_ACTION
         encoded, users, user_codes = _encode_events(events, fm)
         present = [c for c in USER_SIDE_FIELDS if c in chunk]
         users = _attach_user_fields(users, chunk[["user_id", *present]] if present else None, fm)
