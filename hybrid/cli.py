@@ -8,6 +8,7 @@
         [--init PRETRAIN_CHECKPOINT --strategy nt|ft|st|ft_sf|st_sf [--transfer key=value ...]]
     hybrid score --model FINETUNE_CHECKPOINT --input EVENTS --out scores.parquet [--since T] [--items F]
     torchrun --nproc_per_node=N -m hybrid score ...                      (each rank its users, one output)
+    hybrid export --model FINETUNE_CHECKPOINT --input EVENTS --out ranker.pt2   (torch.export, for serving)
     hybrid quickstart [--out DIR]
 
 Bad input prints one line naming the file / row / column / key and exits with code 2; ``--debug`` shows
@@ -69,6 +70,26 @@ def _load_config(config_cls: type[_Config], args: argparse.Namespace,
     return load_config(config_cls, args.config, overrides)
 
 
+def _add_input(parser: argparse.ArgumentParser, out_help: str, input_help: str | None = None) -> None:
+    """The model / input / side-table options ``score`` and ``export`` share."""
+    parser.add_argument("--model", required=True, metavar="CHECKPOINT",
+                        help="a fine-tuning checkpoint: <finetune out>/checkpoints/best (or a step-... directory)")
+    parser.add_argument("--input", required=True,
+                        help=input_help or "events with raw ids: a CSV/TSV/parquet file, or a dataset directory "
+                                           "(--dataset)")
+    parser.add_argument("--out", required=True, help=out_help)
+    parser.add_argument("--dataset", help="the input's reader: events (default for a file) | taobao | movielens-100k "
+                                          "| movielens-1m | recbole (default for a directory: the training data's)")
+    parser.add_argument("--columns", dest="column_map", action="append", default=[], metavar="CANONICAL=FILE_COLUMN",
+                        help="events only: a column of the file under another name, e.g. --columns user_id=uid")
+    parser.add_argument("--items", help="events only: item side table (default: the training data's)")
+    parser.add_argument("--users", help="events only: user side table (default: the training data's)")
+    parser.add_argument("--since", help="score only rows at or after this time (unix seconds or a date); earlier "
+                                        "rows are history")
+    parser.add_argument("--batch-size", type=int, default=1024, help="samples per forward pass (default 1024)")
+    parser.add_argument("--memory-limit", default="2GB", help="DuckDB memory for sorting the input (default 2GB)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hybrid", description="Hybrid generative-discriminative CTR stacks.")
     parser.add_argument("--version", action="version", version=f"hybrid {__version__}")
@@ -108,24 +129,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(fine)
 
     score = commands.add_parser("score", help="score new events (raw ids) with a fine-tuned ranker")
-    score.add_argument("--model", required=True, metavar="CHECKPOINT",
-                       help="a fine-tuning checkpoint: <finetune out>/checkpoints/best (or a step-... directory)")
-    score.add_argument("--input", required=True,
-                       help="events with raw ids: a CSV/TSV/parquet file, or a dataset directory (--dataset)")
-    score.add_argument("--out", required=True, help="the scores' parquet file (written atomically)")
-    score.add_argument("--dataset", help="the input's reader: events (default for a file) | taobao | movielens-100k "
-                                         "| movielens-1m | recbole (default for a directory: the training data's)")
-    score.add_argument("--columns", dest="column_map", action="append", default=[], metavar="CANONICAL=FILE_COLUMN",
-                       help="events only: a column of the file under another name, e.g. --columns user_id=uid")
-    score.add_argument("--items", help="events only: item side table (default: the training data's)")
-    score.add_argument("--users", help="events only: user side table (default: the training data's)")
-    score.add_argument("--since", help="score only rows at or after this time (unix seconds or a date); earlier "
-                                       "rows are history")
-    score.add_argument("--batch-size", type=int, default=1024, help="samples per forward pass (default 1024)")
+    _add_input(score, "the scores' parquet file (written atomically)")
     score.add_argument("--chunk-rows", type=int, default=200_000,
                        help="input rows handed over per chunk; memory scales with it (default 200000)")
-    score.add_argument("--memory-limit", default="2GB", help="DuckDB memory for sorting the input (default 2GB)")
     _add_common(score)
+
+    export = commands.add_parser("export", help="a fine-tuned ranker as a torch.export program for serving")
+    _add_input(export, "the program's .pt2 file; its .json sidecar and .feature_map.json are written beside it",
+               input_help="events to take the example batch from (the first scored rows), read as score reads them")
+    export.set_defaults(chunk_rows=20_000)
+    _add_common(export)
 
     sweep = commands.add_parser("sweep", help="sizes x strategies x seeds as nested MLflow runs")
     _add_config(sweep, "sweep")
@@ -228,9 +241,8 @@ def _load_finetune_config(args: argparse.Namespace):
         raise
 
 
-def _cmd_score(args: argparse.Namespace) -> int:
-    from hybrid.jobs.score import ScoreConfig, run_score
-    from hybrid.tracking import is_rank_zero
+def _score_config(args: argparse.Namespace):
+    from hybrid.jobs.score import ScoreConfig
 
     columns = {}
     for item in args.column_map:
@@ -238,16 +250,32 @@ def _cmd_score(args: argparse.Namespace) -> int:
         if not sep or not key.strip() or not value.strip():
             raise HybridInputError(f"--columns {item!r}: expected CANONICAL=FILE_COLUMN, e.g. user_id=uid")
         columns[key.strip()] = value.strip()
-    cfg = ScoreConfig(model=args.model, input=args.input, out=args.out, dataset=args.dataset, columns=columns,
-                      items_path=args.items, users_path=args.users, since=args.since, batch_size=args.batch_size,
-                      chunk_rows=args.chunk_rows, memory_limit=args.memory_limit)
-    result = run_score(cfg)
-    if is_rank_zero():
-        from hybrid.jobs.score import ScoreReport
+    return ScoreConfig(model=args.model, input=args.input, out=args.out, dataset=args.dataset, columns=columns,
+                       items_path=args.items, users_path=args.users, since=args.since, batch_size=args.batch_size,
+                       chunk_rows=args.chunk_rows, memory_limit=args.memory_limit)
 
+
+def _cmd_score(args: argparse.Namespace) -> int:
+    from hybrid.jobs.score import ScoreReport, run_score
+    from hybrid.tracking import is_rank_zero
+
+    result = run_score(_score_config(args))
+    if is_rank_zero():
         report = ScoreReport(**{k: result[k] for k in ScoreReport.__dataclass_fields__})
         print(report.summary())
         print(f"scores written to {result['out']} in {result['seconds']:.1f} s ({result['rows_per_s']:.0f} rows/s)")
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from hybrid.jobs.score import run_export
+
+    meta = run_export(_score_config(args))
+    inputs = ", ".join(f"{i['name']} {i['shape']}" for i in meta["inputs"])
+    print(f"exported {meta['ranker']} ({', '.join(meta['task_names'])}) to {meta['out']}: inputs {inputs}; "
+          f"program == eager on {meta['parity']['example_rows']} example rows (max |diff| "
+          f"{meta['parity']['max_abs_diff']:.1e}); sidecar {Path(meta['out']).with_suffix('.json').name}, "
+          f"feature map {meta['feature_map']}")
     return 0
 
 
@@ -298,11 +326,11 @@ def _print_stats(stats: dict) -> None:
 
 
 COMMANDS = {("data", "fetch"): _cmd_fetch, ("data", "prepare"): _cmd_prepare, ("pretrain", None): _cmd_pretrain,
-            ("finetune", None): _cmd_finetune, ("score", None): _cmd_score,
+            ("finetune", None): _cmd_finetune, ("score", None): _cmd_score, ("export", None): _cmd_export,
             ("sweep", None): _cmd_sweep, ("review", None): _cmd_review, ("quickstart", None): _cmd_quickstart,
             ("bootstrap", None): lambda args: bootstrap()}
 #: commands that build TorchRec models: the stack is checked before they start
-NEEDS_TORCHREC = {"pretrain", "finetune", "score", "sweep", "quickstart"}
+NEEDS_TORCHREC = {"pretrain", "finetune", "score", "export", "sweep", "quickstart"}
 
 
 def _quiet_third_party_logs() -> None:

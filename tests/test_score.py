@@ -16,6 +16,8 @@ import yaml
 
 from hybrid.cli import main
 from hybrid.config import from_mapping
+from hybrid.core.feature_map import FeatureMap
+from hybrid.ctr_models.export import load_exported, serving_inputs
 from hybrid.ctr_models.metrics import auc
 from hybrid.ctr_models.trainer import predict
 from hybrid.data.batching import CTRBatchConverter, make_loader
@@ -147,6 +149,35 @@ def test_two_ranks_write_one_file_equal_to_one_process(finetuned, scored, ml100k
     assert [p.name for p in tmp_path.iterdir()] == ["scores.parquet"]   # no parts left behind
 
 
+def test_exported_program_scores_as_the_predictor(finetuned, ml100k, tmp_path):
+    """``hybrid export`` writes the program, its sidecar and the feature map; on the Predictor's batches of new
+    events the program's scores are the Predictor's (an input without ratings: OOV history actions)."""
+    sample = ml100k.events[["user_id", "item_id", "timestamp"]].iloc[:3000]
+    path = tmp_path / "events.parquet"
+    sample.to_parquet(path)
+    out = tmp_path / "serve" / "ranker.pt2"
+    assert main(["export", "--model", finetuned, "--input", str(path), "--out", str(out), "--batch-size", "256"]) == 0
+    assert sorted(p.name for p in out.parent.iterdir()) == ["ranker.feature_map.json", "ranker.json", "ranker.pt2"]
+    program, meta = load_exported(out)
+    assert meta["parity"]["example_rows"] == 256 and meta["parity"]["max_abs_diff"] <= 1e-6
+    assert meta["task_names"] == TASKS and meta["feature_map"] == "ranker.feature_map.json"
+    fm = FeatureMap.from_dict(json.loads((out.parent / meta["feature_map"]).read_text()))
+    assert fm["item_id"].encode(["50"])[0] == Predictor.load(finetuned).feature_map["item_id"].encode(["50"])[0]
+
+    predictor = Predictor.load(finetuned)
+    logits = []
+    with torch.no_grad():
+        for batch in predictor.batches(sample, batch_size=1000):       # another batch size than the example's
+            served = program.module()(*serving_inputs(predictor.model, batch))
+            torch.testing.assert_close(served, predictor.model(batch), rtol=0, atol=1e-6)
+            logits.append(served)
+    served_scores = torch.sigmoid(torch.cat(logits).double()).numpy()
+    expected = predictor.predict(sample)
+    order = np.lexsort((np.arange(len(sample)), sample["timestamp"].to_numpy(), sample["user_id"].astype(str)))
+    np.testing.assert_allclose(served_scores, expected[["score_click", "score_rating5"]].to_numpy(float)[order],
+                               rtol=0, atol=1e-6)
+
+
 # -- bad input: one line, exit 2, nothing written --------------------------------------------------------------
 
 def _fails(capsys, argv: list[str]) -> str:
@@ -185,6 +216,14 @@ def test_bad_inputs_get_one_line_and_leave_no_output(finetuned, tmp_path, capsys
 
     assert out.read_bytes() == b"earlier scores"
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+
+    program = tmp_path / "ranker.pt2"
+    export = ["export", "--model", finetuned, "--input"]
+    assert "the exported program is written as a .pt2 file" in _fails(
+        capsys, [*export, str(foreign), "--out", str(tmp_path / "ranker.onnx")])
+    assert "no row to score at or after --since 10: the export needs one example batch" in _fails(
+        capsys, [*export, str(nothing_later), "--out", str(program), "--since", "10"])
+    assert not program.exists() and not any(p.name.startswith(".") for p in tmp_path.iterdir())
 
 
 def test_a_ranker_that_reads_side_fields_refuses_an_input_without_them(finetuned, ml100k):

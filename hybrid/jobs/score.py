@@ -39,7 +39,7 @@ import shutil
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -48,6 +48,9 @@ import yaml
 from hybrid.core.errors import HybridInputError
 from hybrid.core.feature_map import OOV_ID, FeatureMap
 
+if TYPE_CHECKING:
+    from hybrid.core import CTRBatch
+
 ROW = "row"
 SCORE_PREFIX = "score_"
 #: KJT keys that need the item side table / the user table
@@ -55,6 +58,7 @@ ITEM_SIDE_KEYS = ("category", "year", "genres", "hist_category")
 USER_SIDE_FIELDS = ("gender", "age", "occupation")
 REPORT_KEY = "hybrid_score_report"
 UNKNOWN_ACTION = "<no action column>"  # not a token of any action vocabulary: encodes as OOV
+PARITY_ATOL = 1e-5  # exported vs eager logits on the example batch (bit-identical on CPU in the tests)
 
 
 @dataclass
@@ -112,6 +116,20 @@ def side_tables_of_prepared(prepared_dir: str | Path) -> tuple[pd.DataFrame | No
         return None, None
     dataset = data.read()
     return dataset.items, dataset.users
+
+
+@dataclass
+class _ChunkSamples:
+    """A chunk's candidates, ready to batch: the converter (``None`` when no row is a candidate) and what the
+    report needs (the candidate rows, each row's position in its user's history, the users and encoded items)."""
+
+    chunk: pd.DataFrame
+    rows: np.ndarray
+    position: np.ndarray
+    user_codes: np.ndarray
+    users: pd.DataFrame
+    item_ids: np.ndarray | None
+    converter: Any
 
 
 class Predictor:
@@ -177,20 +195,9 @@ class Predictor:
 
     # -- the one scoring step ----------------------------------------------------------------------------------
 
-    def score_sorted(self, chunk: pd.DataFrame, batch_size: int = 1024) -> tuple[pd.DataFrame, ScoreReport]:
-        """Score a chunk of whole users, sorted by user, time, row.
-
-        Args:
-            chunk: ``row``, ``user_id``, ``item_id`` (raw ids as text), ``timestamp`` (int64 seconds), optional
-                ``rating`` / ``behavior`` (the history's action tokens), item side ``genres`` / ``year`` and user
-                fields (``None`` where unknown), and ``score`` (bool: a candidate; else history only).
-
-        Returns:
-            ``(frame of the scored rows: row, user_id, item_id, timestamp, history_length, score_<task>...,
-            report)``.
-        """
-        from hybrid.ctr_models.trainer import predict
-        from hybrid.data.batching import CTRBatchConverter, make_loader
+    def _samples(self, chunk: pd.DataFrame) -> "_ChunkSamples":
+        """A sorted chunk of whole users (see :meth:`score_sorted`) → the converter over its candidates."""
+        from hybrid.data.batching import CTRBatchConverter
         from hybrid.data.protocols import (
             PreparedData,
             _attach_event_side,
@@ -213,10 +220,8 @@ class Predictor:
         users = _attach_user_fields(users, chunk[["user_id", *present]] if present else None, fm)
         position = np.arange(len(chunk)) - users["offset"].to_numpy()[user_codes]
         rows = np.flatnonzero(chunk["score"].to_numpy(dtype=bool))
-        report = ScoreReport(rows=len(chunk), scored=len(rows))
-        keys = ["row", "user_id", "item_id", "timestamp"]
         if len(rows) == 0:
-            return pd.DataFrame(columns=[*keys, "history_length", *self.score_columns]), report
+            return _ChunkSamples(chunk, rows, position, user_codes, users, None, None)
         cand = _candidate_columns(chunk["item_id"].to_numpy()[rows], side, fm)
         samples = pd.DataFrame({
             "user_row": user_codes[rows], "hist_start": np.maximum(rows - position[rows], rows - self.max_history),
@@ -226,14 +231,37 @@ class Predictor:
         prepared = PreparedData(fm, encoded, users, empty, empty, empty, empty, samples)
         converter = CTRBatchConverter(prepared, "ctr_test", max_history=self.max_history, fields=self.fields,
                                       task_names=self.task_names)
-        _, logits, _ = predict(self.model, make_loader(converter, batch_size=batch_size, shuffle=False))
+        return _ChunkSamples(chunk, rows, position, user_codes, users, cand["item_id"], converter)
+
+    def score_sorted(self, chunk: pd.DataFrame, batch_size: int = 1024) -> tuple[pd.DataFrame, ScoreReport]:
+        """Score a chunk of whole users, sorted by user, time, row.
+
+        Args:
+            chunk: ``row``, ``user_id``, ``item_id`` (raw ids as text), ``timestamp`` (int64 seconds), optional
+                ``rating`` / ``behavior`` (the history's action tokens), item side ``genres`` / ``year`` and user
+                fields (``None`` where unknown), and ``score`` (bool: a candidate; else history only).
+
+        Returns:
+            ``(frame of the scored rows: row, user_id, item_id, timestamp, history_length, score_<task>...,
+            report)``.
+        """
+        from hybrid.ctr_models.trainer import predict
+        from hybrid.data.batching import make_loader
+
+        s = self._samples(chunk)
+        rows, position = s.rows, s.position
+        report = ScoreReport(rows=len(s.chunk), scored=len(rows))
+        keys = ["row", "user_id", "item_id", "timestamp"]
+        if s.converter is None:
+            return pd.DataFrame(columns=[*keys, "history_length", *self.score_columns]), report
+        _, logits, _ = predict(self.model, make_loader(s.converter, batch_size=batch_size, shuffle=False))
         scores = 1.0 / (1.0 + np.exp(-logits.astype(np.float64)))
-        scored_users = np.unique(user_codes[rows])
+        scored_users = np.unique(s.user_codes[rows])
         report.users = len(scored_users)
-        report.unknown_users = int((users["user_id"].to_numpy()[scored_users] == OOV_ID).sum())
-        report.unknown_items = int((cand["item_id"] == OOV_ID).sum())
+        report.unknown_users = int((s.users["user_id"].to_numpy()[scored_users] == OOV_ID).sum())
+        report.unknown_items = int((s.item_ids == OOV_ID).sum())
         report.empty_history = int((position[rows] == 0).sum())
-        out = chunk.loc[rows, keys].reset_index(drop=True)
+        out = s.chunk.loc[rows, keys].reset_index(drop=True)
         out["history_length"] = np.minimum(position[rows], self.max_history).astype(np.int32)
         for i, column in enumerate(self.score_columns):
             out[column] = scores[:, i].astype(np.float32)
@@ -259,6 +287,18 @@ class Predictor:
             HybridInputError: a missing column, an empty or non-integer value, or side fields the ranker needs
                 and cannot find.
         """
+        frame = self._with_side(events, items, users, since)
+        order = np.lexsort((frame[ROW].to_numpy(), frame["timestamp"].to_numpy(), frame["user_id"].to_numpy()))
+        scored, _ = self.score_sorted(frame.iloc[order], batch_size=batch_size)
+        result = pd.DataFrame(index=range(len(frame)), columns=[*self.score_columns, "history_length"], dtype=float)
+        result.loc[scored[ROW].to_numpy(), self.score_columns] = scored[self.score_columns].to_numpy()
+        result.loc[scored[ROW].to_numpy(), "history_length"] = scored["history_length"].to_numpy()
+        result.index = events.index
+        return result
+
+    def _with_side(self, events: pd.DataFrame, items: pd.DataFrame | None, users: pd.DataFrame | None,
+                   since: int | str | None) -> pd.DataFrame:
+        """``events`` checked, joined with the side tables the ranker reads, and marked ``score`` (a candidate)."""
         frame = _check_events_frame(events)
         defaults = None
         if "genres" not in frame:
@@ -278,13 +318,62 @@ class Predictor:
         self.check_side("genres" in frame, any(c in frame for c in USER_SIDE_FIELDS), "events")
         start = parse_since(since)
         frame["score"] = True if start is None else frame["timestamp"].to_numpy() >= start
+        return frame
+
+    def batches(self, events: pd.DataFrame, *, items: pd.DataFrame | None = None, users: pd.DataFrame | None = None,
+                since: int | str | None = None, batch_size: int = 1024) -> Iterator[CTRBatch]:
+        """The ``CTRBatch`` es :meth:`predict` feeds the model (same arguments), candidates sorted by user, time,
+        row: to run the model yourself, or as the example batch of an export."""
+        from hybrid.data.batching import make_loader
+
+        frame = self._with_side(events, items, users, since)
         order = np.lexsort((frame[ROW].to_numpy(), frame["timestamp"].to_numpy(), frame["user_id"].to_numpy()))
-        scored, _ = self.score_sorted(frame.iloc[order], batch_size=batch_size)
-        result = pd.DataFrame(index=range(len(frame)), columns=[*self.score_columns, "history_length"], dtype=float)
-        result.loc[scored[ROW].to_numpy(), self.score_columns] = scored[self.score_columns].to_numpy()
-        result.loc[scored[ROW].to_numpy(), "history_length"] = scored["history_length"].to_numpy()
-        result.index = events.index
-        return result
+        samples = self._samples(frame.iloc[order])
+        if samples.converter is None:
+            raise HybridInputError("events: no row to score" + (f" at or after since={since}" if since else ""))
+        yield from make_loader(samples.converter, batch_size=batch_size, shuffle=False)
+
+    def export(self, path: str | Path, example: CTRBatch) -> dict[str, Any]:
+        """Export the ranker for serving (:func:`hybrid.ctr_models.export.save_exported`), traced on ``example``
+        (a batch of :meth:`batches`); the feature map that encodes raw ids for it is written beside it
+        (``<path stem>.feature_map.json``). The files appear only when complete.
+
+        Example:
+            >>> meta = predictor.export("ranker.pt2", next(predictor.batches(events)))   # doctest: +SKIP
+            >>> meta["feature_map"], meta["inputs"][0]["name"]                          # doctest: +SKIP
+            ('ranker.feature_map.json', 'single_ids')
+
+        Returns:
+            the serving metadata (also in the ``.json`` sidecar), with ``feature_map`` naming the map's file.
+        """
+        import torch
+
+        from hybrid.ctr_models.export import load_exported, save_exported, serving_inputs
+
+        path = Path(path)
+        if path.suffix != ".pt2":
+            raise HybridInputError(f"{path}: the exported program is written as a .pt2 file")
+        work = path.parent / f".{path.name}.tmp"
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir(parents=True)
+        try:
+            save_exported(self.model, example, work / path.name)
+            program, meta = load_exported(work / path.name)  # check the program as written, before it is published
+            with torch.no_grad():
+                diff = float((program.module()(*serving_inputs(self.model, example)) - self.model(example)).abs().max())
+            if not diff <= PARITY_ATOL:
+                raise RuntimeError(f"export: the program's logits differ from the eager model's by {diff:.3g} on the "
+                                   "example batch; please report this with the checkpoint's ranker config")
+            fm_file = path.with_name(path.stem + ".feature_map.json")
+            meta = {**meta, "feature_map": fm_file.name, "model": self.source,
+                    "parity": {"example_rows": int(len(example.labels)), "max_abs_diff": diff}}
+            (work / path.with_suffix(".json").name).write_text(json.dumps(meta, indent=2) + "\n")
+            (work / fm_file.name).write_text(json.dumps(self.manifest["feature_map"]) + "\n")
+            for name in (fm_file.name, path.with_suffix(".json").name, path.name):  # the program last
+                os.replace(work / name, path.parent / name)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        return meta
 
 
 def _check_events_frame(events: pd.DataFrame) -> pd.DataFrame:
@@ -387,6 +476,100 @@ def _chunks_of_whole_users(reader, frame_of) -> Iterator[pd.DataFrame]:
         yield carry
 
 
+def _open_input(con, cfg: ScoreConfig, predictor: Predictor, dataset: str, since: int | None, rank: int,
+                world_size: int):
+    """The input (with the side tables the ranker reads) as a reader of Arrow batches sorted by user, time, row —
+    this rank's users only — and where each side table came from."""
+    from hybrid.data.duckdb_sources import load_side_frames, load_source, quote
+
+    source_path = Path(cfg.input)
+    source = load_source(con, dataset, str(source_path), columns=cfg.columns or None,
+                         items_path=cfg.items_path, users_path=cfg.users_path)
+    side = {"items": "input" if source.has_items else "none", "users": "input" if source.has_users else "none"}
+    has_items, has_users = source.has_items, source.has_users
+    if (predictor.needs_items and not has_items) or (predictor.needs_users and not has_users):
+        items, users = predictor.training_side_tables()
+        load_side_frames(con, items if not has_items else None, users if not has_users else None)
+        if not has_items and items is not None:
+            has_items, side["items"] = True, "training data"
+        if not has_users and users is not None:
+            has_users, side["users"] = True, "training data"
+    predictor.check_side(has_items, has_users, str(source_path))
+
+    optional = [c for c in ("rating", "behavior") if c in source.event_columns]
+    select = ["e.rn AS row", "e.user_id", "e.item_id", "e.timestamp", *(f"e.{quote(c)}" for c in optional)]
+    joins = ""
+    if has_items:
+        select += ["i.genres", "i.year"]
+        joins += " LEFT JOIN raw_items i ON e.item_id = i.item_id"
+    if has_users:
+        user_columns = [r[0] for r in con.execute("DESCRIBE raw_users").fetchall()]
+        select += [f"u.{quote(c)}" for c in USER_SIDE_FIELDS if c in user_columns]
+        joins += " LEFT JOIN raw_users u ON e.user_id = u.user_id"
+    select.append("TRUE AS score" if since is None else f"e.timestamp >= {int(since)} AS score")
+    where = f" WHERE hash(e.user_id) % {world_size} = {rank}" if world_size > 1 else ""
+    sql = (f"SELECT {', '.join(select)} FROM raw_events e{joins}{where} "
+           "ORDER BY e.user_id, e.timestamp, e.rn")
+    reader = con.sql(sql).to_arrow_reader(cfg.chunk_rows)
+    return reader, side
+
+
+def _resolve(cfg: ScoreConfig, command: str, out_kind: str) -> tuple[Predictor, str, int | None, Path]:
+    """The checks ``score`` and ``export`` share: the model loaded, the input's reader, ``since``, ``out``."""
+    if not cfg.model or not cfg.input:
+        raise HybridInputError(f"{command}: set --model (a fine-tuning checkpoint) and --input (events with raw ids)")
+    predictor = Predictor.load(cfg.model)
+    source_path = Path(cfg.input)
+    if not source_path.exists():
+        raise HybridInputError(f"{source_path}: input not found")
+    dataset = cfg.dataset
+    if dataset is None:
+        trained_on = ((predictor.manifest.get("config") or {}).get("data") or "")
+        dataset = "events" if source_path.is_file() else _dataset_of_prepared(trained_on) or "events"
+    since = parse_since(cfg.since)
+    out = Path(cfg.out)
+    if out.is_dir():
+        raise HybridInputError(f"{out}: is a directory; --out names {out_kind}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if not os.access(out.parent, os.W_OK):
+        raise HybridInputError(f"{out.parent}: not writable")
+    return predictor, dataset, since, out
+
+
+def run_export(cfg: ScoreConfig) -> dict[str, Any]:
+    """``hybrid export``: the ranker of ``cfg.model`` as a ``torch.export`` program at ``cfg.out`` (``.pt2``),
+    traced on the first batch of ``cfg.input`` (read as ``hybrid score`` reads it), with its JSON sidecar and
+    feature map (:meth:`Predictor.export`: the written program is run on that batch and compared with the eager
+    model before it is published).
+
+    Returns:
+        the serving metadata (``parity``: the example's rows and the largest logit difference) plus ``out``.
+    """
+    import tempfile
+
+    from hybrid.data.batching import make_loader
+    from hybrid.data.duckdb_engine import EngineConfig, connect
+
+    predictor, dataset, since, out = _resolve(cfg, "export", "the program's .pt2 file")
+    if out.suffix != ".pt2":
+        raise HybridInputError(f"{out}: the exported program is written as a .pt2 file")
+    with tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=out.parent) as work:
+        con = connect(EngineConfig(memory_limit=cfg.memory_limit), Path(work))
+        reader, _ = _open_input(con, cfg, predictor, dataset, since, 0, 1)
+        samples = None
+        for chunk in _chunks_of_whole_users(reader, lambda b: b.to_pandas()):
+            samples = predictor._samples(chunk)
+            if samples.converter is not None:
+                break
+        con.close()
+    if samples is None or samples.converter is None:
+        raise HybridInputError(f"{cfg.input}: no row to score" + (f" at or after --since {cfg.since}" if since else "")
+                               + ": the export needs one example batch")
+    example = next(iter(make_loader(samples.converter, batch_size=cfg.batch_size, shuffle=False)))
+    meta = predictor.export(out, example)
+    return {**meta, "out": str(out)}
+
+
 def run_score(cfg: ScoreConfig) -> dict[str, Any]:
     """Score ``cfg.input`` with ``cfg.model`` into ``cfg.out`` (see the module docstring).
 
@@ -404,26 +587,10 @@ def run_score(cfg: ScoreConfig) -> dict[str, Any]:
 
     from hybrid.core.training import init_distributed
     from hybrid.data.duckdb_engine import EngineConfig, connect
-    from hybrid.data.duckdb_sources import load_side_frames, load_source, quote
 
     started = time.perf_counter()
-    if not cfg.model or not cfg.input:
-        raise HybridInputError("score: set --model (a fine-tuning checkpoint) and --input (events with raw ids)")
-    predictor = Predictor.load(cfg.model)
+    predictor, dataset, since, out = _resolve(cfg, "score", "the scores' parquet file")
     source_path = Path(cfg.input)
-    if not source_path.exists():
-        raise HybridInputError(f"{source_path}: input not found")
-    dataset = cfg.dataset
-    if dataset is None:
-        trained_on = ((predictor.manifest.get("config") or {}).get("data") or "")
-        dataset = "events" if source_path.is_file() else _dataset_of_prepared(trained_on) or "events"
-    since = parse_since(cfg.since)
-    out = Path(cfg.out)
-    if out.is_dir():
-        raise HybridInputError(f"{out}: is a directory; --out names the scores' parquet file")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if not os.access(out.parent, os.W_OK):
-        raise HybridInputError(f"{out.parent}: not writable")
 
     import torch.distributed as dist
 
@@ -436,34 +603,7 @@ def run_score(cfg: ScoreConfig) -> dict[str, Any]:
     _barrier(ctx)
     try:
         con = connect(EngineConfig(memory_limit=cfg.memory_limit), work / f"rank-{ctx.rank}")
-        source = load_source(con, dataset, str(source_path), columns=cfg.columns or None,
-                             items_path=cfg.items_path, users_path=cfg.users_path)
-        side = {"items": "input" if source.has_items else "none", "users": "input" if source.has_users else "none"}
-        has_items, has_users = source.has_items, source.has_users
-        if (predictor.needs_items and not has_items) or (predictor.needs_users and not has_users):
-            items, users = predictor.training_side_tables()
-            load_side_frames(con, items if not has_items else None, users if not has_users else None)
-            if not has_items and items is not None:
-                has_items, side["items"] = True, "training data"
-            if not has_users and users is not None:
-                has_users, side["users"] = True, "training data"
-        predictor.check_side(has_items, has_users, str(source_path))
-
-        optional = [c for c in ("rating", "behavior") if c in source.event_columns]
-        select = ["e.rn AS row", "e.user_id", "e.item_id", "e.timestamp", *(f"e.{quote(c)}" for c in optional)]
-        joins = ""
-        if has_items:
-            select += ["i.genres", "i.year"]
-            joins += " LEFT JOIN raw_items i ON e.item_id = i.item_id"
-        if has_users:
-            user_columns = [r[0] for r in con.execute("DESCRIBE raw_users").fetchall()]
-            select += [f"u.{quote(c)}" for c in USER_SIDE_FIELDS if c in user_columns]
-            joins += " LEFT JOIN raw_users u ON e.user_id = u.user_id"
-        select.append("TRUE AS score" if since is None else f"e.timestamp >= {int(since)} AS score")
-        where = f" WHERE hash(e.user_id) % {ctx.world_size} = {ctx.rank}" if ctx.world_size > 1 else ""
-        sql = (f"SELECT {', '.join(select)} FROM raw_events e{joins}{where} "
-               "ORDER BY e.user_id, e.timestamp, e.rn")
-        reader = con.sql(sql).to_arrow_reader(cfg.chunk_rows)
+        reader, side = _open_input(con, cfg, predictor, dataset, since, ctx.rank, ctx.world_size)
 
         report = ScoreReport()
         part = work / f"part-{ctx.rank:05d}.parquet"
