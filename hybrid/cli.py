@@ -29,7 +29,7 @@ import yaml
 
 from hybrid import __version__
 from hybrid.bootstrap import bootstrap, check_stack
-from hybrid.core.errors import HybridInputError
+from hybrid.core.errors import ConfigError, HybridInputError
 
 EXIT_BAD_INPUT = 2
 _Config = TypeVar("_Config")
@@ -343,11 +343,35 @@ def _quiet_third_party_logs() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"torchrec\.")
 
 
+#: path arguments that must exist, by option: what the path is (for the message)
+_EXISTING_PATHS = {"config": "config file", "model": "checkpoint", "input": "input", "init": "pretraining checkpoint",
+                   "items": "items table", "users": "users table", "path": "dataset path"}
+
+
+def _preflight(args: argparse.Namespace) -> None:
+    """Check what needs no heavy import — the paths named on the command line, the config's YAML and its
+    ``--set`` overrides, the prepared data it names — so that a typo answers in a second, not after torch,
+    TorchRec and MLflow have loaded (``bench/cli_startup.py``)."""
+    from hybrid.core.config import read_config_mapping
+
+    for option, what in _EXISTING_PATHS.items():
+        value = getattr(args, option, None)
+        if value and not Path(value).exists():
+            raise (ConfigError if option == "config" else HybridInputError)(
+                f"{value}: config file not found" if option == "config" else f"--{option} {value}: {what} not found")
+    if getattr(args, "config", None) is not None or getattr(args, "overrides", None):
+        raw = read_config_mapping(getattr(args, "config", None), getattr(args, "overrides", ()))
+        data = raw.get("data")
+        if args.command in ("pretrain", "finetune") and isinstance(data, str) and data and not Path(data).exists():
+            raise HybridInputError(f"{data}: prepared data directory not found (run `hybrid data prepare` first)")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _quiet_third_party_logs()
     handler = COMMANDS[(args.command, getattr(args, "data_command", None))]
     try:
+        _preflight(args)
         if args.command in NEEDS_TORCHREC:
             check_stack()
         return handler(args)

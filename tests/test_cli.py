@@ -137,3 +137,30 @@ def test_every_set_example_in_the_help_is_valid_for_its_command():
     help_text = subprocess.run([sys.executable, "-m", "hybrid", "pretrain", "--help"], capture_output=True,
                                text=True, cwd=REPO).stdout
     assert "--set train.epochs=5" in help_text
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["finetune", "--config", "missing.yaml"], "missing.yaml: config file not found"),
+    (["finetune", "--config", "{repo}/configs/finetune_tiny.yaml", "--set", "data=nowhere"],
+     "nowhere: prepared data directory not found"),
+    (["pretrain", "--config", "{repo}/configs/pretrain_tiny.yaml", "--set", "train.epochs=["],
+     "--set 'train.epochs=[': the value is not valid YAML"),
+    (["score", "--model", "nowhere", "--input", "x.csv", "--out", "s.parquet"], "--model nowhere: checkpoint not found"),
+    (["finetune", "--config", "{repo}/configs/finetune_tiny.yaml", "--init", "nowhere"],
+     "--init nowhere: pretraining checkpoint not found"),
+    (["data", "prepare", "--dataset", "events", "--path", "nowhere.csv", "--out", "o"],
+     "--path nowhere.csv: dataset path not found"),
+])
+def test_typos_answer_before_the_heavy_stack_is_imported(tmp_path, argv, message):
+    """A missing path or a bad --set value is reported before torch / TorchRec / MLflow load (what made such an
+    error take 8 s); the start-up time itself is measured by bench/cli_startup.py."""
+    argv = [a.replace("{repo}", str(REPO)) for a in argv]
+    script = ("import sys; from hybrid.cli import main; rc = main(sys.argv[1:]); "
+              "heavy = sorted(m for m in ('torch', 'torchrec', 'mlflow', 'duckdb') if m in sys.modules); "
+              "print('loaded:', heavy); sys.exit(rc)")
+    done = subprocess.run([sys.executable, "-c", script, *argv], capture_output=True, text=True, cwd=tmp_path,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert done.returncode == EXIT_BAD_INPUT, done.stderr
+    assert done.stderr.strip() == f"error: {message}" or message in done.stderr.strip().splitlines()[-1]
+    assert done.stderr.count("\n") == 1
+    assert "loaded: []" in done.stdout

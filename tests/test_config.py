@@ -50,6 +50,7 @@ def test_resolved_config_round_trips(tmp_path):
     ("optim=3", "key 'optim' must be a mapping, got 3"),
     ("optim.betas=[1]", "key 'optim.betas' expects a list of 2 values"),
     ("epochs", "expected key.path=value"),
+    ("optim.betas=[0.9", "--set 'optim.betas=[0.9': the value is not valid YAML"),
 ])
 def test_bad_keys_and_types_are_named(override, message):
     with pytest.raises(HybridInputError) as err:

@@ -47,7 +47,16 @@ _FLOAT_LITERAL = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?")
 
 def load_config(cls: type[T], path: str | os.PathLike | None = None, overrides: Sequence[str] = ()) -> T:
     """Build ``cls`` from a YAML file (optional) and ``key.path=value`` overrides (YAML-typed values)."""
+    raw = read_config_mapping(path, overrides)
     source = str(path) if path is not None else "--set"
+    if path is not None and overrides:
+        source = f"{path} (with --set overrides)"
+    return _build(cls, raw, prefix="", source=source)
+
+
+def read_config_mapping(path: str | os.PathLike | None = None, overrides: Sequence[str] = ()) -> dict:
+    """The YAML file (optional) with ``key.path=value`` overrides applied, as a plain mapping, before any key is
+    checked against a config class (what the CLI reads before it imports the heavy stack)."""
     raw: dict = {}
     if path is not None:
         path = Path(path)
@@ -63,10 +72,13 @@ def load_config(cls: type[T], path: str | os.PathLike | None = None, overrides: 
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise ConfigError(f"--set {item!r}: expected key.path=value")
-        _set_path(raw, key.strip().split("."), yaml.safe_load(value) if value.strip() else "")
-    if path is not None and overrides:
-        source = f"{path} (with --set overrides)"
-    return _build(cls, raw, prefix="", source=source)
+        try:
+            parsed = yaml.safe_load(value) if value.strip() else ""
+        except yaml.YAMLError as err:
+            raise ConfigError(f"--set {item!r}: the value is not valid YAML ({str(err).splitlines()[0]}); quote a "
+                              "string that starts with [ { or :") from None
+        _set_path(raw, key.strip().split("."), parsed)
+    return raw
 
 
 def from_mapping(cls: type[T], raw: Mapping[str, Any] | None, prefix: str = "", source: str = "<config>") -> T:
