@@ -233,12 +233,14 @@ def test_every_import_path_in_the_readme_resolves():
     ("torchrec", "torchrec is not installed: run `hybrid bootstrap`"),
     ("torch", "hybrid needs torch 2.13.x (found no torch)"),
 ])
-def test_a_missing_stack_package_is_one_line_and_exit_2(monkeypatch, capsys, missing, message):
+def test_a_missing_stack_package_is_one_line_and_exit_2(monkeypatch, capsys, tmp_path, missing, message):
     from hybrid import bootstrap
     from hybrid.cli import EXIT_BAD_INPUT, main
 
     real = bootstrap._version
     monkeypatch.setattr(bootstrap, "_version", lambda dist: None if dist == missing else real(dist))
-    assert main(["pretrain", "--config", str(REPO / "configs" / "pretrain_tiny.yaml")]) == EXIT_BAD_INPUT
+    # the config's data must exist, or the CLI's preflight answers first (a clean clone has no prepared data)
+    assert main(["pretrain", "--config", str(REPO / "configs" / "pretrain_tiny.yaml"),
+                 "--set", f"data={tmp_path}"]) == EXIT_BAD_INPUT
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and err.count("\n") == 1
