@@ -130,29 +130,16 @@ def apply_transfer(
     source = PretrainedCheckpoint.open(config.checkpoint)  # type: ignore[arg-type]
     report.checkpoint, report.pretrain_run_id = str(source.path), source.run_id
 
-    # 1. Plan and check everything before writing anything.
+    # 1. Plan and check everything before writing anything; under DMP every rank must reach the same verdict
+    #    before the collective read (a rank holding no shard of a table can see no problem with it).
     own_init: dict[str, str] = {}
-    plans = _plan_tables(inner, config, source, report, own_init)
-    src_fm = _as_dict(source_feature_map) if source_feature_map is not None else source.feature_map
-    tgt_fm = _as_dict(target_feature_map) if target_feature_map is not None else None
-    seen: dict[str, str] = {}
-    for plan in plans:
-        if plan.slot.key in seen:
-            raise TransferError(f"table {plan.slot.name} would be filled twice (from {seen[plan.slot.key]} and "
-                                f"{plan.source}); map each target table once")
-        seen[plan.slot.key] = plan.source
-        _check_dims(plan, source, config)
-        _align(plan, source, src_fm, tgt_fm, alignments)
-        if strategy.freezes_tables:
-            problem = plan.slot.freeze_problem(model)
-            if problem:
-                raise TransferError(f"{strategy.label} freezes {plan.slot.name}, but {problem}")
-    module_plans = _plan_modules(inner, config, source, report) if strategy.moves_backbone else []
-    if not strategy.moves_backbone:
-        paths = config.backbone_paths if config.backbone_paths is not None else backbone_modules(inner)
-        for path in paths:
-            report.modules.append(ModuleEntry(OWN_INIT, "backbone.*", path, params=_numel(_submodule(inner, path)),
-                                              reason=f"{strategy.label} moves no backbone"))
+    try:
+        plans, module_plans = _plan(model, inner, config, source, report, own_init, target_feature_map,
+                                    source_feature_map, alignments)
+    except TransferError as err:
+        _agree_across_ranks(model, err)
+        raise
+    _agree_across_ranks(model, None)
 
     # 2. Read what is needed in one (collective) DCP call, then write.
     keys = {table_key(p.source) for p in plans} | {k for m in module_plans for k in m.keys.values()}
@@ -178,6 +165,51 @@ def apply_transfer(
     _own_init_entries(model, inner, report, {p.slot.key for p in plans}, "not in the transfer", own_init)
     _count(model, inner, report)
     return report
+
+
+def _agree_across_ranks(model: nn.Module, error: TransferError | None) -> None:
+    """Under a multi-rank DMP model: raise on every rank when any rank's planning failed (naming that rank), so
+    no rank enters the collective checkpoint read alone and hangs. A no-op for one process."""
+    import torch.distributed as dist
+
+    if not (is_dmp(model) and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return
+    verdicts: list[str | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(verdicts, None if error is None else str(error))
+    failed = [(rank, message) for rank, message in enumerate(verdicts) if message is not None]
+    if failed and error is None:
+        rank, message = failed[0]
+        others = f" (and {len(failed) - 1} other rank(s))" if len(failed) > 1 else ""
+        raise TransferError(f"rank {rank}{others}: {message}")
+
+
+def _plan(model: nn.Module, inner: nn.Module, config: TransferConfig, source: PretrainedCheckpoint,
+          report: TransferReport, own_init: dict[str, str], target_feature_map: Any, source_feature_map: Any,
+          alignments: Mapping[str, Any] | None) -> tuple[list[_TablePlan], list]:
+    """Every table and module plan of the transfer, checked (dims, alignment, freezability); writes nothing."""
+    strategy = config.strategy
+    plans = _plan_tables(inner, config, source, report, own_init)
+    src_fm = _as_dict(source_feature_map) if source_feature_map is not None else source.feature_map
+    tgt_fm = _as_dict(target_feature_map) if target_feature_map is not None else None
+    seen: dict[str, str] = {}
+    for plan in plans:
+        if plan.slot.key in seen:
+            raise TransferError(f"table {plan.slot.name} would be filled twice (from {seen[plan.slot.key]} and "
+                                f"{plan.source}); map each target table once")
+        seen[plan.slot.key] = plan.source
+        _check_dims(plan, source, config)
+        _align(plan, source, src_fm, tgt_fm, alignments)
+        if strategy.freezes_tables:
+            problem = plan.slot.freeze_problem(model)
+            if problem:
+                raise TransferError(f"{strategy.label} freezes {plan.slot.name}, but {problem}")
+    module_plans = _plan_modules(inner, config, source, report) if strategy.moves_backbone else []
+    if not strategy.moves_backbone:
+        paths = config.backbone_paths if config.backbone_paths is not None else backbone_modules(inner)
+        for path in paths:
+            report.modules.append(ModuleEntry(OWN_INIT, "backbone.*", path, params=_numel(_submodule(inner, path)),
+                                              reason=f"{strategy.label} moves no backbone"))
+    return plans, module_plans
 
 
 # ---------------------------------------------------------------------------------------------- planning

@@ -202,8 +202,10 @@ def shard_model(model: nn.Module, ctx: DistributedContext,
     Two guarantees beyond TorchRec's defaults (both matter for transferred, frozen tables):
 
     * a table without an in-backward optimizer (a frozen one: :func:`apply_sparse_optimizer` skips
-      ``requires_grad=False``) is *not* updated (:func:`untrained_table_fused_params`), and a frozen table
-      is never planned ``data_parallel`` (that kernel is a dense parameter the dense optimizer would step);
+      ``requires_grad=False``) is *not* updated (:func:`untrained_table_fused_params`), and no table is
+      planned ``data_parallel``: that kernel is a dense parameter with no fused optimizer, so the dense AdamW
+      would step it with the dense lr and weight decay instead of the table optimizer it was configured with
+      (TorchRec's planner picks it for small tables, e.g. DCN-v2's ``t_genres``, when left free);
     * tables that already hold values (built on CPU, or loaded by a transfer) keep them. TorchRec copies an
       ``EmbeddingCollection``'s values into its shards unless it was built on ``meta``, but re-initialises
       an ``EmbeddingBagCollection`` on CPU; so every non-meta table is loaded into the sharded model after
@@ -222,14 +224,16 @@ def shard_model(model: nn.Module, ctx: DistributedContext,
 
     from hybrid.core.tables import is_table_key
 
-    constraints = {name: ParameterConstraints(sharding_types=[kind]) for name, kind in (sharding_types or {}).items()}
-    for name in _frozen_table_names(model):
+    constraints = {}
+    frozen = _frozen_table_names(model)
+    for name in _table_names(model):
         kind = (sharding_types or {}).get(name)
         if kind == "data_parallel":
-            raise ValueError(f"table {name} is frozen (requires_grad=False) but sharding_types asks for data_parallel, "
-                             "whose dense kernel the dense optimizer would train; use table_wise or row_wise")
-        if kind is None:
-            constraints[name] = ParameterConstraints(sharding_types=["table_wise", "row_wise"])
+            why = ("is frozen (requires_grad=False)" if name in frozen
+                   else "would lose its table optimizer (the dense AdamW would step it with the dense lr)")
+            raise ValueError(f"table {name} {why}: sharding_types asks for data_parallel, a dense kernel with no "
+                             "fused optimizer; use table_wise, row_wise or column_wise")
+        constraints[name] = ParameterConstraints(sharding_types=[kind] if kind else list(_FUSED_SHARDING_TYPES))
     preset = {key: value for key, value in model.state_dict().items()
               if is_table_key(key) and isinstance(value, torch.Tensor) and not value.is_meta}
     topology = Topology(world_size=ctx.world_size, compute_device=ctx.device.type)
@@ -245,6 +249,16 @@ def shard_model(model: nn.Module, ctx: DistributedContext,
     if preset:
         _restore_table_values(dmp, preset)
     return dmp
+
+
+#: every sharding type whose kernel carries the table's own fused (in-backward) optimizer: all but data_parallel
+_FUSED_SHARDING_TYPES = ("table_wise", "row_wise", "column_wise", "table_row_wise", "table_column_wise")
+
+
+def _table_names(model: nn.Module) -> set[str]:
+    from hybrid.core.tables import table_parameters
+
+    return {name for _, name, _ in table_parameters(model)}
 
 
 def _frozen_table_names(model: nn.Module) -> set[str]:
