@@ -25,9 +25,9 @@ import torch
 from hybrid.adapters.config import TransferError
 from hybrid.core.checkpoint import (
     CheckpointError,
-    latest_checkpoint,
     load_checkpoint,
-    read_manifest,
+    resolve_checkpoint,
+    verify_checkpoint,
 )
 from hybrid.pretrain.layout import (
     BACKBONE_PREFIX,
@@ -53,20 +53,21 @@ class PretrainedCheckpoint:
 
     @classmethod
     def open(cls, path: str | Path) -> "PretrainedCheckpoint":
-        """Open a checkpoint directory, or the newest complete one under a checkpoint root (``LATEST``).
+        """Open a checkpoint directory, or the one a checkpoint root's ``LATEST`` names; verify it first.
 
         Raises:
             TransferError: no checkpoint there, or not a pretraining checkpoint (names the path).
+            CheckpointError: a corrupt or incomplete checkpoint (names the file and what is wrong:
+                :func:`~hybrid.core.checkpoint.verify_checkpoint`).
         """
         path = Path(path)
-        if not (path / "manifest.json").is_file():
-            latest = latest_checkpoint(path) if path.is_dir() else None
-            if latest is None:
-                raise TransferError(f"{path}: not a pretraining checkpoint (no manifest.json, and no LATEST "
-                                    "pointer to a complete checkpoint)")
-            path = latest
+        resolved = resolve_checkpoint(path)
+        if resolved is None:
+            raise TransferError(f"{path}: not a pretraining checkpoint (no manifest.json, and no LATEST "
+                                "pointer to a complete checkpoint)")
+        path = resolved
+        manifest = verify_checkpoint(path)  # before any read: a truncated / changed file is one line
         try:
-            manifest = read_manifest(path)
             from torch.distributed.checkpoint import FileSystemReader
             from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 

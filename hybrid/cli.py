@@ -113,8 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(prep)
 
     pre = commands.add_parser("pretrain", help="train the generative model on prepared sequences")
-    pre.add_argument("--resume", action="store_true",
-                     help="continue from the newest complete checkpoint in <out>/checkpoints")
+    pre.add_argument("--resume", nargs="?", const=True, default=False, choices=["previous"],
+                     help="continue from the newest complete checkpoint in <out>/checkpoints; --resume=previous: "
+                          "from the newest one that verifies when the one LATEST names is corrupt or incomplete")
     _add_config(pre, "pretrain")
     _add_common(pre)
 

@@ -58,10 +58,11 @@ from torch.utils.data import DataLoader
 from hybrid.core.batch import SequenceBatch
 from hybrid.core.checkpoint import (
     CheckpointError,
-    latest_checkpoint,
     load_checkpoint,
     read_manifest,
+    resume_checkpoint,
     save_checkpoint,
+    verify_checkpoint,
 )
 from hybrid.core.feature_map import NUM_RESERVED_IDS
 from hybrid.core.progress import MetricsCallback, Progress, ThroughputWindow, rank0_callback
@@ -229,6 +230,7 @@ def train(
     checkpoint_dir: str | Path | None = None,
     manifest: Mapping[str, Any] | None = None,
     resume: bool = False,
+    resume_from: str | Path | None = None,
     log_metrics: MetricsCallback | None = None,
     item_counts: torch.Tensor | None = None,
 ) -> PretrainResult:
@@ -246,7 +248,11 @@ def train(
         ctx: rank / world size / device (default: one CPU process).
         checkpoint_dir: where checkpoints go (``None``: none are written).
         manifest: extra JSON-able facts stored in every checkpoint's manifest (config, feature map...).
-        resume: continue from the newest complete checkpoint in ``checkpoint_dir`` (if there is one).
+        resume: continue from the newest complete checkpoint in ``checkpoint_dir`` (if there is one): the
+            one ``LATEST`` names; a corrupt or incomplete one is refused
+            (:func:`~hybrid.core.checkpoint.resume_checkpoint`).
+        resume_from: continue from this checkpoint directory instead (e.g. the newest one that verifies,
+            chosen by ``hybrid pretrain --resume=previous``).
         log_metrics: called on rank 0 as ``log_metrics(metrics, step, epoch)`` with names like
             ``train/loss``, ``eval/hr_at_10``, ``perf/events_per_s``; ``epoch`` is fractional.
         item_counts: ``[V_item]`` training frequencies, needed by in-batch negatives with logQ correction.
@@ -283,9 +289,12 @@ def train(
     manifest = dict(manifest or {})
     manifest.update(model=core.config.to_dict(), tables=_table_shapes(core), world_size=ctx.world_size,
                     steps_per_epoch=steps_per_epoch, train_config=dataclasses.asdict(cfg))
-    last = latest_checkpoint(checkpoint_dir) if (resume and checkpoint_dir is not None) else None
+    if resume_from is not None:
+        last = Path(resume_from)
+    else:
+        last = resume_checkpoint(checkpoint_dir) if (resume and checkpoint_dir is not None) else None
     if last is not None:
-        check_resumable(last, read_manifest(last), manifest)
+        check_resumable(last, verify_checkpoint(last), manifest)
         step, metrics = restore_training_state(last, model, optimizer, schedule, negatives, rank=ctx.rank)
 
     evaluations: list[tuple[int, dict[str, float]]] = []

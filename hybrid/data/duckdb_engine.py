@@ -141,8 +141,9 @@ class DuckDBBackend(Backend):
 
 
 def run_protocol(con: duckdb.DuckDBPyConnection, source: Source, cfg: ProtocolConfig, out: Path,
-                 row_group_size: int = 1_000_000) -> tuple[FeatureMap, dict]:
+                 row_group_size: int = 1_000_000, duplicates: str | None = None) -> tuple[FeatureMap, dict]:
     """Apply ``cfg``'s protocol to the ``raw_*`` tables in ``con``; write the tables of
     :attr:`PreparedData.TABLES` as parquet into ``out``. Returns the feature map and the stats (the same
-    keys and values as :func:`hybrid.data.protocols.prepare`'s)."""
-    return sql_protocol.run(DuckDBBackend(con, out, row_group_size), source, cfg)
+    keys and values as :func:`hybrid.data.protocols.prepare`'s). ``duplicates`` (``error`` / ``drop``; ``None``:
+    unchecked): what duplicate events get (:func:`hybrid.data.validation.deduplicate`)."""
+    return sql_protocol.run(DuckDBBackend(con, out, row_group_size), source, cfg, duplicates)

@@ -18,7 +18,9 @@ already handle) are read by :func:`hybrid.data.readers.read_dataset` and handed 
 from __future__ import annotations
 
 import csv
-from dataclasses import dataclass
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import duckdb
@@ -36,9 +38,10 @@ from hybrid.data.readers import (
     _read_table,
     _require_file,
     _table_format,
+    field_count_problem,
     read_dataset,
 )
-from hybrid.data.schema import EVENT_COLUMNS, OPTIONAL_EVENT_COLUMNS, RawDataset
+from hybrid.data.schema import EVENT_COLUMNS, OPTIONAL_EVENT_COLUMNS, RawDataset, RowOrigin
 from hybrid.data.sql_checks import ColumnChecks
 
 #: Readers this module implements in SQL; every other dataset goes through the pandas reader.
@@ -47,13 +50,35 @@ NATIVE_DATASETS = ("taobao", "events")
 
 @dataclass(frozen=True)
 class Source:
-    """What was loaded: the dataset's name and path (for messages and stats) and which tables exist."""
+    """What was loaded: the dataset's name and path (for messages and stats) and which tables exist.
+
+    ``events_file`` names the events file and ``locate(rn)`` one of its rows (``"u.data, line 7"``) from the
+    ``rn`` of ``raw_events``, for the checks of :mod:`hybrid.data.validation`; by default they name the source
+    and the ``rn + 1``-th event.
+    """
 
     name: str
     source: str
     has_items: bool
     has_users: bool
     event_columns: tuple[str, ...]
+    events_file: str = ""
+    locate: Callable[[int], str] | None = field(default=None, compare=False, repr=False)
+
+    def file(self) -> str:
+        """The events file (or, when the events come from several files, the dataset's path or name)."""
+        return self.events_file or self.source or self.name
+
+    def row(self, rn: int) -> str:
+        """``"<file>, line N"`` of the event whose ``rn`` is given."""
+        return self.locate(int(rn)) if self.locate is not None else f"{self.file()}, event {int(rn) + 1}"
+
+
+def raw_source(data: RawDataset, present: tuple[str, ...]) -> Source:
+    """The :class:`Source` of a dataset read by a pandas reader (``rn`` = its events' position)."""
+    origin = data.origin
+    return Source(data.name, data.source, data.items is not None, data.users is not None, present,
+                  events_file=origin.path if origin else "", locate=origin.at if origin else None)
 
 
 def quote(name: str) -> str:
@@ -84,7 +109,7 @@ def load_raw_dataset(con: duckdb.DuckDBPyConnection, data: RawDataset) -> Source
     con.execute(f"CREATE TABLE raw_events AS SELECT rn, {', '.join(map(quote, present))} FROM _events_frame")
     con.unregister("_events_frame")
     load_side_frames(con, data.items, data.users)
-    return Source(data.name, data.source, data.items is not None, data.users is not None, present)
+    return raw_source(data, present)
 
 
 def load_side_frames(con: duckdb.DuckDBPyConnection, items: pd.DataFrame | None, users: pd.DataFrame | None) -> None:
@@ -150,7 +175,13 @@ def _stage_csv(con: duckdb.DuckDBPyConnection, path: Path, names: list[str], *, 
         reader = _read_csv_sql(path, names, sep=sep, header=header, quoting=quoting)
         con.execute(f"CREATE TABLE staging AS SELECT * FROM {reader}")
     except duckdb.Error as exc:
+        counted = _FIELD_COUNT.search(str(exc))
+        if counted is not None:  # a row with more (or fewer) fields than the header / format
+            raise HybridInputError(field_count_problem(path, int(counted[1]), int(counted[3]), int(counted[2]))) from None
         raise HybridInputError(f"{path}: malformed file: {_duckdb_reason(exc)}") from None
+
+
+_FIELD_COUNT = re.compile(r"CSV Error on Line: (\d+).*?Expected Number of Columns: (\d+) Found: (\d+)", re.S)
 
 
 def _duckdb_reason(exc: duckdb.Error) -> str:
@@ -215,7 +246,8 @@ def load_taobao(con: duckdb.DuckDBPyConnection, path: str | Path) -> Source:
     con.execute(f"""CREATE TABLE raw_items AS SELECT item_id, arg_min(category, rn) AS genres,
                     '{UNKNOWN_YEAR}' AS year FROM (SELECT rowid AS rn, {exprs['item_id']} AS item_id,
                     {exprs['category_id']} AS category FROM staging) GROUP BY item_id""")
-    return Source("taobao", str(path), True, False, ("user_id", "item_id", "timestamp", "behavior"))
+    return Source("taobao", str(path), True, False, ("user_id", "item_id", "timestamp", "behavior"),
+                  events_file=str(path), locate=RowOrigin(str(path)).at)
 
 
 def _csv_header(path: Path, sep: str) -> list[str]:
@@ -265,4 +297,4 @@ def load_events_table(con: duckdb.DuckDBPyConnection, path: str | Path, columns:
     con.execute(f"CREATE VIEW raw_events AS SELECT rowid AS rn, {', '.join(exprs)} FROM staging")
     load_side_frames(con, *read_side_files(items_path, users_path, columns))
     return Source(path.name.split(".")[0] or "events", str(path), items_path is not None, users_path is not None,
-                  tuple(wanted))
+                  tuple(wanted), events_file=str(path), locate=RowOrigin(str(path), check.first_line, check.unit).at)

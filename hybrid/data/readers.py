@@ -40,6 +40,7 @@ from hybrid.data.schema import (
     OPTIONAL_EVENT_COLUMNS,
     USER_COLUMNS,
     RawDataset,
+    RowOrigin,
 )
 
 __all__ = [
@@ -58,6 +59,8 @@ PathLike = str | Path
 # "timestamp": unix seconds or date-time -> int64; "float": number, never NaN; "int": integer, never NaN.
 _FAST_DTYPE = {"key": str, "text": str, "timestamp": "int64", "float": "float64", "int": "int64"}
 
+#: the name of the column one past a delimited file's last (see :func:`_read_delimited`)
+_EXTRA_FIELD = "\x00extra field"
 _YEAR_IN_TITLE = re.compile(r"^(?P<title>.*?)\s*\((?P<year>\d{4})\)\s*$")
 _FOUR_DIGITS = re.compile(r"^\d{4}$")
 UNKNOWN_YEAR = "unknown"
@@ -137,12 +140,14 @@ def _parse_number(s: pd.Series, where: _Where, label: str) -> pd.Series:
         numbers = s.astype("float64")
     else:
         numbers = pd.to_numeric(s, errors="coerce")
-    bad = _first(numbers.isna())
+    bad = _first(~np.isfinite(numbers))
     if bad is None:
         return numbers.astype("float64")
     raw = s[bad]
     if pd.isna(raw) or str(raw).strip().lower() in ("", "nan"):
         raise HybridInputError(f"{where.at(bad, label)}: value is empty/NaN; every row needs a number")
+    if pd.notna(numbers[bad]):  # +-inf, or text such as "inf" / "-Infinity"
+        raise HybridInputError(f"{where.at(bad, label)}: {str(raw)!r} is not a finite number")
     raise HybridInputError(f"{where.at(bad, label)}: cannot parse {raw!r} as a number")
 
 
@@ -174,7 +179,12 @@ def _parse_timestamp(s: pd.Series, where: _Where, label: str) -> pd.Series:
         bad = _first(s.isna())
         if bad is not None:
             raise HybridInputError(f"{where.at(bad, label)}: timestamp is empty/NaN")
-        return np.floor(s).astype("int64") if pd.api.types.is_float_dtype(s.dtype) else s.astype("int64")
+        if not pd.api.types.is_float_dtype(s.dtype):
+            return s.astype("int64")
+        bad = _first(~_fits_seconds(s))
+        if bad is not None:
+            raise HybridInputError(f"{where.at(bad, label)}: {float(s[bad])!r} {TIMESTAMP_RANGE_PROBLEM}")
+        return np.floor(s).astype("int64")
 
     blank = _first(_is_blank(s))
     if blank is not None:
@@ -182,12 +192,15 @@ def _parse_timestamp(s: pd.Series, where: _Where, label: str) -> pd.Series:
     numbers = pd.to_numeric(s, errors="coerce")
     first_raw = s.iloc[0] if len(s) else ""
     if len(s) == 0 or not pd.isna(numbers.iloc[0]):
-        bad = _first(numbers.isna())
+        bad = _first(numbers.isna() | np.isinf(numbers))  # "nan", "inf": not a point in time
         if bad is not None:
             raise HybridInputError(
                 f"{where.at(bad, label)}: cannot parse {s[bad]!r} as a timestamp "
                 f"(expected unix seconds, like {first_raw!r} in the first row)"
             )
+        bad = _first(~_fits_seconds(numbers))
+        if bad is not None:
+            raise HybridInputError(f"{where.at(bad, label)}: {s[bad]!r} {TIMESTAMP_RANGE_PROBLEM}")
         return np.floor(numbers).astype("int64")
     with warnings.catch_warnings():
         # "Could not infer format": pandas then parses element by element, which is what we want here.
@@ -204,6 +217,16 @@ def _parse_timestamp(s: pd.Series, where: _Where, label: str) -> pd.Series:
             f"(expected a date-time like {first_raw!r} in the first row, or unix seconds)"
         )
     return ((times - pd.Timestamp(0, tz="UTC")) // pd.Timedelta(seconds=1)).astype("int64")
+
+
+#: the largest magnitude of a numeric timestamp: unix seconds are stored as int64
+MAX_TIMESTAMP = 1e18
+TIMESTAMP_RANGE_PROBLEM = "is out of range for a timestamp (unix seconds, at most 1e18 in magnitude)"
+
+
+def _fits_seconds(numbers: pd.Series) -> pd.Series:
+    """True where a finite number of seconds fits the int64 timestamps (``inf`` and ``1e30`` do not)."""
+    return numbers.abs() <= MAX_TIMESTAMP
 
 
 def _convert(s: pd.Series, kind: str, where: _Where, label: str) -> pd.Series:
@@ -246,13 +269,33 @@ def _require_dir(path: PathLike, what: str) -> Path:
     return path
 
 
-def _pandas_read_csv(source, path: Path, **kwargs) -> pd.DataFrame:
-    """``pd.read_csv`` with malformed-file errors (wrong field count, ...) turned into HybridInputError."""
+_FIELD_COUNT = re.compile(r"Expected (\d+) fields in line (\d+), saw (\d+)")
+
+
+def field_count_problem(path: Path | str, line: int, found: int | str, expected: int) -> str:
+    """The one message of a row with more (or fewer) fields than the file's header or format."""
+    return f"{path}: malformed file: line {line} has {found} fields, expected {expected}"
+
+
+def _pandas_read_csv(source, path: Path, fields: int | None = None, **kwargs) -> pd.DataFrame:
+    """``pd.read_csv`` with malformed-file errors (wrong field count, ...) turned into HybridInputError.
+
+    ``fields``: the number of fields a row should have, when ``kwargs`` name one more column (the sentinel of
+    :func:`_read_delimited`) — pandas' count then includes that column."""
     try:
-        return pd.read_csv(source, **kwargs)
+        with warnings.catch_warnings():
+            # index_col=False: a first row with too many fields would be cut with only this warning
+            warnings.simplefilter("error", pd.errors.ParserWarning)
+            return pd.read_csv(source, **kwargs)
+    except pd.errors.ParserWarning as exc:
+        raise HybridInputError(f"{path}: malformed file: the first data row has more than "
+                               f"{fields if fields is not None else 'the expected'} fields") from exc
     except pd.errors.ParserError as exc:
         # pandas' message already gives the line: "Expected 4 fields in line 7, saw 5".
         detail = str(exc).strip().removeprefix("Error tokenizing data. C error: ")
+        counted = _FIELD_COUNT.search(detail)
+        if counted is not None and fields is not None:
+            raise HybridInputError(field_count_problem(path, int(counted[2]), int(counted[3]), fields)) from exc
         raise HybridInputError(f"{path}: malformed file: {detail}") from exc
     except pd.errors.EmptyDataError as exc:
         raise HybridInputError(f"{path}: file is empty") from exc
@@ -290,13 +333,24 @@ def _read_delimited(
         ...                 sep="\\t", names=["u", "i", "r", "t"])  # doctest: +SKIP
     """
     labels = labels or {}
+
+    def source():
+        return io.BytesIO(data) if data is not None else path
+
+    header = None
+    if not names:
+        header = [str(c) for c in _pandas_read_csv(source(), path, sep=sep, nrows=0, encoding=encoding,
+                                                   quoting=quoting).columns]
+    columns = list(names or header)
     common = dict(
         sep=sep,
-        header=None if names else 0,
-        names=names,
-        # Without a header, read every column: pandas then reports rows with too many fields instead of
-        # silently dropping the extra ones (which it does with usecols).
-        usecols=None if names else list(kinds),
+        header=None,
+        skiprows=None if names else 1,
+        # Every column and one more (the sentinel): a row with one field too many fills it, one with more
+        # is pandas' ParserError — rows with extra fields are refused, never cut to the expected ones (which
+        # usecols does silently) nor taken as an index column (what pandas does when the first row is longer).
+        names=[*columns, _EXTRA_FIELD],
+        index_col=False,
         encoding=encoding,
         quoting=quoting,
         keep_default_na=False,  # an id or title "NA"/"null" is a value, not a missing one
@@ -305,22 +359,25 @@ def _read_delimited(
         nrows=nrows,
     )
 
-    def source():
-        return io.BytesIO(data) if data is not None else path
-
-    fast_dtypes = {c: str for c in (names or [])} | {c: _FAST_DTYPE[k] for c, k in kinds.items()}
+    fast_dtypes = {c: str for c in (*columns, _EXTRA_FIELD)} | {c: _FAST_DTYPE[k] for c, k in kinds.items()}
     try:
-        frame = _pandas_read_csv(source(), path, dtype=fast_dtypes, **common)
+        with warnings.catch_warnings():  # "inf" / "1e30" in an int64 column: a cast warning, then garbage
+            warnings.simplefilter("error", RuntimeWarning)
+            frame = _pandas_read_csv(source(), path, len(columns), dtype=fast_dtypes, **common)
     except HybridInputError:
         raise
-    except (ValueError, OverflowError):
+    except (ValueError, OverflowError, RuntimeWarning):
         # Some value does not fit its dtype (NaN in an int column, "abc" as a timestamp, ...): re-read as
         # text so that the checks below can name the line and the value. Not UnicodeDecodeError: callers
         # decide about encodings.
-        frame = _pandas_read_csv(source(), path, dtype=str, **common)
+        frame = _pandas_read_csv(source(), path, len(columns), dtype=str, **common)
+    first_line = 1 if names else 2
+    extra = _first(frame[_EXTRA_FIELD].notna())
+    if extra is not None:
+        raise HybridInputError(field_count_problem(path, int(extra) + first_line, len(columns) + 1, len(columns)))
     frame = frame[list(kinds)]
     frame = frame.dropna(how="all")  # blank lines; the index still counts them, so line numbers stay right
-    where = _Where(str(path), first_line=1 if names else 2)
+    where = _Where(str(path), first_line=first_line)
     out = {col: _convert(frame[col], kind, where, labels.get(col, repr(col))) for col, kind in kinds.items()}
     return pd.DataFrame(out).reset_index(drop=True)
 
@@ -444,7 +501,7 @@ def _read_ml100k(directory: Path) -> RawDataset:
         kinds = {"user_id": "key", "gender": "text", "age": "text", "occupation": "text", "zip": "text"}
         users = _read_delimited(directory / "u.user", kinds, sep="|", names=user_names)
         _check_unique(users, "user_id", directory / "u.user")
-    return RawDataset("movielens-100k", events, items, users, source=str(directory))
+    return RawDataset("movielens-100k", events, items, users, source=str(directory), origin=RowOrigin(str(ratings_path)))
 
 
 def _read_ml100k_genres(path: Path) -> list[str]:
@@ -504,7 +561,8 @@ def _read_ml1m(directory: Path) -> RawDataset:
         kinds = {"user_id": "key", "gender": "text", "age": "text", "occupation": "text", "zip": "text"}
         users = _read_double_colon(directory / "users.dat", user_names, kinds)
         _check_unique(users, "user_id", directory / "users.dat")
-    return RawDataset("movielens-1m", events, items, users, source=str(directory))
+    origin = RowOrigin(str(ratings_files[0])) if len(ratings_files) == 1 else None
+    return RawDataset("movielens-1m", events, items, users, source=str(directory), origin=origin)
 
 
 # --------------------------------------------------------------------------------------------- RecBole
@@ -602,7 +660,7 @@ def read_recbole(path: PathLike, name: str | None = None) -> RawDataset:
     if user_path.exists():
         table = _read_atomic(user_path, _RECBOLE_USER_FIELDS, required=("user_id",))
         users = _complete_users(table, user_path)
-    return RawDataset(name, events, items, users, source=str(directory))
+    return RawDataset(name, events, items, users, source=str(directory), origin=RowOrigin(str(inter_path), 2))
 
 
 def _read_atomic(path: Path, fields: dict[str, str], required: tuple[str, ...]) -> pd.DataFrame:
@@ -704,7 +762,8 @@ def read_taobao(path: PathLike, nrows: int | None = None) -> RawDataset:
             "year": UNKNOWN_YEAR,
         }
     )
-    return RawDataset("taobao", _object_text(events), _object_text(items), None, source=str(path))
+    return RawDataset("taobao", _object_text(events), _object_text(items), None, source=str(path),
+                      origin=RowOrigin(str(path)))
 
 
 # --------------------------------------------------------------------------------------------- generic
@@ -830,7 +889,9 @@ def read_events_table(
         table = _read_table(user_file, columns, ("user_id",), ("gender", "age", "occupation", "zip"), explicit)
         users = _complete_users(table, user_file)
     name = events_path.name.split(".")[0] or "events"
-    return RawDataset(name, events, items, users, source=str(events_path))
+    parquet = _table_format(events_path) == "parquet"
+    origin = RowOrigin(str(events_path), 1, "row") if parquet else RowOrigin(str(events_path), 2)
+    return RawDataset(name, events, items, users, source=str(events_path), origin=origin)
 
 
 # --------------------------------------------------------------------------------------------- dispatch

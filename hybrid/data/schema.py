@@ -36,6 +36,7 @@ class RawDataset:
         items: one row per item, or ``None`` when the source has no item side table.
         users: one row per user, or ``None``.
         source: where it was read from (a path), for messages and the stats file.
+        origin: the events file and its row numbering (``None``: events from several files, or unknown).
     """
 
     name: str
@@ -43,3 +44,27 @@ class RawDataset:
     items: pd.DataFrame | None = None
     users: pd.DataFrame | None = None
     source: str = ""
+    origin: RowOrigin | None = None
+
+
+@dataclass(frozen=True)
+class RowOrigin:
+    """Where a reader's events come from, to name one of them in a message: the events file and how its data
+    rows are numbered (``events`` row ``i`` is data row ``i``; blank lines, which readers skip, are not counted).
+
+    Args:
+        path: the events file.
+        first_line: the line (or row) number of data row 0: 1 without a header row, 2 with one.
+        unit: ``line`` (text files) or ``row`` (parquet).
+
+    Example:
+        >>> RowOrigin("u.data").at(4)
+        'u.data, line 5'
+    """
+
+    path: str
+    first_line: int = 1
+    unit: str = "line"
+
+    def at(self, row: int) -> str:
+        return f"{self.path}, {self.unit} {int(row) + self.first_line}"

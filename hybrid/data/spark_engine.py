@@ -45,7 +45,7 @@ from hybrid.core.errors import HybridInputError
 from hybrid.core.feature_map import FeatureMap
 from hybrid.data import sql_protocol
 from hybrid.data.duckdb_engine import EngineConfig
-from hybrid.data.duckdb_sources import Source, _csv_header
+from hybrid.data.duckdb_sources import Source, _csv_header, raw_source
 from hybrid.data.protocols import ProtocolConfig
 from hybrid.data.readers import (
     _ALL_CANONICAL,
@@ -275,13 +275,15 @@ def _compact(parts: list[Path], target: Path, spark_schema, row_group_size: int)
             writer.close()
 
 
-def run_protocol(db: SparkBackend, source: Source, cfg: ProtocolConfig, out: Path) -> tuple[FeatureMap, dict]:
+def run_protocol(db: SparkBackend, source: Source, cfg: ProtocolConfig, out: Path,
+                 duplicates: str | None = None) -> tuple[FeatureMap, dict]:
     """Apply ``cfg``'s protocol to the ``raw_*`` views of ``db``; write the tables of
     :attr:`hybrid.data.protocols.PreparedData.TABLES` as parquet into ``out`` (a path the driver writes).
-    Returns the feature map and the stats, as :func:`hybrid.data.duckdb_engine.run_protocol`."""
+    Returns the feature map and the stats, as :func:`hybrid.data.duckdb_engine.run_protocol` (``duplicates``
+    too)."""
     db.out = Path(out)
     try:
-        return sql_protocol.run(db, source, cfg)
+        return sql_protocol.run(db, source, cfg, duplicates)
     except Exception as exc:
         _reraise_input_error(exc, source.source or source.name)
         raise
@@ -340,7 +342,7 @@ def _load_raw_dataset(db: SparkBackend, data: RawDataset) -> Source:
                                            "year": _text(year)}))
     if data.users is not None:
         _register_users(db, data.users)
-    return Source(data.name, data.source, data.items is not None, data.users is not None, present)
+    return raw_source(data, present)
 
 
 def _register_users(db: SparkBackend, users) -> None:
@@ -436,7 +438,8 @@ def _load_taobao(db: SparkBackend, path: str | Path) -> Source:
     db.table("raw_items", f"""SELECT item_id, min_by(category, rn) AS genres, '{UNKNOWN_YEAR}' AS year
                    FROM (SELECT rn, {exprs['item_id']} AS item_id, {exprs['category_id']} AS category FROM staging) s
                    GROUP BY item_id""")
-    return Source("taobao", str(path), True, False, ("user_id", "item_id", "timestamp", "behavior"))
+    return Source("taobao", str(path), True, False, ("user_id", "item_id", "timestamp", "behavior"),
+                  events_file=str(path), locate=_locate(check, path))
 
 
 def _load_events_table(db: SparkBackend, path: str | Path, columns: dict[str, str], items_path: str | None,
@@ -484,4 +487,9 @@ def _load_events_table(db: SparkBackend, path: str | Path, columns: dict[str, st
         table = _read_table(user_file, columns, ("user_id",), ("gender", "age", "occupation", "zip"), explicit)
         _register_users(db, _complete_users(table, user_file))
     return Source(path.name.split(".")[0] or "events", str(path), items_path is not None, users_path is not None,
-                  tuple(wanted))
+                  tuple(wanted), events_file=str(path), locate=_locate(check, path))
+
+
+def _locate(check: SparkChecks, path: Path):
+    """``rn`` (Spark's increasing, not contiguous ids) → ``"<file>, line N"``."""
+    return lambda rn: f"{path}, {check.unit} {check.line(rn) + check.first_line}"

@@ -13,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from hybrid.core.errors import HybridInputError
-from hybrid.data.readers import _CANONICAL_KIND
+from hybrid.data.readers import _CANONICAL_KIND, MAX_TIMESTAMP, TIMESTAMP_RANGE_PROBLEM
 
 
 class ColumnChecks:
@@ -108,6 +108,9 @@ class ColumnChecks:
             bad = self.first(f"{c} IS NULL OR isnan(CAST({c} AS DOUBLE))", c)
             if bad is not None:
                 raise HybridInputError(f"{self.where(bad[0], label)}: timestamp is empty/NaN")
+            bad = self.first(f"abs(CAST({c} AS DOUBLE)) > {MAX_TIMESTAMP!r}", f"CAST({c} AS DOUBLE)")
+            if bad is not None:  # inf, 1e30: no int64 second
+                raise HybridInputError(f"{self.where(bad[0], label)}: {float(bad[1])!r} {TIMESTAMP_RANGE_PROBLEM}")
             return f"CAST(floor(CAST({c} AS DOUBLE)) AS BIGINT)"
         blank = self.first(f"{c} IS NULL OR trim({c}) = ''", c)
         if blank is not None:
@@ -116,10 +119,13 @@ class ColumnChecks:
         first_raw = first[1] if first else ""
         if self.parses_as_double(first_raw):
             numeric = self.to_double(c)
-            bad = self.first(f"{numeric} IS NULL", c)
-            if bad is not None:
+            bad = self.first(f"{numeric} IS NULL OR isnan({numeric}) OR {self.is_infinite(numeric)}", c)
+            if bad is not None:  # "nan" and "inf" parse as doubles, but are no point in time
                 raise HybridInputError(f"{self.where(bad[0], label)}: cannot parse {bad[1]!r} as a timestamp "
                                        f"(expected unix seconds, like {first_raw!r} in the first row)")
+            bad = self.first(f"abs({numeric}) > {MAX_TIMESTAMP!r}", c)
+            if bad is not None:
+                raise HybridInputError(f"{self.where(bad[0], label)}: {bad[1]!r} {TIMESTAMP_RANGE_PROBLEM}")
             return f"CAST(floor({numeric}) AS BIGINT)"
         parsed = self.to_timestamp(c)
         bad = self.first(f"{parsed} IS NULL", c)

@@ -13,6 +13,8 @@ The input views (created by the engine's source loader): ``raw_events(rn, user_i
 [, rating][, behavior])`` with ``rn`` increasing in file order, optional ``raw_items(item_id, genres, year)``
 and ``raw_users(user_id[, gender, age, occupation])``. The steps (each a table or view of the engine):
 
+0. ``events_in``: ``raw_events``, checked for duplicate rows or without them (:mod:`hybrid.data.validation`;
+   every later step reads it);
 1. ``side``: item → genres list (``|``-split, empty → ``unknown``), ``category`` (the first genre), ``year``;
 2. ``users0``: one row per user in raw-id order (``user_row``), its event count, first position, last time;
    ``ev``: every event with its absolute position (by user, then time, then file order), category, action;
@@ -43,6 +45,7 @@ from hybrid.core.errors import HybridInputError
 from hybrid.core.feature_map import NUM_RESERVED_IDS, OOV_ID, PAD_ID, FeatureMap, Vocabulary, history_key
 from hybrid.data.duckdb_sources import Source
 from hybrid.data.protocols import PROTOCOLS, UNKNOWN, USER_FIELDS, PreparedData, ProtocolConfig
+from hybrid.data.validation import EVENTS, deduplicate, with_dropped
 
 
 class Backend:
@@ -184,11 +187,11 @@ def build_side(db: Backend, source: Source) -> None:
 
 def build_events(db: Backend, source: Source) -> None:
     """Step 2: ``users0`` (one row per user, raw-id order) and ``ev`` (every event, with its position)."""
-    db.table("users0", """
+    db.table("users0", f"""
         SELECT user_id, CAST(row_number() OVER (ORDER BY user_id) - 1 AS BIGINT) AS user_row, length, last_time,
                CAST(sum(length) OVER (ORDER BY user_id ROWS BETWEEN UNBOUNDED PRECEDING AND CURRENT ROW) - length
                     AS BIGINT) AS first_pos
-        FROM (SELECT user_id, count(*) AS length, max(timestamp) AS last_time FROM raw_events GROUP BY user_id) c""")
+        FROM (SELECT user_id, count(*) AS length, max(timestamp) AS last_time FROM {EVENTS} GROUP BY user_id) c""")
     columns = source.event_columns
     category = f"coalesce(s.category, '{UNKNOWN}')" if source.has_items else f"CAST(NULL AS {db.text})"
     if "rating" in columns:  # the action token: the rating as text ("4", "3.5"), else the behaviour
@@ -204,7 +207,7 @@ def build_events(db: Backend, source: Source) -> None:
         SELECT u.user_row, u.first_pos + row_number() OVER (PARTITION BY e.user_id ORDER BY e.timestamp, e.rn) - 1
                    AS pos,
                e.user_id, e.item_id, e.timestamp, {category} AS category, {action} AS action{rating}
-        FROM raw_events e JOIN users0 u ON u.user_id = e.user_id {side_join}""")
+        FROM {EVENTS} e JOIN users0 u ON u.user_id = e.user_id {side_join}""")
 
 
 def _vocabulary(db: Backend, name: str, counts_sql: str, min_count: int) -> Vocabulary:
@@ -379,7 +382,7 @@ def _last_item(db: Backend, source: Source, cfg: ProtocolConfig) -> tuple[Featur
 # -- protocol B: ratings ------------------------------------------------------------------------------------------
 
 def _ratings(db: Backend, source: Source, cfg: ProtocolConfig) -> tuple[FeatureMap, dict]:
-    times = db.fetch("SELECT timestamp, count(*) AS n FROM raw_events GROUP BY timestamp ORDER BY timestamp")
+    times = db.fetch(f"SELECT timestamp, count(*) AS n FROM {EVENTS} GROUP BY timestamp ORDER BY timestamp")
     cut = quantile_from_counts(times["timestamp"], times["n"], cfg.time_cut_quantile)
     valid_cut = (quantile_from_counts(times["timestamp"], times["n"], cfg.time_cut_quantile - cfg.validation_share)
                  if cfg.validation_share > 0 else cut)
@@ -419,10 +422,12 @@ def _ratings(db: Backend, source: Source, cfg: ProtocolConfig) -> tuple[FeatureM
 
 # -- entry point ------------------------------------------------------------------------------------------------
 
-def run(db: Backend, source: Source, cfg: ProtocolConfig) -> tuple[FeatureMap, dict]:
+def run(db: Backend, source: Source, cfg: ProtocolConfig, duplicates: str | None = None) -> tuple[FeatureMap, dict]:
     """Apply ``cfg``'s protocol to the ``raw_*`` views of ``db``; the backend writes the tables of
     :attr:`PreparedData.TABLES`. Returns the feature map and the stats (the same keys and values as
-    :func:`hybrid.data.protocols.prepare`'s)."""
+    :func:`hybrid.data.protocols.prepare`'s). ``duplicates``: ``error`` refuses duplicate events, ``drop``
+    keeps the first of each (the stats then count the others, ``duplicates_dropped``), ``None`` takes every
+    row unchecked (:func:`hybrid.data.validation.deduplicate`)."""
     if cfg.protocol not in PROTOCOLS:
         raise HybridInputError(f"unknown protocol '{cfg.protocol}' (expected one of: {', '.join(PROTOCOLS)})")
     started = time.perf_counter()
@@ -430,12 +435,13 @@ def run(db: Backend, source: Source, cfg: ProtocolConfig) -> tuple[FeatureMap, d
         raise HybridInputError(f"{source.source or source.name}: protocol 'ratings' needs a 'rating' column in the events")
     if db.scalar("SELECT count(*) FROM raw_events") == 0:
         raise HybridInputError(f"{source.source or source.name}: no events")
+    dropped = deduplicate(db, source, duplicates)
     build_side(db, source)
     build_events(db, source)
     fm, protocol_stats = (_last_item if cfg.protocol == "last-item" else _ratings)(db, source, cfg)
     stats = {**statistics(db, source, fm, cfg), **protocol_stats,
              "prepare_seconds": round(time.perf_counter() - started, 3)}
-    return fm, stats
+    return fm, (with_dropped(stats, dropped) if duplicates is not None else stats)
 
 
 def statistics(db: Backend, source: Source, fm: FeatureMap, cfg: ProtocolConfig) -> dict:
@@ -457,7 +463,7 @@ def statistics(db: Backend, source: Source, fm: FeatureMap, cfg: ProtocolConfig)
 
     users, items, events, first, last = db.row(
         "SELECT count(DISTINCT user_id), count(DISTINCT item_id), count(*), min(timestamp), max(timestamp) "
-        "FROM raw_events")
+        f"FROM {EVENTS}")
     return {
         "dataset": source.name, "source": source.source, "protocol": cfg.protocol,
         "users": int(users), "items": int(items), "events": int(events), "time_range": [int(first), int(last)],

@@ -38,9 +38,9 @@ import yaml
 from hybrid.adapters import TransferConfig
 from hybrid.config import from_mapping, to_dict
 from hybrid.core.checkpoint import (
-    latest_checkpoint,
     load_checkpoint,
-    read_manifest,
+    resolve_checkpoint,
+    verify_checkpoint,
 )
 from hybrid.core.errors import HybridInputError
 from hybrid.core.feature_map import FeatureMap
@@ -358,7 +358,8 @@ def load_finetuned(checkpoint: str | Path) -> tuple[Ranker, dict[str, Any]]:
 
     Args:
         checkpoint: a checkpoint directory (``<out>/checkpoints/best/step-…``) or a ``best`` / ``last``
-            root (its newest complete checkpoint is used).
+            root (the checkpoint its ``LATEST`` names is used). It is verified before anything is read
+        (:func:`~hybrid.core.checkpoint.verify_checkpoint`).
 
     Returns:
         ``(model in eval mode, manifest)``; ``manifest["feature_map"]`` is the feature map of its ids.
@@ -367,13 +368,10 @@ def load_finetuned(checkpoint: str | Path) -> tuple[Ranker, dict[str, Any]]:
         >>> model, manifest = load_finetuned("runs/ml1m/finetune-dcn_v2/checkpoints/best")   # doctest: +SKIP
         >>> manifest["metrics"]["valid/auc"], manifest["metrics"]["test/auc"]   # doctest: +SKIP
     """
-    path = Path(checkpoint)
-    if not (path / "manifest.json").is_file():
-        newest = latest_checkpoint(path)
-        if newest is None:
-            raise HybridInputError(f"{path}: no complete fine-tuning checkpoint here")
-        path = newest
-    manifest = read_manifest(path)
+    path = resolve_checkpoint(checkpoint)
+    if path is None:
+        raise HybridInputError(f"{checkpoint}: no complete fine-tuning checkpoint here")
+    manifest = verify_checkpoint(path)  # a corrupt / incomplete one: one line naming the file (exit 2)
     try:
         fm = FeatureMap.from_dict(manifest["feature_map"], source=f"{path}/manifest.json")
         shape = manifest.get("item_vectors_shape")

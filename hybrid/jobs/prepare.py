@@ -22,6 +22,7 @@ from hybrid.data.protocols import ProtocolConfig, prepare
 from hybrid.data.readers import read_dataset
 from hybrid.data.schema import RawDataset
 from hybrid.data.store import atomic_directory, save_prepared, write_metadata
+from hybrid.data.validation import Duplicates, check_samples, deduplicate_frame, with_dropped
 from hybrid.tracking import Tracker, TrackingConfig, make_tracker
 
 
@@ -34,6 +35,9 @@ class DataConfig:
         path: directory (MovieLens, RecBole) or file (Taobao CSV, events CSV/parquet).
         columns: ``events`` only: canonical column → column in the file (``{"user_id": "uid"}``).
         items_path, users_path: ``events`` only: optional item / user side tables.
+        duplicates: what events that repeat an earlier one in every field (user, item, timestamp, rating /
+            behaviour) get: ``error`` (the default) refuses the data, naming the first such row; ``drop`` keeps
+            the first of each and counts the others in ``stats.json`` (``duplicates_dropped``).
     """
 
     dataset: str = "movielens-100k"
@@ -41,6 +45,7 @@ class DataConfig:
     columns: dict[str, str] = field(default_factory=dict)
     items_path: str | None = None
     users_path: str | None = None
+    duplicates: Duplicates = "error"
 
     def options(self) -> dict:
         """The reader-specific options that are set."""
@@ -74,9 +79,11 @@ class PreparedSummary:
 
 
 def run_prepare(cfg: PrepareConfig, tracker: Tracker | None = None, parent_run: str | None = None) -> PreparedSummary:
-    """Read, prepare, save atomically, log params / statistics / data hash.
+    """Read, check, prepare, save atomically, log params / statistics / data hash.
 
-    Input errors are raised before the MLflow run starts; the output directory appears only when complete.
+    Input errors — in the files, duplicate events, a split the protocol leaves empty
+    (:mod:`hybrid.data.validation`) — are raised before the MLflow run starts; the output directory appears
+    only when complete, and an earlier one is replaced only then.
     """
     tracker = tracker or make_tracker(cfg.tracking)
     out = Path(cfg.out)
@@ -85,9 +92,12 @@ def run_prepare(cfg: PrepareConfig, tracker: Tracker | None = None, parent_run: 
     except OSError as exc:
         raise HybridInputError(f"{out.parent}: cannot create the output's directory ({exc.strerror})") from None
     if cfg.engine.name == "pandas":
-        data = cfg.data.read()
+        data, dropped = deduplicate_frame(cfg.data.read(), cfg.data.duplicates)
+        prepared = prepare(data, cfg.protocol)
+        prepared.stats = with_dropped(prepared.stats, dropped)
+        check_samples(prepared.stats, data.origin.path if data.origin else (data.source or data.name), cfg.protocol)
+        _report_dropped(dropped)
         with _prepare_run(tracker, cfg, data.name, parent_run) as run:
-            prepared = prepare(data, cfg.protocol)
             save_prepared(prepared, out, config_yaml=to_yaml(cfg))
             summary = PreparedSummary(out, prepared.feature_map, prepared.stats)
             _log_summary(tracker, run, summary)
@@ -102,12 +112,14 @@ def run_prepare(cfg: PrepareConfig, tracker: Tracker | None = None, parent_run: 
     try:
         with _engine(cfg.engine, scratch) as (load_source, run_protocol):
             source = load_source(cfg.data.dataset, cfg.data.path, **cfg.data.options())
-            with _prepare_run(tracker, cfg, source.name, parent_run) as run:
-                with atomic_directory(out) as tmp:
-                    feature_map, stats = run_protocol(source, cfg.protocol, tmp)
+            with atomic_directory(out) as tmp:  # a failure inside leaves no output and any earlier one intact
+                feature_map, stats = run_protocol(source, cfg.protocol, tmp, cfg.data.duplicates)
+                check_samples(stats, source.file(), cfg.protocol)
+                _report_dropped(stats["duplicates_dropped"])
+                with _prepare_run(tracker, cfg, source.name, parent_run) as run:
                     write_metadata(tmp, feature_map, stats, to_yaml(cfg))
-                summary = PreparedSummary(out, feature_map, stats)
-                _log_summary(tracker, run, summary)
+                    summary = PreparedSummary(out, feature_map, stats)
+                    _log_summary(tracker, run, summary)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return summary
@@ -115,7 +127,7 @@ def run_prepare(cfg: PrepareConfig, tracker: Tracker | None = None, parent_run: 
 
 @contextmanager
 def _engine(engine: EngineConfig, scratch: Path) -> Iterator[tuple[Callable, Callable]]:
-    """``(load_source(dataset, path, **options), run_protocol(source, protocol, out))`` of the out-of-core
+    """``(load_source(dataset, path, **options), run_protocol(source, protocol, out, duplicates))`` of the out-of-core
     engine named by ``engine.name`` (DuckDB or Spark), its scratch files in ``scratch``."""
     if engine.name == "spark":
         from hybrid.data import spark_engine  # pyspark only for this engine (a clear error when missing)
@@ -124,7 +136,8 @@ def _engine(engine: EngineConfig, scratch: Path) -> Iterator[tuple[Callable, Cal
         db = spark_engine.SparkBackend(spark, scratch, engine.row_group_size)
         try:
             yield (lambda *args, **kw: spark_engine.load_source(db, *args, **kw),
-                   lambda source, protocol, out: spark_engine.run_protocol(db, source, protocol, out))
+                   lambda source, protocol, out, duplicates: spark_engine.run_protocol(db, source, protocol, out,
+                                                                                       duplicates))
         finally:
             db.close()
         return
@@ -134,7 +147,8 @@ def _engine(engine: EngineConfig, scratch: Path) -> Iterator[tuple[Callable, Cal
     con = connect(engine, scratch)
     try:
         yield (lambda *args, **kw: load_source(con, *args, **kw),
-               lambda source, protocol, out: run_protocol(con, source, protocol, out, engine.row_group_size))
+               lambda source, protocol, out, duplicates: run_protocol(con, source, protocol, out, engine.row_group_size,
+                                                                      duplicates))
     finally:
         con.close()
 
@@ -147,6 +161,12 @@ def _prepare_run(tracker: Tracker, cfg: PrepareConfig, dataset: str, parent_run:
                            "engine": cfg.engine.name}) as run:
         tracker.log_params(run, to_dict(cfg))
         yield run
+
+
+def _report_dropped(dropped: int) -> None:
+    """``data.duplicates: drop`` says what it dropped (the count is ``duplicates_dropped`` in ``stats.json``)."""
+    if dropped:
+        print(f"dropped {dropped} duplicate event {'row' if dropped == 1 else 'rows'} (data.duplicates: drop)")
 
 
 def _log_summary(tracker: Tracker, run, summary: PreparedSummary) -> None:

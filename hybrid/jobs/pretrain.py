@@ -31,7 +31,7 @@ import torch
 from hybrid.config import from_mapping, to_dict
 from hybrid.core.backbones import BackboneConfig
 from hybrid.core.backbones.config import BackboneKind
-from hybrid.core.checkpoint import CheckpointError, read_manifest
+from hybrid.core.checkpoint import CheckpointError, checkpoint_dirs, read_manifest, resume_checkpoint
 from hybrid.core.errors import HybridInputError
 from hybrid.core.feature_map import FeatureMap, table_name
 from hybrid.data.batching import SEQUENCE_FEATURES, SequenceBatchConverter, make_loader
@@ -167,13 +167,20 @@ def check_feature_map(path: Path, manifest: dict, fm: FeatureMap, features: tupl
                           f"(fingerprint {saved_fm.fingerprint()} vs {fm.fingerprint()}): {detail}")
 
 
-def run_pretrain(cfg: PretrainConfig, resume: bool = False, parent_run: str | None = None) -> dict[str, Any]:
+#: ``run_pretrain(resume=PREVIOUS)`` / ``hybrid pretrain --resume=previous``: continue from the newest checkpoint
+#: that verifies when the one ``LATEST`` names is corrupt or incomplete
+PREVIOUS = "previous"
+
+
+def run_pretrain(cfg: PretrainConfig, resume: bool | str = False, parent_run: str | None = None) -> dict[str, Any]:
     """Train the generative model of ``cfg`` (sharded under ``torchrun``); log to MLflow on rank 0.
 
     Args:
         cfg: the job config.
         resume: continue from ``<out>/checkpoints``' newest complete checkpoint (a fresh start if there is
-            none). Without it, an ``out`` that already holds checkpoints is refused.
+            none). Without it, an ``out`` that already holds checkpoints is refused. When the checkpoint
+            ``LATEST`` names is corrupt or incomplete, ``True`` refuses (one line naming the newest one that
+            verifies) and ``"previous"`` (:data:`PREVIOUS`) continues from that one.
         parent_run: MLflow run id to nest this stage under.
 
     Returns:
@@ -192,7 +199,16 @@ def run_pretrain(cfg: PretrainConfig, resume: bool = False, parent_run: str | No
     model_cfg = cfg.model.build(cfg.train.max_len, available)
     out = Path(cfg.out)
     root = out / CHECKPOINTS
-    last = refuse_existing(root, "pass --resume to continue it or choose another out", allow=resume)
+    if resume not in (False, True, PREVIOUS):
+        raise HybridInputError(f"resume: expected true, false or {PREVIOUS!r}, got {resume!r}")
+    if resume:  # verified; a corrupt LATEST is refused here, before anything is written
+        last = resume_checkpoint(root, previous=resume == PREVIOUS)
+    else:
+        advice = "pass --resume to continue it or choose another out"
+        last = refuse_existing(root, advice)
+        if checkpoint_dirs(root):  # step-* directories but no complete LATEST: never overwrite them
+            raise HybridInputError(f"{root}: already holds checkpoints (newest {checkpoint_dirs(root)[0].name}; "
+                                   f"LATEST names no complete one); {advice}")
 
     with training_stage(out, cfg.train.batch_size) as stage:
         ctx = stage.ctx
@@ -233,7 +249,8 @@ def run_pretrain(cfg: PretrainConfig, resume: bool = False, parent_run: str | No
             manifest = {"config": to_dict(cfg), "feature_map": fm.to_dict(), "data_hash": dhash,
                         "mlflow_run_id": run}
             result = train(model, train_loader, eval_loader, cfg.train, ctx=ctx, checkpoint_dir=root,
-                           manifest=manifest, resume=resume, log_metrics=log_metrics, item_counts=counts)
+                           manifest=manifest, resume=bool(resume), resume_from=last, log_metrics=log_metrics,
+                           item_counts=counts)
             summary = {"metrics": result.metrics, "baseline": baseline,
                        "checkpoint": str(result.checkpoint) if result.checkpoint else None,
                        "step": result.step, "epoch": result.epoch,
