@@ -31,7 +31,7 @@ import pandas as pd
 
 from hybrid.core.errors import HybridInputError
 from hybrid.ctr_models.metrics import one_epoch_drop
-from hybrid.tracking import TAGS, Tracker
+from hybrid.tracking import PARENT_TAG, TAGS, Tracker
 
 AUC_METRIC = "valid/auc"
 TEST_AUC_METRIC = "test/auc"
@@ -60,6 +60,7 @@ class RunCurve:
     auc: np.ndarray
     test_auc: dict[int, float]
     one_epoch_tag: str | None = None
+    parent_run: str | None = None   # the pipeline run it is nested under (sweep, quickstart)
 
 
 def _history(client, run_id: str, key: str) -> dict[int, float]:
@@ -92,7 +93,7 @@ def load_curves(tracker: Tracker, stage: str = "finetune") -> list[RunCurve]:
             steps=np.array(steps, dtype=np.int64),
             epochs=np.array([epoch.get(s, np.nan) for s in steps], dtype=float),
             auc=np.array([auc[s] for s in steps], dtype=float), test_auc=test,
-            one_epoch_tag=tags.get(TAGS.one_epoch_drop)))
+            one_epoch_tag=tags.get(TAGS.one_epoch_drop), parent_run=tags.get(PARENT_TAG)))
     return curves
 
 
@@ -313,8 +314,11 @@ td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}img{{max-width:10
 
 # -- the command ---------------------------------------------------------------------------------------------
 
-def run_review(tracker: Tracker, out: Path, stage: str = "finetune") -> dict:
-    """Read, summarise, plot, write, log as artifacts of a ``review`` run; returns the paths and fits."""
+def run_review(tracker: Tracker, out: Path, stage: str = "finetune", parent_run: str | None = None) -> dict:
+    """Read, summarise, plot, write, log as artifacts of a ``review`` run; returns the paths and fits.
+
+    The ``review`` run nests under ``parent_run``; by default under the pipeline run (``sweep``,
+    ``quickstart``) every reviewed run is nested under, when they share one."""
     curves = load_curves(tracker, stage=stage)
     if not curves:
         raise HybridInputError(f"experiment '{tracker.experiment}' at {tracker.tracking_uri} has no finished "
@@ -328,7 +332,10 @@ def run_review(tracker: Tracker, out: Path, stage: str = "finetune") -> dict:
     scaling, fits = plot_scaling(table, out / "scaling.png")
     images.append(scaling)
     page = write_html(out / "report.html", tracker.experiment, table_md, table, images, fits)
-    with tracker.run("review", tags={TAGS.stage: "review"}) as run:
+    if parent_run is None:
+        parents = {c.parent_run for c in curves}
+        parent_run = parents.pop() if len(parents) == 1 else None
+    with tracker.run("review", parent=parent_run, tags={TAGS.stage: "review"}) as run:
         tracker.log_params(run, {"runs_reviewed": len(curves), "stage": stage})
         tracker.log_artifact(run, out, artifact_path="review")
     return {"table": table, "markdown": table_md, "fits": fits, "html": page, "runs": len(curves)}

@@ -8,7 +8,13 @@
 - One experiment per study; one parent run per pipeline; nested runs per stage (``mlflow.parentRunId``).
 - Params are logged once per run (flattened config: ``model.backbone.dim``); metrics carry a ``step``
   and, when given, the fractional epoch as ``progress/epoch`` at the same step; names like ``valid/auc``.
-- Tags: git commit, data hash, package versions, and whatever the stage adds (strategy, model size...).
+- Tags: MLflow's reserved source tags (``mlflow.source.name`` / ``.type`` / ``.git.commit``, ``mlflow.user``),
+  the data hash, package versions, and whatever the stage adds (strategy, model size...); path-valued tags
+  (:data:`PATH_TAGS`) are absolute. Experiments this module creates are tagged ``mlflow.experimentKind =
+  custom_model_development``, so the UI opens its classic (training) view, not the GenAI one.
+- Prepared data is logged as MLflow dataset inputs (:meth:`Tracker.log_prepared_data`): digest = its data hash.
+- Optional system metrics (``tracking.system_metrics: true``, needs ``psutil``): CPU / memory / disk / network
+  (and GPU) as ``system/...`` metrics of every run, sampled by MLflow's own monitor.
 - Only rank 0 logs: on other ranks every call is a no-op, so stage code need not check.
 
 Example:
@@ -24,9 +30,12 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import getpass
+import importlib.util
 import json
 import os
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator, Mapping
@@ -53,6 +62,24 @@ class TAGS:
     git_commit = "git_commit"
     one_epoch_drop = "one_epoch_drop"
     pretrain_run = "pretrain_run_id"
+    pretrain_checkpoint = "pretrain_checkpoint"
+    resumed_from = "resumed_from"
+
+
+#: tags whose value is a path: logged absolute (a relative one means nothing to ``mlflow ui`` started elsewhere)
+PATH_TAGS = (TAGS.pretrain_checkpoint, TAGS.resumed_from)
+
+#: the experiment tag MLflow 3's UI reads to choose its view, and the value of its classic ML / custom model view
+#: (``ExperimentKind.CUSTOM_MODEL_DEVELOPMENT`` of the UI; MLflow's Python package has no constant for it)
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+
+#: ``mlflow.data.context`` of the prepared directory as ``hybrid data prepare`` logs it (what the stage wrote)
+OUTPUT_CONTEXT = "output"
+#: the prepared tables each training stage reads → their ``mlflow.data.context`` (its dataset inputs)
+PRETRAIN_INPUTS = {"pretrain_train": "training", "pretrain_eval": "validation"}
+FINETUNE_INPUTS = {"ctr_train": "training", "ctr_valid": "validation", "ctr_test": "test"}
+
 MAX_PARAM_LENGTH = 6000  # MLflow's limit for a param value
 
 
@@ -105,10 +132,38 @@ def git_commit(path: str | os.PathLike | None = None) -> str:
         return "unknown"
 
 
+def source_name() -> str:
+    """``mlflow.source.name``: the program that runs (as ``mlflow.start_run`` names it: the absolute path of the
+    main script, e.g. ``.../bin/hybrid`` or ``.../hybrid/__main__.py``), else ``hybrid``."""
+    main = Path(sys.argv[0]) if sys.argv and sys.argv[0] else None
+    return os.path.abspath(main) if main is not None and main.is_file() else "hybrid"
+
+
+def source_tags(commit: str | None = None) -> dict[str, str]:
+    """MLflow's reserved source tags: program, source type ``LOCAL``, user, and the git commit when known
+    (``commit``: default :func:`git_commit`)."""
+    from mlflow.entities import SourceType
+    from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT, MLFLOW_SOURCE_NAME, MLFLOW_SOURCE_TYPE, MLFLOW_USER
+
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):  # no user name (some containers)
+        user = "unknown"
+    tags = {MLFLOW_SOURCE_NAME: source_name(), MLFLOW_SOURCE_TYPE: SourceType.to_string(SourceType.LOCAL),
+            MLFLOW_USER: user}
+    commit = commit or git_commit()
+    if commit != "unknown":
+        tags[MLFLOW_GIT_COMMIT] = commit
+    return tags
+
+
 def environment_tags() -> dict[str, str]:
+    """The tags of every run: :func:`source_tags`, ``git_commit`` (the same commit, kept for saved searches)
+    and the torch / TorchRec versions."""
     import torch
 
-    tags = {TAGS.git_commit: git_commit(), "torch_version": torch.__version__}
+    commit = git_commit()
+    tags = {**source_tags(commit), TAGS.git_commit: commit, "torch_version": torch.__version__}
     try:
         import torchrec
 
@@ -118,6 +173,15 @@ def environment_tags() -> dict[str, str]:
     return tags
 
 
+def absolute_tags(tags: Mapping[str, Any]) -> dict[str, str]:
+    """``tags`` as strings, the :data:`PATH_TAGS` among them made absolute (URIs such as ``s3://...`` kept)."""
+    out = {k: str(v) for k, v in tags.items()}
+    for key in PATH_TAGS:
+        if out.get(key) and "://" not in out[key]:
+            out[key] = os.path.abspath(out[key])
+    return out
+
+
 class Tracker:
     """Thin, explicit wrapper over :class:`mlflow.MlflowClient` (no global MLflow state is touched).
 
@@ -125,12 +189,16 @@ class Tracker:
         tracking_uri: where runs are stored (see :func:`resolve_tracking_uri`).
         experiment: experiment name; created when missing.
         enabled: log or not; default: only on rank 0.
+        system_metrics: sample CPU / memory / disk / network (and GPU) usage into every run this tracker opens
+            (``system/...`` metrics; MLflow's monitor, needs ``psutil``).
     """
 
-    def __init__(self, tracking_uri: str, experiment: str, enabled: bool | None = None) -> None:
+    def __init__(self, tracking_uri: str, experiment: str, enabled: bool | None = None,
+                 system_metrics: bool = False) -> None:
         self.tracking_uri = tracking_uri
         self.experiment = experiment
         self.enabled = is_rank_zero() if enabled is None else enabled
+        self.system_metrics = system_metrics
         self._client = None
         self._experiment_id: str | None = None
 
@@ -147,7 +215,8 @@ class Tracker:
         if self._experiment_id is None:
             found = self.client.get_experiment_by_name(self.experiment)
             self._experiment_id = found.experiment_id if found else self.client.create_experiment(
-                self.experiment, artifact_location=artifact_location(self.tracking_uri))
+                self.experiment, artifact_location=artifact_location(self.tracking_uri),
+                tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
         return self._experiment_id
 
     @contextlib.contextmanager
@@ -156,17 +225,30 @@ class Tracker:
         if not self.enabled:
             yield None
             return
-        all_tags = {**environment_tags(), **{k: str(v) for k, v in (tags or {}).items()}}
+        all_tags = {**environment_tags(), **absolute_tags(tags or {})}
         if parent:
             all_tags[PARENT_TAG] = parent
         run = self.client.create_run(self.experiment_id, run_name=name, tags=all_tags)
         run_id = run.info.run_id
+        monitor = self._system_metrics_monitor(run_id)
         status = "FAILED"
         try:
             yield run_id
             status = "FINISHED"
         finally:
+            if monitor is not None:  # flushed while the run is still open
+                monitor.finish()
             self.client.set_terminated(run_id, status=status)
+
+    def _system_metrics_monitor(self, run_id: str):
+        """MLflow's system-metrics monitor of ``run_id``, started (``None`` when ``system_metrics`` is off)."""
+        if not self.system_metrics:
+            return None
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        monitor = SystemMetricsMonitor(run_id, tracking_uri=self.tracking_uri)
+        monitor.start()
+        return monitor
 
     def log_params(self, run_id: str | None, params: Mapping[str, Any]) -> None:
         """Log a (nested) mapping of params once, flattened with dots."""
@@ -197,8 +279,40 @@ class Tracker:
     def set_tags(self, run_id: str | None, tags: Mapping[str, Any]) -> None:
         if not self.enabled or run_id is None:
             return
-        for key, value in tags.items():
-            self.client.set_tag(run_id, key, str(value))
+        for key, value in absolute_tags(tags).items():
+            self.client.set_tag(run_id, key, value)
+
+    def log_prepared_data(self, run_id: str | None, directory: str | os.PathLike, stats: Mapping[str, Any],
+                          tables: Mapping[str, str] | None = None, digest: str | None = None) -> None:
+        """Log a prepared data directory as MLflow dataset inputs (the run's *Datasets* in ``mlflow ui``).
+
+        Args:
+            directory: the prepared directory (``hybrid data prepare --out``).
+            stats: its ``stats.json`` (dataset, protocol, data hash, counts).
+            tables: table → ``mlflow.data.context``, e.g. ``{"ctr_train": "training", "ctr_valid": "validation"}``:
+                one dataset per table, named ``<dataset>/<protocol>/<table>``, its source the table's parquet
+                file, its schema and row count read from the parquet footer (no rows are read). ``None``: the
+                directory itself, one dataset ``<dataset>/<protocol>`` with context ``output`` and the counts of
+                ``stats`` as its profile (what ``prepare`` wrote; its files need not be in place yet).
+            digest: the dataset digest; default ``stats["data_hash"]`` (the prepared data hash).
+        """
+        if not self.enabled or run_id is None:
+            return
+        from mlflow.entities import DatasetInput, InputTag
+        from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+        directory = Path(os.path.abspath(directory))
+        digest = str(digest or stats.get("data_hash") or "unknown")
+        name = f"{stats.get('dataset', directory.name)}/{stats.get('protocol', 'prepared')}"
+        if tables is None:
+            profile = {k: v for k, v in stats.items() if isinstance(v, (int, float, dict)) and k != "vocab_sizes"}
+            datasets = [(_dataset(name, digest, directory, profile=profile), OUTPUT_CONTEXT)]
+        else:
+            datasets = [(_table_dataset(f"{name}/{table}", digest, directory / f"{table}.parquet", stats.get(table)),
+                         context) for table, context in tables.items()]
+        self.client.log_inputs(run_id, datasets=[
+            DatasetInput(dataset._to_mlflow_entity(), tags=[InputTag(MLFLOW_DATASET_CONTEXT, context)])
+            for dataset, context in datasets])
 
     def log_artifact(self, run_id: str | None, path: str | os.PathLike, artifact_path: str | None = None) -> None:
         if not self.enabled or run_id is None:
@@ -227,18 +341,88 @@ class TrackingConfig:
         tracking_uri: explicit URI; empty → ``MLFLOW_TRACKING_URI`` → ``sqlite:///<working dir>/mlflow.db``.
         experiment: experiment name (one per study).
         enabled: ``false`` turns logging off.
+        run_name: the stage's run name; empty: the stage's own (``pretrain-L4H64A4-llama``...). The quickstart and
+            ``hybrid sweep`` name each stage (``pretrain L4H64A4 seed0``, ``finetune gpsd L4H64A4 st_sf seed1``).
+        system_metrics: log CPU / memory / disk / network (and GPU) usage as ``system/...`` metrics of every run
+            (``--set tracking.system_metrics=true``; needs ``psutil``). Sampling interval: MLflow's
+            ``MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL`` (seconds, default 10).
     """
 
     tracking_uri: str | None = None
     experiment: str = "hybrid"
     enabled: bool = True
+    run_name: str | None = None
+    system_metrics: bool = False
 
+    def __post_init__(self) -> None:
+        if self.system_metrics and importlib.util.find_spec("psutil") is None:
+            raise ValueError("system_metrics: MLflow's system metrics need psutil (pip install psutil)")
 
 
 def make_tracker(cfg: TrackingConfig) -> Tracker:
     """The tracker a stage config asks for (store: :func:`resolve_tracking_uri`)."""
     return Tracker(resolve_tracking_uri(cfg.tracking_uri), cfg.experiment,
-                   enabled=None if cfg.enabled else False)
+                   enabled=None if cfg.enabled else False, system_metrics=cfg.system_metrics)
+
+
+def _local_source(path: Path):
+    """MLflow's dataset source for a local file or directory (``source_type: local``, ``uri``: the path)."""
+    from mlflow.data.dataset_source_registry import get_registered_sources, resolve_dataset_source
+
+    for source in get_registered_sources():
+        if source._get_source_type() == "local":
+            return source(str(path))
+    return resolve_dataset_source(str(path))  # pragma: no cover - MLflow always registers the local one
+
+
+def _dataset(name: str, digest: str, path: Path, schema=None, profile: Mapping[str, Any] | None = None):
+    """A :class:`mlflow.data.meta_dataset.MetaDataset` (metadata only: no rows) with a JSON profile."""
+    from mlflow.data.meta_dataset import MetaDataset
+
+    class PreparedDataset(MetaDataset):
+        @property
+        def profile(self) -> Any | None:
+            return dict(profile) if profile else None
+
+        def to_dict(self) -> dict[str, str]:
+            config = super().to_dict()
+            if profile:
+                config["profile"] = json.dumps(profile, default=str)
+            return config
+
+    return PreparedDataset(_local_source(path), name=name, digest=digest, schema=schema)
+
+
+def _table_dataset(name: str, digest: str, path: Path, stats: Any):
+    """One prepared table: schema and row count from its parquet footer, its ``stats.json`` entry beside them."""
+    import pyarrow.parquet as pq
+
+    schema, profile = None, dict(stats) if isinstance(stats, Mapping) else {}
+    if path.is_file():
+        meta = pq.read_metadata(path)
+        schema = _mlflow_schema(meta.schema.to_arrow_schema())
+        profile["num_rows"] = meta.num_rows
+    return _dataset(name, digest, path, schema=schema, profile=profile)
+
+
+def _mlflow_schema(arrow_schema):
+    """An MLflow column schema of an Arrow schema (lists become arrays; an unmapped type is a string)."""
+    import pyarrow as pa
+    from mlflow.types.schema import Array, ColSpec, DataType, Schema
+
+    def of(t):
+        if pa.types.is_list(t) or pa.types.is_large_list(t):
+            return Array(of(t.value_type))
+        for test, dtype in ((pa.types.is_boolean, DataType.boolean), (pa.types.is_int64, DataType.long),
+                            (pa.types.is_uint32, DataType.long), (pa.types.is_uint64, DataType.long),
+                            (pa.types.is_integer, DataType.integer), (pa.types.is_float32, DataType.float),
+                            (pa.types.is_floating, DataType.double), (pa.types.is_timestamp, DataType.datetime),
+                            (pa.types.is_binary, DataType.binary)):
+            if test(t):
+                return dtype
+        return DataType.string
+
+    return Schema([ColSpec(of(f.type), f.name, required=not f.nullable) for f in arrow_schema])
 
 
 def _param_value(value: Any) -> str:

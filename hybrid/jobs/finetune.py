@@ -67,7 +67,7 @@ from hybrid.data.store import data_hash, open_prepared
 from hybrid.jobs.prepare import DataConfig
 from hybrid.jobs.stage import refuse_existing, training_stage
 from hybrid.jobs.transfer import transfer_hook
-from hybrid.tracking import TrackingConfig
+from hybrid.tracking import FINETUNE_INPUTS, TrackingConfig
 
 CHECKPOINTS = "checkpoints"
 #: Features a CTR batch can carry (``CTRBatchConverter``): user fields, candidate fields, the genres bag and
@@ -308,6 +308,7 @@ def run_finetune(cfg: FinetuneConfig, parent_run: str | None = None, prepare_mod
         run_name = f"finetune-{cfg.ranker.name}-{strategy}-seed{cfg.train.seed}"
         with stage.track(cfg.tracking, run_name, parent=parent_run, tags=tags) as (tracker, run):
             tracker.log_params(run, {**to_dict(cfg), "resolved_ranker": dataclasses.asdict(core.config)})
+            tracker.log_prepared_data(run, cfg.data, prepared.stats, FINETUNE_INPUTS, digest=dhash)
             if report is not None:
                 tracker.log_json(run, report, "transfer_report.json")
                 # what was loaded / frozen, as params (the transfer config) and metrics (counts) beside the JSON

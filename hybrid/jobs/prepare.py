@@ -173,6 +173,7 @@ def _log_summary(tracker: Tracker, run, summary: PreparedSummary) -> None:
     tracker.set_tags(run, {"data_hash": summary.stats["data_hash"]})
     tracker.log_metrics(run, _numeric(summary.stats), step=0)
     tracker.log_json(run, summary.stats, "stats.json")
+    tracker.log_prepared_data(run, summary.path, summary.stats)  # the directory written, as a dataset (output)
 
 
 def _numeric(stats: dict, prefix: str = "data/") -> dict[str, float]:

@@ -48,7 +48,7 @@ from hybrid.pretrain.trainer import (
     train,
     unwrap,
 )
-from hybrid.tracking import TrackingConfig
+from hybrid.tracking import PRETRAIN_INPUTS, TrackingConfig
 
 CHECKPOINTS = "checkpoints"
 
@@ -241,6 +241,7 @@ def run_pretrain(cfg: PretrainConfig, resume: bool | str = False, parent_run: st
         run_name = f"pretrain-{model_cfg.backbone.size_name}-{model_cfg.backbone.kind}"
         with stage.track(cfg.tracking, run_name, parent=parent_run, tags=tags) as (tracker, run):
             tracker.log_params(run, {**to_dict(cfg), "resolved_model": model_cfg.to_dict()})
+            tracker.log_prepared_data(run, cfg.data, prepared.stats, PRETRAIN_INPUTS, digest=dhash)
             tracker.log_metrics(run, {f"baseline/popularity_{k}": v for k, v in baseline.items()}, step=0)
 
             def log_metrics(metrics: dict[str, float], step: int, epoch: float) -> None:

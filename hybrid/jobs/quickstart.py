@@ -9,7 +9,8 @@
    DCN-v2 on ``ratings`` (one seed; evaluated every third of an epoch, so the one-epoch picture shows);
 5. review: the ranker × strategy table, the one-epoch picture and an HTML report.
 
-Everything nests under one ``quickstart`` parent run in the experiment ``quickstart-ml-100k``.
+Everything nests under one ``quickstart`` parent run in the experiment ``quickstart-ml-100k``, each stage's run
+named for what it ran (``pretrain L2H32A2 last-item seed0``, ``finetune gpsd st_sf seed1``, ``review``).
 """
 from __future__ import annotations
 
@@ -94,7 +95,8 @@ def run_quickstart(out: Path, tracking_uri: str | None = None,
         pcfg = load_config(PretrainConfig, _packaged("quickstart_pretrain.yaml"), overrides.get("pretrain", []))
         for protocol in PROTOCOLS:
             target = out / "pretrain" / protocol
-            cfg = replace(pcfg, data=prepared[protocol], out=str(target), tracking=tracking)
+            name = f"pretrain {pcfg.model.size} {protocol} seed{pcfg.train.seed}"   # one per protocol: say which
+            cfg = replace(pcfg, data=prepared[protocol], out=str(target), tracking=replace(tracking, run_name=name))
             pretrained = run_pretrain(cfg, resume=(target / "checkpoints").exists(), parent_run=parent)
             results["pretrain"][protocol] = pretrained
             m, b = pretrained["metrics"], pretrained["baseline"]
@@ -109,7 +111,8 @@ def run_quickstart(out: Path, tracking_uri: str | None = None,
             for strategy in STRATEGIES:
                 for seed in seeds[ranker]:
                     cfg = replace(fcfg, data=prepared[protocol], train=replace(fcfg.train, seed=seed),
-                                  out=str(out / "finetune" / ranker / strategy / f"seed{seed}"), tracking=tracking,
+                                  out=str(out / "finetune" / ranker / strategy / f"seed{seed}"),
+                                  tracking=replace(tracking, run_name=f"finetune {ranker} {strategy} seed{seed}"),
                                   transfer=transfer_config(strategy, checkpoint))
                     summary = run_finetune(cfg, parent_run=parent)
                     results["finetune"][(ranker, strategy, seed)] = summary
@@ -120,7 +123,7 @@ def run_quickstart(out: Path, tracking_uri: str | None = None,
                           flush=True)
 
         _step(5, "reviewing the runs")
-        review = run_review(tracker, out / "review")
+        review = run_review(tracker, out / "review", parent_run=parent)
         results["review"] = review
         print(review["markdown"], flush=True)
     print(f"done in {time.perf_counter() - started:.0f} s")

@@ -97,11 +97,13 @@ class Stage:
               tags: Mapping[str, Any] | None = None) -> Iterator[tuple[Tracker, str | None]]:
         """The stage's MLflow run (nested under ``parent``); ends FAILED if the body raises.
 
-        Yields ``(tracker, run_id)``; ``run_id`` is ``None`` where nothing is logged (other ranks, tracking
-        disabled) and every tracker call is then a no-op.
+        The run is named ``tracking.run_name`` when set (the quickstart and ``hybrid sweep`` name each stage),
+        else ``name``. Yields ``(tracker, run_id)``; ``run_id`` is ``None`` where nothing is logged (other
+        ranks, tracking disabled) and every tracker call is then a no-op.
         """
         tracker = make_tracker(tracking)
-        with tracker.run(name, parent=parent, tags={**(tags or {}), "world_size": self.ctx.world_size}) as run:
+        with tracker.run(tracking.run_name or name, parent=parent,
+                         tags={**(tags or {}), "world_size": self.ctx.world_size}) as run:
             yield tracker, run
 
 

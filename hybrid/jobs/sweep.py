@@ -50,7 +50,9 @@ class SweepConfig:
         finetune: the fine-tuning template (size, seed, ``out`` and tracking are set per point).
         transfer: extra transfer settings for every point (``new_rows``, ``tables``; see ``TransferConfig``).
         out: root of all outputs.
-        tracking: MLflow settings; every stage logs into this experiment, nested under the sweep run.
+        tracking: MLflow settings; every stage logs into this experiment, nested under the sweep run
+            (named ``tracking.run_name``, default ``sweep``), each named for its point (``pretrain L4H64A4 seed0``,
+            ``finetune gpsd L4H64A4 st_sf seed1``).
     """
 
     sizes: list[str] = field(default_factory=lambda: ["L4H32A4", "L4H64A4", "L4H128A4", "L4H256A4"])
@@ -91,15 +93,18 @@ def finetune_for(cfg: SweepConfig, size: str, strategy: str, seed: int) -> Finet
     if history.get("encoder") == "transformer":
         raw["history"] = {**history, "backbone": {**(history.get("backbone") or {}), **shape}}
     point_out = Path(cfg.out) / "finetune" / size / strategy / f"seed{seed}"
+    name = f"finetune {cfg.finetune.ranker.name} {size} {strategy} seed{seed}"
     return replace(cfg.finetune, ranker=RankerSpec(cfg.finetune.ranker.name, raw),
-                   train=replace(cfg.finetune.train, seed=seed), out=str(point_out), tracking=cfg.tracking)
+                   train=replace(cfg.finetune.train, seed=seed), out=str(point_out),
+                   tracking=replace(cfg.tracking, run_name=name))
 
 
 def pretrain_for(cfg: SweepConfig, size: str) -> PretrainConfig:
     _size_dims(size)
     return replace(cfg.pretrain, model=replace(cfg.pretrain.model, size=size),
                    train=replace(cfg.pretrain.train, seed=cfg.pretrain_seed),
-                   out=str(Path(cfg.out) / "pretrain" / size), tracking=cfg.tracking)
+                   out=str(Path(cfg.out) / "pretrain" / size),
+                   tracking=replace(cfg.tracking, run_name=f"pretrain {size} seed{cfg.pretrain_seed}"))
 
 
 def _finished(out: str | Path) -> dict | None:
@@ -118,7 +123,7 @@ def run_sweep(cfg: SweepConfig) -> dict[str, Any]:
     # every stage logs into the sweep's store, resolved once (MLFLOW_TRACKING_URI could change under a long sweep)
     cfg = replace(cfg, tracking=replace(cfg.tracking, tracking_uri=tracker.tracking_uri))
     done, skipped, failed = [], [], {}
-    with tracker.run("sweep", tags={TAGS.stage: "sweep"}) as parent:
+    with tracker.run(cfg.tracking.run_name or "sweep", tags={TAGS.stage: "sweep"}) as parent:
         tracker.log_params(parent, {"sizes": cfg.sizes, "strategies": cfg.strategies, "seeds": cfg.seeds,
                                     "pretrain_seed": cfg.pretrain_seed, "transfer": cfg.transfer})
 
