@@ -64,6 +64,7 @@ from hybrid.data.batching import (
 from hybrid.data.item_vectors import ItemVectorsConfig, load_item_vectors
 from hybrid.data.protocols import USER_FIELDS
 from hybrid.data.store import data_hash, open_prepared
+from hybrid.data.validation import check_prepared_stats
 from hybrid.jobs.prepare import DataConfig
 from hybrid.jobs.stage import refuse_existing, training_stage
 from hybrid.jobs.transfer import transfer_hook
@@ -252,6 +253,7 @@ def run_finetune(cfg: FinetuneConfig, parent_run: str | None = None, prepare_mod
     if prepare_model is None and cfg.transfer.strategy.moves_tables:
         prepare_model = transfer_hook(cfg.transfer)
     strategy = strategy or cfg.transfer.strategy.value
+    check_prepared_stats(cfg.data, "finetune")  # an empty split: one line, before anything is built
     prepared = open_prepared(cfg.data)
     if len(prepared.ctr_valid) == 0:
         raise HybridInputError(f"{cfg.data}: the prepared data has no validation samples (ctr_valid); fine-tuning "

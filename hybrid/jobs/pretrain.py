@@ -38,6 +38,7 @@ from hybrid.data.batching import SEQUENCE_FEATURES, SequenceBatchConverter, make
 from hybrid.data.columns import as_table
 from hybrid.data.protocols import PreparedData
 from hybrid.data.store import data_hash, open_prepared
+from hybrid.data.validation import check_prepared_stats
 from hybrid.jobs.stage import refuse_existing, training_stage
 from hybrid.pretrain.model import GenerativeModelConfig
 from hybrid.pretrain.objectives import ObjectiveConfig
@@ -193,6 +194,7 @@ def run_pretrain(cfg: PretrainConfig, resume: bool | str = False, parent_run: st
     started = time.perf_counter()
     if not cfg.data:
         raise HybridInputError("data: set the prepared data directory (data: runs/ml1m/last-item)")
+    check_prepared_stats(cfg.data, "pretrain")  # an empty split: one line, before anything is built
     prepared = open_prepared(cfg.data)
     fm = prepared.feature_map
     available = [f for f in SEQUENCE_FEATURES if f in prepared.events and f in fm]
