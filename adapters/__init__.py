@@ -18,7 +18,11 @@ the jobs): feature maps come in as ``FeatureMap`` objects or their dict form, an
 ``hybrid.core.feature_map``'s.
 
 Order matters for freezing: ``apply_transfer`` → optimizers (trainable tables only) → sharding with
-``hybrid.core.training.shard_model`` (tables without an optimizer get a learning-rate-0 fused kernel).
+:func:`shard_model` (``hybrid.core.training.shard_model``: tables without an optimizer get a learning-rate-0
+fused kernel, transferred values stay in the shards). A plain ``DistributedModelParallel(model)`` would undo the
+transfer; the model's first forward then stops with one line saying so (``hybrid.adapters.guard``).
+``save_transfer`` / ``load_transfer`` keep only what the transfer owns (its tables, which are frozen, its
+report) and re-apply it to a freshly built model.
 """
 from hybrid.adapters.config import (
     NEW_ROW_POLICIES,
@@ -28,9 +32,11 @@ from hybrid.adapters.config import (
     TransferConfig,
     TransferError,
 )
+from hybrid.adapters.persist import load_transfer, save_transfer
 from hybrid.adapters.report import ModuleEntry, TableEntry, TransferReport
 from hybrid.adapters.source import PretrainedCheckpoint
 from hybrid.adapters.transfer import apply_transfer, project
+from hybrid.core.training import shard_model
 
 __all__ = [
     "NEW_ROW_POLICIES",
@@ -44,5 +50,8 @@ __all__ = [
     "TransferError",
     "TransferReport",
     "apply_transfer",
+    "load_transfer",
     "project",
+    "save_transfer",
+    "shard_model",
 ]

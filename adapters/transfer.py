@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from hybrid.adapters import guard
 from hybrid.adapters.config import Strategy, TransferConfig, TransferError
 from hybrid.adapters.report import (
     LOADED,
@@ -164,6 +165,7 @@ def apply_transfer(
                                           params=_numel(module)))
     _own_init_entries(model, inner, report, {p.slot.key for p in plans}, "not in the transfer", own_init)
     _count(model, inner, report)
+    guard.arm(inner, [p.slot for p in plans], {p.slot.key for p in plans if strategy.freezes_tables})
     return report
 
 

@@ -157,6 +157,8 @@ def test_frozen_tables_are_bit_identical_under_dmp(setup):
         plan = EmbeddingShardingPlanner(topology=Topology(world_size=1, compute_device="cpu")).collective_plan(
             plain, sharders, torch.distributed.GroupMember.WORLD)
         naive = DistributedModelParallel(plain, device=torch.device("cpu"), plan=plan, sharders=sharders)
-        train_steps(naive, naive.module, steps=1)
+        with pytest.raises(TransferError, match="t_item_id is frozen but gets DMP's default fused optimizer"):
+            train_steps(naive, naive.module, steps=1)   # hybrid.adapters.guard stops it at the first forward
+        train_steps(naive, naive.module, steps=1)       # (the guard looks once) and what it prevents:
         moved = local_table(naive.state_dict()["input.features.ec.embeddings.t_item_id.weight"])
         assert not torch.equal(moved, before)

@@ -248,8 +248,12 @@ def shard_model(model: nn.Module, ctx: DistributedContext,
     dmp = DistributedModelParallel(model, device=ctx.device, plan=plan, sharders=sharders)
     if preset:
         _restore_table_values(dmp, preset)
+    setattr(model, SHARDED_BY_SHARD_MODEL, True)   # hybrid.adapters.guard: this sharding keeps transfers intact
     return dmp
 
+
+#: attribute :func:`shard_model` sets on the module it shards (read by ``hybrid.adapters.guard``)
+SHARDED_BY_SHARD_MODEL = "_hybrid_sharded_by_shard_model"
 
 #: every sharding type whose kernel carries the table's own fused (in-backward) optimizer: all but data_parallel
 _FUSED_SHARDING_TYPES = ("table_wise", "row_wise", "column_wise", "table_row_wise", "table_column_wise")
