@@ -2,17 +2,17 @@
 
     hybrid data fetch movielens-100k --out DIR [--local DIR]
     hybrid data prepare --dataset NAME --path DIR --protocol last-item|ratings --out DIR [--config F] [--set k=v]
-    hybrid pretrain --config FILE [--set k=v ...] [--resume] [--tracking-uri URI]
+    hybrid pretrain --config FILE [--set k=v ...] [--resume[=previous]] [--tracking-uri URI]
     torchrun --nproc_per_node=N -m hybrid pretrain --config FILE ...     (sharded)
     hybrid finetune --config FILE [--set k=v ...] [--tracking-uri URI]
         [--init PRETRAIN_CHECKPOINT --strategy nt|ft|st|ft_sf|st_sf [--transfer key=value ...]]
     hybrid score --model FINETUNE_CHECKPOINT --input EVENTS --out scores.parquet [--since T] [--items F]
     torchrun --nproc_per_node=N -m hybrid score ...                      (each rank its users, one output)
     hybrid export --model FINETUNE_CHECKPOINT --input EVENTS --out ranker.pt2   (torch.export, for serving)
-    hybrid quickstart [--out DIR]
+    hybrid quickstart [--out DIR] [--set STAGE:KEY=VALUE ...]
 
-Bad input prints one line naming the file / row / column / key and exits with code 2; ``--debug`` shows
-the traceback instead.
+Bad input prints one line naming the file / row / column / key and exits with code 2; any other exception
+is a bug: one line saying so, exit 1. ``--debug`` shows the traceback instead; ``--quiet`` turns progress off.
 """
 from __future__ import annotations
 
@@ -32,15 +32,19 @@ from hybrid.bootstrap import bootstrap, check_stack
 from hybrid.core.errors import ConfigError, HybridInputError
 
 EXIT_BAD_INPUT = 2
+#: an exception that is not a HybridInputError: a bug (one line; the traceback under --debug)
+EXIT_BUG = 1
 _Config = TypeVar("_Config")
 _TRACKING_URI_HELP = ("MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///<working dir>/mlflow.db, "
                       "which `mlflow ui` and `hybrid review` started there also read)")
 
 
 def _add_common(parser: argparse.ArgumentParser, top: bool = False) -> None:
-    # Sub-commands must not reset a --debug given before them, hence SUPPRESS there.
+    # Sub-commands must not reset a --debug / --quiet given before them, hence SUPPRESS there.
     parser.add_argument("--debug", action="store_true", default=False if top else argparse.SUPPRESS,
                         help="show tracebacks")
+    parser.add_argument("--quiet", action="store_true", default=False if top else argparse.SUPPRESS,
+                        help="no progress output (bars or per-step lines); results and errors still print")
 
 
 #: the ``--set`` example each command's help shows (a test loads each against its command's config)
@@ -157,6 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
     quick = commands.add_parser("quickstart", help="the whole story on real ML-100K")
     quick.add_argument("--out", default="runs/quickstart", help="output directory (default: runs/quickstart)")
     quick.add_argument("--tracking-uri", help="MLflow tracking URI")
+    quick.add_argument("--set", dest="overrides", action="append", default=[], metavar="STAGE:KEY=VALUE",
+                       help="override a key of one stage's config: STAGE is pretrain, gpsd or dcn_v2, e.g. "
+                            "--set pretrain:train.epochs=2 (repeatable)")
     _add_common(quick)
     return parser
 
@@ -309,9 +316,16 @@ def _cmd_review(args: argparse.Namespace) -> int:
 
 
 def _cmd_quickstart(args: argparse.Namespace) -> int:
-    from hybrid.jobs.quickstart import run_quickstart
+    from hybrid.jobs.quickstart import STAGES, run_quickstart
 
-    run_quickstart(Path(args.out), tracking_uri=args.tracking_uri)
+    overrides: dict[str, list[str]] = {}
+    for item in args.overrides:
+        stage, sep, override = item.partition(":")
+        if not sep or stage not in STAGES or "=" not in override:
+            raise ConfigError(f"--set {item}: expected STAGE:KEY=VALUE with STAGE one of {', '.join(STAGES)} "
+                              "(e.g. pretrain:train.epochs=2)")
+        overrides.setdefault(stage, []).append(override)
+    run_quickstart(Path(args.out), tracking_uri=args.tracking_uri, overrides=overrides)
     return 0
 
 
@@ -371,6 +385,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _quiet_third_party_logs()
     handler = COMMANDS[(args.command, getattr(args, "data_command", None))]
+    if args.quiet:
+        from hybrid.core.progress import set_quiet
+
+        set_quiet(True)
     try:
         _preflight(args)
         if args.command in NEEDS_TORCHREC:
@@ -384,6 +402,14 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as err:  # noqa: BLE001 - anything else is a bug: say so in one line, traceback on --debug
+        if args.debug:
+            raise
+        first = str(err).splitlines()[0] if str(err) else ""
+        print(f"error: this is a bug in hybrid {__version__}, not a problem with your input "
+              f"({type(err).__name__}: {first}); rerun with --debug for the traceback and report it",
+              file=sys.stderr)
+        return EXIT_BUG
 
 
 if __name__ == "__main__":  # pragma: no cover

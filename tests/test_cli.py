@@ -164,3 +164,22 @@ def test_typos_answer_before_the_heavy_stack_is_imported(tmp_path, argv, message
     assert done.stderr.strip() == f"error: {message}" or message in done.stderr.strip().splitlines()[-1]
     assert done.stderr.count("\n") == 1
     assert "loaded: []" in done.stdout
+
+
+def test_quiet_turns_every_progress_off(monkeypatch, capsys, tmp_path):
+    import hybrid.cli as cli
+    from hybrid.core import progress
+
+    seen = {}
+
+    def run(args):
+        bar = progress.Progress("finetune", total=10, enabled=True)
+        bar.log(1, 0.1, {"loss": "0.69"})
+        seen["enabled"] = bar.enabled
+        return 0
+
+    monkeypatch.setattr(progress, "_QUIET", False)
+    monkeypatch.setitem(cli.COMMANDS, ("review", None), run)
+    argv = ["review", "--experiment", "e", "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"]
+    assert cli.main(argv) == 0 and seen["enabled"] and "finetune step 1/10" in capsys.readouterr().out
+    assert cli.main(["--quiet", *argv]) == 0 and not seen["enabled"] and capsys.readouterr().out == ""

@@ -100,6 +100,16 @@ class ThroughputWindow:
         return out
 
 
+#: ``hybrid --quiet``: no progress from any training loop (bars or per-log-step lines); results still print
+_QUIET = False
+
+
+def set_quiet(quiet: bool) -> None:
+    """Switch every :class:`Progress` made from now on off (``True``) or back to its own setting."""
+    global _QUIET
+    _QUIET = bool(quiet)
+
+
 class Progress:
     """A training loop's progress: a tqdm bar on a terminal, one plain line per log step otherwise.
 
@@ -109,7 +119,7 @@ class Progress:
     Args:
         desc: ``"pretrain"`` / ``"finetune"``.
         total: steps of the run; ``initial``: steps already done (a resumed run).
-        enabled: show progress at all (rank 0 and ``train.progress``).
+        enabled: show progress at all (rank 0 and ``train.progress``; off under :func:`set_quiet`).
 
     Example:
         >>> progress = Progress("demo", total=10, enabled=False)
@@ -119,6 +129,7 @@ class Progress:
     def __init__(self, desc: str, total: int, enabled: bool, initial: int = 0) -> None:
         from tqdm.auto import tqdm
 
+        enabled = enabled and not _QUIET
         self.desc, self.total, self.enabled = desc, total, enabled
         self.bar = tqdm(total=total, initial=initial, desc=desc, unit="step", dynamic_ncols=True,
                         disable=None if enabled else True)

@@ -38,6 +38,8 @@ PROTOCOLS = ("last-item", "ratings")
 #: ranker → (protocol, stage config)
 FINETUNES = {"gpsd": ("last-item", "quickstart_finetune_gpsd.yaml"),
              "dcn_v2": ("ratings", "quickstart_finetune_dcn_v2.yaml")}
+#: the stages ``hybrid quickstart --set STAGE:KEY=VALUE`` can override (their configs: configs/quickstart_*.yaml)
+STAGES = ("pretrain", *FINETUNES)
 #: fine-tuning seeds per ranker (a GPSD-ranker run takes seconds on ML-100K, a DCN-v2 run about a minute)
 SEEDS = {"gpsd": (0, 1, 2), "dcn_v2": (0,)}
 
