@@ -11,8 +11,9 @@
     hybrid export --model FINETUNE_CHECKPOINT --input EVENTS --out ranker.pt2   (torch.export, for serving)
     hybrid quickstart [--out DIR] [--set STAGE:KEY=VALUE ...]
 
-Bad input prints one line naming the file / row / column / key and exits with code 2; any other exception
-is a bug: one line saying so, exit 1. ``--debug`` shows the traceback instead; ``--quiet`` turns progress off.
+Bad input (and an OS error: disk full, no permission) prints one line naming the file / row / column / key
+and exits with code 2; any other exception is a bug: one line saying so, exit 1. ``--debug`` shows the
+traceback instead; ``--quiet`` turns progress off.
 """
 from __future__ import annotations
 
@@ -402,6 +403,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except OSError as err:  # the machine, not hybrid: disk full, permissions, a path that is a file
+        if args.debug:
+            raise
+        where = f": {err.filename}" if err.filename else ""
+        print(f"error: {err.strerror or err}{where}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     except Exception as err:  # noqa: BLE001 - anything else is a bug: say so in one line, traceback on --debug
         if args.debug:
             raise
