@@ -16,6 +16,10 @@
 - Optional system metrics (``tracking.system_metrics: true``, needs ``psutil``): CPU / memory / disk / network
   (and GPU) as ``system/...`` metrics of every run, sampled by MLflow's own monitor.
 - Only rank 0 logs: on other ranks every call is a no-op, so stage code need not check.
+- Reachability (:func:`check_tracking`): before a stage does any work, a server that does not answer within a
+  few seconds (no retries) or a SQLite store that is not writable is one line (:class:`TrackingError`, exit 2).
+- A fresh SQLite store is created (MLflow's schema) once, under a file lock beside it (``<db>.lock``), so two
+  runs starting together on one new store do not race on the schema migration.
 
 Example:
     >>> tracker = Tracker(resolve_tracking_uri(None), experiment="ml-100k", enabled=True)   # ./mlflow.db
@@ -30,6 +34,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import getpass
 import importlib.util
 import json
@@ -44,6 +49,7 @@ from pathlib import Path
 from typing import Any
 
 from hybrid.config import flatten
+from hybrid.core.errors import TrackingError
 
 PARENT_TAG = "mlflow.parentRunId"
 
@@ -99,6 +105,110 @@ def resolve_tracking_uri(explicit: str | None) -> str:
     if env:
         return env
     return f"sqlite:///{Path.cwd().resolve() / DEFAULT_STORE}"
+
+
+#: seconds a reachability probe waits for a tracking server (one attempt, no retries)
+PROBE_TIMEOUT_S = 5
+SQLITE_PREFIX = "sqlite:///"
+_checked: set[str] = set()
+
+
+def sqlite_path(tracking_uri: str) -> Path | None:
+    """The database file of a ``sqlite:///`` URI (``None`` for other stores and in-memory SQLite)."""
+    if not tracking_uri.startswith(SQLITE_PREFIX):
+        return None
+    path = tracking_uri[len(SQLITE_PREFIX):].split("?", 1)[0]
+    return Path(path).resolve() if path and path != ":memory:" else None
+
+
+@contextlib.contextmanager
+def store_lock(db: Path) -> Iterator[None]:
+    """An exclusive ``fcntl.flock`` on ``<db>.lock`` (beside the database), released on exit."""
+    with open(db.with_name(db.name + ".lock"), "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _not_writable(path: Path) -> bool:
+    """No write permission for this process, or no write bit at all (a file made read-only on purpose:
+    root would write it anyway)."""
+    return not os.access(path, os.W_OK) or not path.stat().st_mode & 0o222
+
+
+def _check_sqlite(uri: str, db: Path) -> None:
+    """A SQLite store is usable: its directory (or the nearest existing parent) and the file are writable
+    (SQLite writes a journal beside the file); then it is opened once under :func:`store_lock` (a fresh store
+    gets its schema here)."""
+    directory = db.parent
+    while not directory.exists() and directory != directory.parent:  # MLflow creates missing directories
+        directory = directory.parent
+    for path, what in ((directory, "directory"), (db, "file")):
+        if path.exists() and _not_writable(path):
+            raise TrackingError(f"{uri}: tracking store {what} {path} is not writable (choose another "
+                                f"--tracking-uri or fix its permissions)")
+    try:
+        open_client(uri)
+    except Exception as err:  # noqa: BLE001 - not a SQLite file, a locked or corrupt one
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise TrackingError(f"{uri}: cannot open the tracking store ({first[:200]})") from None
+
+
+def _check_server(uri: str, timeout_s: float) -> None:
+    """One request to the server (``search_experiments``), ``timeout_s`` seconds, no retries."""
+    from mlflow import MlflowClient
+
+    saved = {k: os.environ.get(k) for k in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")}
+    os.environ.update(MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", MLFLOW_HTTP_REQUEST_TIMEOUT=str(max(1, int(timeout_s))))
+    try:
+        MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
+    except Exception as err:  # noqa: BLE001 - connection refused, timeout, HTTP error: all mean "cannot log"
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise TrackingError(f"{uri}: tracking server not reachable within {timeout_s:g} s ({first[:200]}); start "
+                            f"it, or choose another --tracking-uri") from None
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def check_tracking(tracking_uri: str, timeout_s: float = PROBE_TIMEOUT_S) -> None:
+    """Refuse a tracking store this process cannot log to, in seconds, before any work (once per URI).
+
+    ``http(s)://``: one request, ``timeout_s`` seconds, no retries (MLflow's own client retries for minutes).
+    ``sqlite:///``: the file and its directory writable; the store is opened (its schema created under a lock).
+    Other schemes (``databricks``...) are left to MLflow.
+
+    Raises:
+        TrackingError: one line naming the URI and what is wrong.
+    """
+    if tracking_uri in _checked:
+        return
+    db = sqlite_path(tracking_uri)
+    if db is not None:
+        _check_sqlite(tracking_uri, db)
+    elif tracking_uri.startswith(("http://", "https://")):
+        _check_server(tracking_uri, timeout_s)
+    _checked.add(tracking_uri)
+
+
+def open_client(tracking_uri: str):
+    """An :class:`mlflow.MlflowClient` of ``tracking_uri`` whose store is open: a SQLite one is opened under
+    :func:`store_lock`, so MLflow creates a fresh store's schema once even when runs start together."""
+    from mlflow import MlflowClient
+
+    db = sqlite_path(tracking_uri)
+    if db is None:
+        return MlflowClient(tracking_uri=tracking_uri)
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with store_lock(db):  # MlflowClient() builds the store: a fresh one gets its tables here
+        client = MlflowClient(tracking_uri=tracking_uri)
+        client.search_experiments(max_results=1)
+    return client
 
 
 def artifact_location(tracking_uri: str) -> str | None:
@@ -205,23 +315,39 @@ class Tracker:
     @property
     def client(self):
         if self._client is None:
-            from mlflow import MlflowClient
-
-            self._client = MlflowClient(tracking_uri=self.tracking_uri)
+            if self.tracking_uri.startswith(("http://", "https://")):
+                check_tracking(self.tracking_uri)  # seconds, not MLflow's minutes of retries
+            self._client = open_client(self.tracking_uri)
         return self._client
+
+    def check(self) -> None:
+        """:func:`check_tracking` of this tracker's store (nothing when it logs nothing)."""
+        if self.enabled:
+            check_tracking(self.tracking_uri)
 
     @property
     def experiment_id(self) -> str:
         if self._experiment_id is None:
             found = self.client.get_experiment_by_name(self.experiment)
-            self._experiment_id = found.experiment_id if found else self.client.create_experiment(
-                self.experiment, artifact_location=artifact_location(self.tracking_uri),
-                tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
+            if found is None:
+                from mlflow.exceptions import MlflowException
+
+                try:
+                    self._experiment_id = self.client.create_experiment(
+                        self.experiment, artifact_location=artifact_location(self.tracking_uri),
+                        tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
+                    return self._experiment_id
+                except MlflowException:  # another run created it in between
+                    found = self.client.get_experiment_by_name(self.experiment)
+                    if found is None:
+                        raise
+            self._experiment_id = found.experiment_id
         return self._experiment_id
 
     @contextlib.contextmanager
     def run(self, name: str, parent: str | None = None, tags: Mapping[str, Any] | None = None) -> Iterator[str | None]:
-        """Open a run (nested under ``parent`` when given); it ends FINISHED, or FAILED on an exception."""
+        """Open a run (nested under ``parent`` when given); it ends FINISHED, FAILED on an exception, or KILLED
+        when interrupted (SIGINT / SIGTERM: ``KeyboardInterrupt``)."""
         if not self.enabled:
             yield None
             return
@@ -235,6 +361,9 @@ class Tracker:
         try:
             yield run_id
             status = "FINISHED"
+        except KeyboardInterrupt:
+            status = "KILLED"
+            raise
         finally:
             if monitor is not None:  # flushed while the run is still open
                 monitor.finish()

@@ -8,7 +8,11 @@ line on stderr and exit code 2 (``--debug`` shows the traceback).
         ├── ConfigError           a config key or value refused (names the key, with a suggestion)
         ├── CheckpointError       a checkpoint missing, incomplete, or not matching the model / data
         ├── TransferError         a transfer that cannot be done as asked (names tables and shapes)
-        └── DependencyError       torch / fbgemm-gpu / torchrec missing or mismatched (says what to install)
+        ├── DependencyError       torch / fbgemm-gpu / torchrec missing or mismatched (says what to install)
+        └── TrackingError         the MLflow tracking store unreachable or not writable (names the URI)
+
+    KeyboardInterrupt
+    └── TrainingInterrupted       SIGTERM / SIGINT stopped a training run at a step boundary (exit 128 + signal)
 
 They live here, below every other package, so the config loader, the checkpoint I/O, the model configs and
 the adapters raise them without importing the jobs. All are ``ValueError``s, so code that catches
@@ -44,4 +48,35 @@ class DependencyError(HybridInputError):
     install."""
 
 
-__all__ = ["HybridInputError", "ConfigError", "CheckpointError", "TransferError", "DependencyError"]
+class TrackingError(HybridInputError):
+    """The MLflow tracking store cannot be used: a server that does not answer, a SQLite file (or its
+    directory) that is not writable. Checked before a stage does any work; the message names the URI."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """A training run stopped by SIGTERM / SIGINT at a step boundary, after writing a complete checkpoint.
+
+    Args:
+        signum: the signal received.
+        step: the step the run stopped at.
+        checkpoint: the checkpoint written there (``None`` when the run writes none).
+
+    The CLI prints ``str(err)`` as one line and exits with :attr:`exit_code` (``128 + signum``: 130 for
+    SIGINT, 143 for SIGTERM); the MLflow run is marked ``KILLED``.
+    """
+
+    def __init__(self, signum: int, step: int, checkpoint: object | None = None) -> None:
+        import signal
+
+        self.signum, self.step, self.checkpoint = int(signum), int(step), checkpoint
+        name = signal.Signals(self.signum).name
+        where = f"; checkpoint {checkpoint} written (continue with --resume)" if checkpoint else ""
+        super().__init__(f"interrupted by {name} at step {self.step}{where}")
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
+
+
+__all__ = ["HybridInputError", "ConfigError", "CheckpointError", "TransferError", "DependencyError",
+           "TrackingError", "TrainingInterrupted"]

@@ -3,8 +3,8 @@
 A stage checks everything it can before it writes anything, then runs inside :func:`training_stage`:
 
 1. :func:`refuse_existing` — a finished (or, for pretraining, resumable) ``out`` is never overwritten;
-2. :func:`training_stage` — joins or starts the process group (``torchrun``), ends the one it started, and
-   refuses a global batch size the processes cannot split evenly;
+2. :func:`training_stage` — checks the tracking store (reachable, writable), joins or starts the process group
+   (``torchrun``), ends the one it started, and refuses a global batch size the processes cannot split evenly;
 3. :meth:`Stage.write_inputs` / :meth:`Stage.write_json` — files under ``out``, written by rank 0 only;
 4. :meth:`Stage.track` — the stage's MLflow run (rank 0 logs, other ranks get no-op calls).
 
@@ -108,8 +108,12 @@ class Stage:
 
 
 @contextlib.contextmanager
-def training_stage(out: str | Path, batch_size: int) -> Iterator[Stage]:
+def training_stage(out: str | Path, batch_size: int, tracking: TrackingConfig | None = None) -> Iterator[Stage]:
     """Run a training stage in the process group ``torchrun`` describes (or as one process).
+
+    With ``tracking``, its store is checked first, before the process group or any work
+    (:func:`~hybrid.tracking.check_tracking`, on the rank that logs): an unreachable server or a read-only SQLite
+    store is one line (:class:`~hybrid.core.errors.TrackingError`) in seconds.
 
     A process group this call starts is destroyed when the stage ends, successfully or not; one that was
     already running (a caller's, a test's) is left alone.
@@ -120,8 +124,12 @@ def training_stage(out: str | Path, batch_size: int) -> Iterator[Stage]:
 
     Raises:
         HybridInputError: ``batch_size`` is not divisible by the number of processes.
+        TrackingError: the tracking store cannot be logged to.
     """
     import torch.distributed as dist
+
+    if tracking is not None:
+        make_tracker(tracking).check()
 
     had_group = dist.is_initialized()
     ctx = init_distributed()
