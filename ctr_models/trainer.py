@@ -64,12 +64,14 @@ from torch.utils.data import DataLoader
 
 from hybrid.core.batch import CTRBatch
 from hybrid.core.checkpoint import save_checkpoint
+from hybrid.core.errors import TrainingInterrupted
 from hybrid.core.progress import MetricsCallback, Progress, ThroughputWindow, rank0_callback
 from hybrid.core.tables import embedding_modules, is_table_key
 from hybrid.core.training import (
     DEFAULT_SHARDING,
     DistributedContext,
     OptimConfig,
+    StopSignals,
     apply_sparse_optimizer,
     average_dense_gradients,
     dense_parameters,
@@ -418,71 +420,79 @@ def train(
     window_scores: list[tuple[torch.Tensor, torch.Tensor]] = []  # primary-task (logits, labels) since the last log
     bar = Progress("finetune", total_steps, enabled=rank0 and cfg.progress)
     core.train()
-    for epoch in range(cfg.epochs):
-        sampler.set_epoch(epoch)
-        for position, batch in enumerate(train_loader, start=1):
-            batch = batch.to(ctx.device)
-            if step == 0:
-                check_task_names(batch, core)
+    with StopSignals(ctx) as stop:
+        for epoch in range(cfg.epochs):
+            sampler.set_epoch(epoch)
+            for position, batch in enumerate(train_loader, start=1):
+                batch = batch.to(ctx.device)
+                if step == 0:
+                    check_task_names(batch, core)
 
-            # 4. One step. backward() also applies the tables' optimizer (TorchRec's fused in-backward
-            #    update), so only the dense parameters are left for AdamW.
-            logits = core(batch)
-            bce = bce_per_task(logits, batch.labels)
-            auxiliary = core.auxiliary_losses()  # of this forward, already weighted; {} for most rankers
-            loss = bce.sum() + sum(auxiliary.values(), torch.zeros((), device=bce.device))
-            loss.backward()
-            if ctx.is_distributed:
-                average_dense_gradients(dense, ctx.world_size)
-            if cfg.optim.grad_clip is not None:
-                torch.nn.utils.clip_grad_norm_(dense, cfg.optim.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            schedule.step()
-            step += 1
-            window.add({"loss": loss, **{f"bce/{t}": bce[i] for i, t in enumerate(core.task_names)},
-                        **auxiliary}, batch.batch_size)
-            window_scores.append((logits[:, 0].detach(), batch.labels[:, 0]))
-            bar.update(1)
+                # 4. One step. backward() also applies the tables' optimizer (TorchRec's fused in-backward
+                #    update), so only the dense parameters are left for AdamW.
+                logits = core(batch)
+                bce = bce_per_task(logits, batch.labels)
+                auxiliary = core.auxiliary_losses()  # of this forward, already weighted; {} for most rankers
+                loss = bce.sum() + sum(auxiliary.values(), torch.zeros((), device=bce.device))
+                loss.backward()
+                if ctx.is_distributed:
+                    average_dense_gradients(dense, ctx.world_size)
+                if cfg.optim.grad_clip is not None:
+                    torch.nn.utils.clip_grad_norm_(dense, cfg.optim.grad_clip)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                schedule.step()
+                step += 1
+                window.add({"loss": loss, **{f"bce/{t}": bce[i] for i, t in enumerate(core.task_names)},
+                            **auxiliary}, batch.batch_size)
+                window_scores.append((logits[:, 0].detach(), batch.labels[:, 0]))
+                bar.update(1)
 
-            # 5. Logging and evaluation, at step boundaries, identically on every rank.
-            done = step >= total_steps
-            frac_epoch = step / steps_per_epoch
-            if step % cfg.log_every == 0 or done:
-                train_metrics = window.flush(ctx.world_size)
-                # AUC of the window's own training batches, beside the validation AUC: memorisation shows
-                # as train AUC rising while validation AUC stalls (the model moved during the window)
-                train_metrics["train/auc"] = _window_auc(window_scores, ctx)
-                window_scores.clear()
-                train_metrics["train/lr"] = optimizer.param_groups[0]["lr"]
-                train_metrics.update(core.logging_metrics())  # diagnostics of the last forward
-                metrics.update(train_metrics)
-                bar.log(step, frac_epoch, {"loss": f"{train_metrics['train/loss']:.4f}",
-                                           "train AUC": f"{train_metrics['train/auc']:.4f}",
-                                           "samples/s": f"{train_metrics['perf/samples_per_s']:,.0f}"})
-                log(train_metrics, step, frac_epoch)
-            epoch_end = position == steps_per_epoch
-            if eval_loader is not None and ((cfg.eval_every and position % cfg.eval_every == 0)
-                                            or epoch_end or done):
-                with window.paused():
-                    eval_metrics = evaluate(model, eval_loader, ctx=ctx, split=VALID)
-                    evaluation = Evaluation(step, frac_epoch, eval_metrics)
-                    evaluations.append(evaluation)
-                    metrics.update(eval_metrics)
-                    log(eval_metrics, step, frac_epoch)
-                    if best is None or _better(evaluation.auc, best.auc):
-                        best = evaluation
-                        # the test figures of the selected step: measured here, never used to select
-                        if test_loader is not None:
-                            best.test = evaluate(model, test_loader, ctx=ctx, split=TEST)
-                            log(best.test, step, frac_epoch)
-                        if checkpoint_dir is not None:
-                            best_path = _save(checkpoint_dir / BEST, model, evaluation, manifest)
-                core.train()
+                # 5. Logging and evaluation, at step boundaries, identically on every rank.
+                done = step >= total_steps
+                frac_epoch = step / steps_per_epoch
+                if step % cfg.log_every == 0 or done:
+                    train_metrics = window.flush(ctx.world_size)
+                    # AUC of the window's own training batches, beside the validation AUC: memorisation shows
+                    # as train AUC rising while validation AUC stalls (the model moved during the window)
+                    train_metrics["train/auc"] = _window_auc(window_scores, ctx)
+                    window_scores.clear()
+                    train_metrics["train/lr"] = optimizer.param_groups[0]["lr"]
+                    train_metrics.update(core.logging_metrics())  # diagnostics of the last forward
+                    metrics.update(train_metrics)
+                    bar.log(step, frac_epoch, {"loss": f"{train_metrics['train/loss']:.4f}",
+                                               "train AUC": f"{train_metrics['train/auc']:.4f}",
+                                               "samples/s": f"{train_metrics['perf/samples_per_s']:,.0f}"})
+                    log(train_metrics, step, frac_epoch)
+                epoch_end = position == steps_per_epoch
+                if eval_loader is not None and ((cfg.eval_every and position % cfg.eval_every == 0)
+                                                or epoch_end or done):
+                    with window.paused():
+                        eval_metrics = evaluate(model, eval_loader, ctx=ctx, split=VALID)
+                        evaluation = Evaluation(step, frac_epoch, eval_metrics)
+                        evaluations.append(evaluation)
+                        metrics.update(eval_metrics)
+                        log(eval_metrics, step, frac_epoch)
+                        if best is None or _better(evaluation.auc, best.auc):
+                            best = evaluation
+                            # the test figures of the selected step: measured here, never used to select
+                            if test_loader is not None:
+                                best.test = evaluate(model, test_loader, ctx=ctx, split=TEST)
+                                log(best.test, step, frac_epoch)
+                            if checkpoint_dir is not None:
+                                best_path = _save(checkpoint_dir / BEST, model, evaluation, manifest)
+                    core.train()
+                if done:
+                    break
+                signum = stop.requested()
+                if signum is not None:  # SIGTERM / SIGINT: stop here, the weights of this step in last/
+                    last_path = None
+                    if checkpoint_dir is not None:
+                        last_path = _save(checkpoint_dir / LAST, model, Evaluation(step, frac_epoch, {}), manifest)
+                    bar.close()
+                    raise TrainingInterrupted(signum, step, last_path, advice="")
             if done:
                 break
-        if done:
-            break
     bar.close()
 
     # 6. The final weights on test (already measured when the last evaluation was the best).

@@ -131,6 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
                                          "ST&SF; default: st_sf with --init, nt without)")
     fine.add_argument("--transfer", dest="transfer_options", action="append", default=[], metavar="KEY=VALUE",
                       help="a TransferConfig option, e.g. --transfer new_rows=mean --transfer 'tables=[t_item_id]'")
+    fine.add_argument("--allow-foreign-ids", action="store_true",
+                      help="transfer even when few of the target's raw ids are known to the checkpoint (pretrained "
+                           "on another dataset): transfer.min_overlap=0")
     _add_config(fine, "finetune")
     _add_common(fine)
 
@@ -241,6 +244,8 @@ def _load_finetune_config(args: argparse.Namespace):
         flags.append(("transfer.strategy", Strategy.parse(args.strategy).value))  # an unknown name: one line
     if args.init is not None:
         flags.append(("transfer.checkpoint", args.init))
+    if getattr(args, "allow_foreign_ids", False):
+        flags.append(("transfer.min_overlap", 0.0))
     try:
         return _load_config(FinetuneConfig, args, tuple(flags))
     except HybridInputError as err:
@@ -400,9 +405,9 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as err:  # a TrainingInterrupted says where it stopped: exit 128 + signal (143: SIGTERM)
+        print(f"{err}" if str(err) else "interrupted", file=sys.stderr)
+        return getattr(err, "exit_code", 130)
     except OSError as err:  # the machine, not hybrid: disk full, permissions, a path that is a file
         if args.debug:
             raise

@@ -64,12 +64,14 @@ from hybrid.core.checkpoint import (
     save_checkpoint,
     verify_checkpoint,
 )
+from hybrid.core.errors import TrainingInterrupted
 from hybrid.core.feature_map import NUM_RESERVED_IDS
 from hybrid.core.progress import MetricsCallback, Progress, ThroughputWindow, rank0_callback
 from hybrid.core.training import (
     DEFAULT_SHARDING,
     DistributedContext,
     OptimConfig,
+    StopSignals,
     apply_sparse_optimizer,
     average_dense_gradients,
     dense_parameters,
@@ -300,54 +302,64 @@ def train(
     evaluations: list[tuple[int, dict[str, float]]] = []
     step_seconds: list[float] = []
     saved: Path | None = last
+    saved_step = step
     window = ThroughputWindow(unit="events")  # non-padding events: the throughput of real tokens
     bar = Progress("pretrain", total_steps, enabled=rank0 and cfg.progress, initial=step)
     core.train()
-    while step < total_steps:
-        epoch, position = divmod(step, steps_per_epoch)
-        for batch in _rng_neutral_iter(_epoch_batches(train_loader, epoch, skip=position)):
-            batch = batch.to(ctx.device)
+    with StopSignals(ctx) as stop:
+        while step < total_steps:
+            epoch, position = divmod(step, steps_per_epoch)
+            for batch in _rng_neutral_iter(_epoch_batches(train_loader, epoch, skip=position)):
+                batch = batch.to(ctx.device)
 
-            # 5. One step. backward() also applies the tables' optimizer (TorchRec's fused in-backward
-            #    update), so only the dense parameters are left for AdamW.
-            losses = core.loss(batch, item_counts=item_counts, generator=negatives)
-            losses["loss"].backward()
-            if ctx.is_distributed:
-                average_dense_gradients(dense, ctx.world_size)
-            if cfg.optim.grad_clip is not None:
-                torch.nn.utils.clip_grad_norm_(dense, cfg.optim.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            schedule.step()
-            step += 1
-            window.add(losses, int(batch.lengths.sum()))
-            bar.update(1)
+                # 5. One step. backward() also applies the tables' optimizer (TorchRec's fused in-backward
+                #    update), so only the dense parameters are left for AdamW.
+                losses = core.loss(batch, item_counts=item_counts, generator=negatives)
+                losses["loss"].backward()
+                if ctx.is_distributed:
+                    average_dense_gradients(dense, ctx.world_size)
+                if cfg.optim.grad_clip is not None:
+                    torch.nn.utils.clip_grad_norm_(dense, cfg.optim.grad_clip)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                schedule.step()
+                step += 1
+                window.add(losses, int(batch.lengths.sum()))
+                bar.update(1)
 
-            # 6. Logging, evaluation, checkpoints — at step boundaries, identically on every rank.
-            done = step >= total_steps
-            frac_epoch = step / steps_per_epoch
-            if step % cfg.log_every == 0 or done:
-                step_seconds.append(window.seconds_per_step())
-                train_metrics = window.flush(ctx.world_size)
-                train_metrics["train/lr"] = optimizer.param_groups[0]["lr"]
-                metrics.update(train_metrics)
-                bar.log(step, frac_epoch, {"loss": f"{train_metrics['train/loss']:.3f}",
-                                           "events/s": f"{train_metrics['perf/events_per_s']:,.0f}"})
-                log(train_metrics, step, frac_epoch)
-            if eval_loader is not None and ((cfg.eval_every and step % cfg.eval_every == 0) or done):
-                with window.paused():
-                    eval_metrics = evaluate(model, eval_loader, ctx=ctx, k=cfg.k, seed=cfg.seed,
-                                            item_counts=item_counts)
-                core.train()
-                metrics.update(eval_metrics)
-                evaluations.append((step, eval_metrics))
-                log(eval_metrics, step, frac_epoch)
-            if checkpoint_dir is not None and ((cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or done):
-                with window.paused():
-                    saved = _save(checkpoint_dir, step, model, optimizer, schedule, negatives, ctx, cfg,
-                                  manifest, metrics)
-            if done:
-                break
+                # 6. Logging, evaluation, checkpoints — at step boundaries, identically on every rank.
+                done = step >= total_steps
+                frac_epoch = step / steps_per_epoch
+                if step % cfg.log_every == 0 or done:
+                    step_seconds.append(window.seconds_per_step())
+                    train_metrics = window.flush(ctx.world_size)
+                    train_metrics["train/lr"] = optimizer.param_groups[0]["lr"]
+                    metrics.update(train_metrics)
+                    bar.log(step, frac_epoch, {"loss": f"{train_metrics['train/loss']:.3f}",
+                                               "events/s": f"{train_metrics['perf/events_per_s']:,.0f}"})
+                    log(train_metrics, step, frac_epoch)
+                if eval_loader is not None and ((cfg.eval_every and step % cfg.eval_every == 0) or done):
+                    with window.paused():
+                        eval_metrics = evaluate(model, eval_loader, ctx=ctx, k=cfg.k, seed=cfg.seed,
+                                                item_counts=item_counts)
+                    core.train()
+                    metrics.update(eval_metrics)
+                    evaluations.append((step, eval_metrics))
+                    log(eval_metrics, step, frac_epoch)
+                if checkpoint_dir is not None and ((cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or done):
+                    with window.paused():
+                        saved = _save(checkpoint_dir, step, model, optimizer, schedule, negatives, ctx, cfg,
+                                      manifest, metrics)
+                    saved_step = step
+                if done:
+                    break
+                signum = stop.requested()
+                if signum is not None:  # SIGTERM / SIGINT: stop here, with a complete checkpoint of this step
+                    if checkpoint_dir is not None and saved_step != step:
+                        saved = _save(checkpoint_dir, step, model, optimizer, schedule, negatives, ctx, cfg,
+                                      manifest, metrics)
+                    bar.close()
+                    raise TrainingInterrupted(signum, step, saved)
     bar.close()
     return PretrainResult(metrics=metrics, step=step, epoch=step / steps_per_epoch, checkpoint=saved,
                           evaluations=evaluations, step_seconds=step_seconds)

@@ -9,6 +9,8 @@
 from __future__ import annotations
 
 import os
+import re
+import signal
 import stat
 import subprocess
 import sys
@@ -20,6 +22,7 @@ import pytest
 from mlflow import MlflowClient
 
 from hybrid.cli import EXIT_BAD_INPUT, main
+from hybrid.core.checkpoint import latest_checkpoint, verify_checkpoint
 from hybrid.tracking import open_client
 
 REPO = Path(__file__).resolve().parents[1]
@@ -122,3 +125,98 @@ def test_two_runs_on_one_fresh_sqlite_store_both_succeed(tmp_path, trial):
     runs = client.search_runs([client.get_experiment_by_name("race").experiment_id])
     assert sorted(r.info.run_name for r in runs) == ["run0", "run1"]
     assert {r.info.status for r in runs} == {"FINISHED"}
+
+
+# ---- 3. SIGTERM / SIGINT stop at a step boundary, with a checkpoint ----------------------------------------
+
+def _interrupted_pretrain(data: Path, tmp_path: Path, sig: signal.Signals, *extra: str):
+    """Start a tiny pretraining run in a subprocess, send ``sig`` once its first checkpoint exists; return
+    ``(process, stderr, out, uri, argv)``."""
+    out, uri = tmp_path / "run", f"sqlite:///{tmp_path / 'mlflow.db'}"
+    argv = _pretrain_argv(data, out, uri, "--set", "train.max_steps=150", "--set", "train.checkpoint_every=7",
+                          "--set", "train.eval_every=1000", *extra)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "hybrid", *argv], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 240
+    try:
+        while latest_checkpoint(out / "checkpoints") is None:
+            assert proc.poll() is None, proc.communicate()[1][-3000:]
+            assert time.monotonic() < deadline, "no checkpoint within 240 s"
+            time.sleep(0.05)
+        time.sleep(0.3)  # a few steps past the first checkpoint
+        sent = time.monotonic()
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=120)
+        assert time.monotonic() - sent < 60
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    return proc, err, out, uri, argv
+
+
+@pytest.mark.slow
+def test_sigterm_stops_at_a_step_with_a_checkpoint_and_resume_continues(prepared_last_item_dir, tmp_path, capsys):
+    proc, err, out, uri, argv = _interrupted_pretrain(prepared_last_item_dir, tmp_path, signal.SIGTERM)
+    assert proc.returncode == 143, err[-3000:]
+    line = err.strip().splitlines()[-1]
+    match = re.fullmatch(r"interrupted by SIGTERM at step (\d+); checkpoint (\S+) written \(continue with --resume\)",
+                         line)
+    assert match, err[-3000:]
+    step = int(match.group(1))
+    assert 7 <= step < 150
+    last = latest_checkpoint(out / "checkpoints")
+    assert last == Path(match.group(2)) and last.name == f"step-{step:08d}"
+    assert verify_checkpoint(last)["step"] == step
+
+    client = MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("rel").experiment_id])
+    assert run.info.status == "KILLED"
+
+    assert main([*argv, "--resume"]) == 0, capsys.readouterr().err
+    assert latest_checkpoint(out / "checkpoints").name == "step-00000150"
+    resumed = [r for r in client.search_runs([run.info.experiment_id]) if r.info.run_id != run.info.run_id]
+    assert resumed[0].info.status == "FINISHED"
+    assert resumed[0].data.tags["resumed_from"] == str(last)
+
+
+@pytest.mark.slow
+def test_sigint_stops_with_exit_130_and_the_run_killed(prepared_last_item_dir, tmp_path):
+    proc, err, out, uri, _ = _interrupted_pretrain(prepared_last_item_dir, tmp_path, signal.SIGINT)
+    assert proc.returncode == 130, err[-3000:]
+    assert err.strip().splitlines()[-1].startswith("interrupted by SIGINT at step ")
+    manifest = verify_checkpoint(latest_checkpoint(out / "checkpoints"))
+    assert int(err.strip().splitlines()[-1].split()[5].rstrip(";")) == manifest["step"]
+    client = MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("rel").experiment_id])
+    assert run.info.status == "KILLED"
+
+
+@pytest.mark.slow
+def test_sigterm_stops_finetuning_with_the_last_checkpoint_of_that_step(prepared_ratings_dir, tmp_path):
+    out, uri = tmp_path / "ft", f"sqlite:///{tmp_path / 'mlflow.db'}"
+    argv = ["finetune", "--config", str(REPO / "configs/finetune_tiny.yaml"), "--set", f"data={prepared_ratings_dir}",
+            "--set", f"out={out}", "--set", "train.epochs=6", "--set", "train.eval_every=10",
+            "--tracking-uri", uri, "--experiment", "rel-ft"]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "hybrid", *argv], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while latest_checkpoint(out / "checkpoints" / "best") is None:  # the first evaluation: training runs
+            assert proc.poll() is None, proc.communicate()[1][-3000:]
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 143, err[-3000:]
+    match = re.fullmatch(r"interrupted by SIGTERM at step (\d+); checkpoint (\S+) written", err.strip().splitlines()[-1])
+    assert match, err[-3000:]
+    last = latest_checkpoint(out / "checkpoints" / "last")
+    assert last == Path(match.group(2)) and verify_checkpoint(last)["step"] == int(match.group(1))
+    client = MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("rel-ft").experiment_id])
+    assert run.info.status == "KILLED"

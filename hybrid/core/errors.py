@@ -60,17 +60,19 @@ class TrainingInterrupted(KeyboardInterrupt):
         signum: the signal received.
         step: the step the run stopped at.
         checkpoint: the checkpoint written there (``None`` when the run writes none).
+        advice: how to go on from it (said after the checkpoint).
 
     The CLI prints ``str(err)`` as one line and exits with :attr:`exit_code` (``128 + signum``: 130 for
     SIGINT, 143 for SIGTERM); the MLflow run is marked ``KILLED``.
     """
 
-    def __init__(self, signum: int, step: int, checkpoint: object | None = None) -> None:
+    def __init__(self, signum: int, step: int, checkpoint: object | None = None,
+                 advice: str = "continue with --resume") -> None:
         import signal
 
         self.signum, self.step, self.checkpoint = int(signum), int(step), checkpoint
         name = signal.Signals(self.signum).name
-        where = f"; checkpoint {checkpoint} written (continue with --resume)" if checkpoint else ""
+        where = f"; checkpoint {checkpoint} written" + (f" ({advice})" if advice else "") if checkpoint else ""
         super().__init__(f"interrupted by {name} at step {self.step}{where}")
 
     @property

@@ -10,6 +10,7 @@
 - :func:`unwrap_dmp` / :func:`average_dense_gradients`: the trainers call the module inside DMP and
   average its dense gradients themselves; :func:`eval_rounds` spreads evaluation batches over the ranks.
 - :func:`seed_everything`, :func:`warmup_cosine`.
+- :class:`StopSignals`: SIGTERM / SIGINT end a training run at a step boundary, with a checkpoint there.
 
 Example:
     >>> from torchrec import EmbeddingCollection, EmbeddingConfig
@@ -370,3 +371,64 @@ def eval_rounds(batches: Iterable[T], ctx: DistributedContext) -> Iterator[tuple
             yield index, batch, True
     for _ in range(math.ceil(seen / ctx.world_size) - mine):
         yield 0, first, False
+
+
+class StopSignals:
+    """SIGTERM / SIGINT → a flag the training loops read at each step boundary (both trainers; one place).
+
+    Inside ``with StopSignals(ctx) as stop:`` the first SIGTERM or SIGINT only records the signal; the loop
+    asks :meth:`requested` after each step, writes a complete checkpoint there and raises
+    :class:`~hybrid.core.errors.TrainingInterrupted` (the CLI: one line, exit ``128 + signal``; the MLflow run
+    ``KILLED``). A second signal interrupts at once (``KeyboardInterrupt``). In a distributed run the ranks
+    agree (a max all-reduce of the flag per step), so all stop at the same step and save together. Outside the
+    main thread (no signal handlers there) nothing is installed and :meth:`requested` is ``None``.
+
+    Example:
+        >>> with StopSignals() as stop:
+        ...     for step in range(1, 4):
+        ...         ...                                  # one training step
+        ...         if stop.requested() is not None:     # SIGTERM / SIGINT arrived during it
+        ...             break                            # save a checkpoint at ``step``, then raise
+        >>> stop.requested() is None
+        True
+    """
+
+    SIGNALS = ("SIGTERM", "SIGINT")
+
+    def __init__(self, ctx: DistributedContext | None = None) -> None:
+        self.ctx = ctx or DistributedContext()
+        self.signum: int | None = None
+        self._previous: dict[int, object] = {}
+
+    def _handle(self, signum: int, frame) -> None:  # noqa: ARG002 - the signal module's signature
+        if self.signum is not None:  # the second one: stop now
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __enter__(self) -> StopSignals:
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for name in self.SIGNALS:
+                sig = getattr(signal, name)
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import signal
+
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
+        self._previous.clear()
+
+    def requested(self) -> int | None:
+        """The signal that asked this run (any rank of it) to stop, else ``None``; call it at step boundaries,
+        on every rank alike (distributed: one small collective)."""
+        if self.ctx.is_distributed:
+            import torch.distributed as dist
+
+            flag = torch.tensor([self.signum or 0], dtype=torch.int64, device=self.ctx.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            return int(flag.item()) or None
+        return self.signum
