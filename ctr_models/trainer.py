@@ -118,6 +118,9 @@ class CTRTrainConfig:
         eval_max_users: evaluate on a seeded random subset of this many users of the validation and test
             splits (the same subset at every evaluation); ``null``: every user. For splits of ~10^6 users,
             where a full pass costs more than the training it checks.
+        collective_timeout_s: seconds a collective (all-reduce, sharded lookup, checkpoint barrier) waits for
+            the other ranks before this rank fails with one line (a hung or lost peer); ``null``: torch's
+            default (30 min gloo, 10 min nccl). One process: unused.
 
     Example:
         >>> cfg = CTRTrainConfig(epochs=3, batch_size=1024, eval_every=100, optim=OptimConfig(lr=1e-3))
@@ -139,6 +142,7 @@ class CTRTrainConfig:
     progress: bool = True
     num_workers: int = 0
     eval_max_users: int | None = None
+    collective_timeout_s: float | None = None
 
     def __post_init__(self) -> None:
         if self.eval_max_users is not None and (not isinstance(self.eval_max_users, int)
@@ -158,6 +162,8 @@ class CTRTrainConfig:
             raise ValueError(f"train.one_epoch_tolerance must be >= 0 or null, got {self.one_epoch_tolerance}")
         if self.one_epoch_z <= 0:
             raise ValueError(f"train.one_epoch_z must be > 0, got {self.one_epoch_z}")
+        if self.collective_timeout_s is not None and not self.collective_timeout_s > 0:
+            raise ValueError(f"train.collective_timeout_s must be > 0 seconds or null, got {self.collective_timeout_s!r}")
 
 
 @dataclass

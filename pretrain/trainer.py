@@ -119,6 +119,9 @@ class PretrainTrainConfig:
         eval_max_users: evaluate on a seeded random subset of this many users of the evaluation split
             (the same subset at every evaluation); ``null``: every user. For ~10^6 users scored against a
             catalogue of millions, where a full pass costs more than the training it checks.
+        collective_timeout_s: seconds a collective (all-reduce, sharded lookup, checkpoint barrier) waits for
+            the other ranks before this rank fails with one line (a hung or lost peer); ``null``: torch's
+            default (30 min gloo, 10 min nccl). One process: unused.
 
     Example:
         >>> cfg = PretrainTrainConfig(epochs=1, batch_size=128, optim=OptimConfig(lr=5e-3, warmup_steps=20))
@@ -141,6 +144,7 @@ class PretrainTrainConfig:
     progress: bool = True
     num_workers: int = 0
     eval_max_users: int | None = None
+    collective_timeout_s: float | None = None
 
     def __post_init__(self) -> None:
         if self.eval_max_users is not None and (not isinstance(self.eval_max_users, int)
@@ -157,6 +161,8 @@ class PretrainTrainConfig:
                 raise ValueError(f"train.{name} must be >= 0 (0: only at the end), got {getattr(self, name)}")
         if self.max_steps is not None and self.max_steps < 1:
             raise ValueError(f"train.max_steps must be a positive integer or null, got {self.max_steps}")
+        if self.collective_timeout_s is not None and not self.collective_timeout_s > 0:
+            raise ValueError(f"train.collective_timeout_s must be > 0 seconds or null, got {self.collective_timeout_s!r}")
 
 
 @dataclass

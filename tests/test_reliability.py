@@ -8,6 +8,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -220,3 +221,87 @@ def test_sigterm_stops_finetuning_with_the_last_checkpoint_of_that_step(prepared
     client = MlflowClient(uri)
     (run,) = client.search_runs([client.get_experiment_by_name("rel-ft").experiment_id])
     assert run.info.status == "KILLED"
+
+
+# ---- 4. a killed worker of a 2-process run -----------------------------------------------------------------
+
+def _children(pid: int) -> list[int]:
+    try:
+        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
+def _rank_of(pid: int) -> int | None:
+    try:
+        env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return None
+    ranks = [int(e.split(b"=", 1)[1]) for e in env if e.startswith(b"RANK=")]
+    return ranks[0] if ranks else None
+
+
+def _torchrun_pretrain(data: Path, tmp_path: Path, *extra: str) -> tuple[subprocess.Popen, Path, dict[int, int]]:
+    """A tiny 2-process pretraining run under torchrun, once its first checkpoint exists: ``(torchrun, out,
+    {rank: worker pid})``."""
+    out, uri = tmp_path / "run", f"sqlite:///{tmp_path / 'mlflow.db'}"
+    argv = _pretrain_argv(data, out, uri, "--set", "train.checkpoint_every=5", "--set", "train.eval_every=1000",
+                          *extra)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             "-m", "hybrid", *argv], env=env, cwd=tmp_path, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 240
+    while latest_checkpoint(out / "checkpoints") is None:
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"no checkpoint: {proc.communicate()[1][-3000:]}")
+        time.sleep(0.05)
+    workers = {_rank_of(pid): pid for pid in _children(proc.pid)}
+    assert set(workers) == {0, 1}, workers
+    return proc, out, workers
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_kill_9_of_one_worker_ends_the_other_within_60_s(prepared_last_item_dir, tmp_path):
+    """torchrun's agent sees the dead worker and stops the other; its report names the root cause."""
+    proc, out, workers = _torchrun_pretrain(prepared_last_item_dir, tmp_path)
+    try:
+        killed = time.monotonic()
+        os.kill(workers[1], signal.SIGKILL)
+        _, err = proc.communicate(timeout=120)
+        seconds = time.monotonic() - killed
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode != 0
+    assert seconds < 60, err[-3000:]
+    assert re.search(r"rank\s*: 1 \(local_rank: 1\)\s*exitcode\s*: -9", err), err[-3000:]
+    assert verify_checkpoint(latest_checkpoint(out / "checkpoints"))  # the last complete one survives
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_a_hung_worker_ends_the_other_within_the_collective_timeout(prepared_last_item_dir, tmp_path):
+    """A worker that hangs (SIGSTOP: alive, so torchrun waits) — the other fails its collective after
+    ``train.collective_timeout_s`` with one line naming itself, instead of waiting torch's 30 minutes."""
+    proc, out, workers = _torchrun_pretrain(prepared_last_item_dir, tmp_path, "--set", "train.collective_timeout_s=10")
+    try:
+        stopped = time.monotonic()
+        os.kill(workers[1], signal.SIGSTOP)
+        deadline = stopped + 60
+        while Path(f"/proc/{workers[0]}").exists() and _rank_of(workers[0]) == 0 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        seconds = time.monotonic() - stopped
+    finally:
+        for pid in workers.values():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        _, err = proc.communicate(timeout=120)
+    assert seconds < 60, err[-3000:]
+    line = next((x for x in err.splitlines() if x.startswith("error: rank 0 of 2: a collective failed or timed out")),
+                None)
+    assert line is not None, err[-3000:]
+    assert "after 10.0 s" in line or "after 10 s" in line
+    assert verify_checkpoint(latest_checkpoint(out / "checkpoints"))

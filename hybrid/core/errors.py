@@ -9,7 +9,8 @@ line on stderr and exit code 2 (``--debug`` shows the traceback).
         ├── CheckpointError       a checkpoint missing, incomplete, or not matching the model / data
         ├── TransferError         a transfer that cannot be done as asked (names tables and shapes)
         ├── DependencyError       torch / fbgemm-gpu / torchrec missing or mismatched (says what to install)
-        └── TrackingError         the MLflow tracking store unreachable or not writable (names the URI)
+        ├── TrackingError         the MLflow tracking store unreachable or not writable (names the URI)
+        └── CollectiveTimeout     a distributed collective failed or timed out (a rank died or hangs)
 
     KeyboardInterrupt
     └── TrainingInterrupted       SIGTERM / SIGINT stopped a training run at a step boundary (exit 128 + signal)
@@ -53,6 +54,11 @@ class TrackingError(HybridInputError):
     directory) that is not writable. Checked before a stage does any work; the message names the URI."""
 
 
+class CollectiveTimeout(HybridInputError):
+    """A collective of a distributed run failed or waited past ``train.collective_timeout_s``: another rank died
+    or hangs. The message names this rank and the timeout."""
+
+
 class TrainingInterrupted(KeyboardInterrupt):
     """A training run stopped by SIGTERM / SIGINT at a step boundary, after writing a complete checkpoint.
 
@@ -81,4 +87,4 @@ class TrainingInterrupted(KeyboardInterrupt):
 
 
 __all__ = ["HybridInputError", "ConfigError", "CheckpointError", "TransferError", "DependencyError",
-           "TrackingError", "TrainingInterrupted"]
+           "TrackingError", "CollectiveTimeout", "TrainingInterrupted"]

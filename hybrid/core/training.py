@@ -27,6 +27,7 @@ Example:
 """
 from __future__ import annotations
 
+import datetime
 import math
 import os
 import random
@@ -163,12 +164,14 @@ class DistributedContext:
         return self.world_size > 1
 
 
-def init_distributed(device: str | None = None, single_process_group: bool = False) -> DistributedContext:
+def init_distributed(device: str | None = None, single_process_group: bool = False,
+                     timeout_s: float | None = None) -> DistributedContext:
     """Read ``torchrun``'s environment; start the process group when ``WORLD_SIZE`` > 1.
 
     gloo on CPU, nccl on CUDA. Without ``torchrun`` (no ``WORLD_SIZE``), a single process; with
     ``single_process_group`` it still gets a 1-rank group (through a file store, no port needed), so the
-    same sharded code path runs with a 1-rank plan.
+    same sharded code path runs with a 1-rank plan. ``timeout_s``: how long a collective waits for the other
+    ranks before it raises (``None``: torch's default).
     """
     import torch.distributed as dist
 
@@ -181,7 +184,8 @@ def init_distributed(device: str | None = None, single_process_group: bool = Fal
         torch.cuda.set_device(dev)
     backend = "nccl" if want_cuda else "gloo"
     if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group(backend, rank=rank, world_size=world_size)
+        extra = {"timeout": datetime.timedelta(seconds=timeout_s)} if timeout_s else {}
+        dist.init_process_group(backend, rank=rank, world_size=world_size, **extra)
     elif single_process_group and not dist.is_initialized():
         import tempfile
 

@@ -264,7 +264,8 @@ def run_finetune(cfg: FinetuneConfig, parent_run: str | None = None, prepare_mod
     for kind in (BEST, LAST):
         refuse_existing(root / kind, "a fine-tuned run is never overwritten; choose another out")
 
-    with training_stage(out, cfg.train.batch_size, tracking=cfg.tracking) as stage:
+    with training_stage(out, cfg.train.batch_size, tracking=cfg.tracking,
+                        collective_timeout_s=cfg.train.collective_timeout_s) as stage:
         ctx = stage.ctx
         # Built on CPU on every rank (same seed, same values) even when sharded: prepare_model sees real
         # tables it can load into, and shard_model carries non-meta table values into the shards.

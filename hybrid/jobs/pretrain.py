@@ -212,7 +212,8 @@ def run_pretrain(cfg: PretrainConfig, resume: bool | str = False, parent_run: st
             raise HybridInputError(f"{root}: already holds checkpoints (newest {checkpoint_dirs(root)[0].name}; "
                                    f"LATEST names no complete one); {advice}")
 
-    with training_stage(out, cfg.train.batch_size, tracking=cfg.tracking) as stage:
+    with training_stage(out, cfg.train.batch_size, tracking=cfg.tracking,
+                        collective_timeout_s=cfg.train.collective_timeout_s) as stage:
         ctx = stage.ctx
         # every check before the first write: a refused run leaves ``out`` as it was
         if last is not None:

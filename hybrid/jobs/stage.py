@@ -35,7 +35,7 @@ from typing import Any
 
 from hybrid.config import to_yaml
 from hybrid.core.checkpoint import latest_checkpoint
-from hybrid.core.errors import HybridInputError
+from hybrid.core.errors import CollectiveTimeout, HybridInputError
 from hybrid.core.feature_map import FeatureMap
 from hybrid.core.training import DistributedContext, init_distributed
 from hybrid.tracking import Tracker, TrackingConfig, make_tracker
@@ -107,8 +107,18 @@ class Stage:
             yield tracker, run
 
 
+def _is_collective_failure(err: BaseException) -> bool:
+    """A gloo / nccl error of a collective: a timeout or a peer that closed its connection."""
+    import torch.distributed as dist
+
+    text = str(err).lower()
+    return isinstance(err, dist.DistBackendError) or any(
+        word in text for word in ("timed out", "connection closed by peer", "connection reset", "gloo", "nccl"))
+
+
 @contextlib.contextmanager
-def training_stage(out: str | Path, batch_size: int, tracking: TrackingConfig | None = None) -> Iterator[Stage]:
+def training_stage(out: str | Path, batch_size: int, tracking: TrackingConfig | None = None,
+                   collective_timeout_s: float | None = None) -> Iterator[Stage]:
     """Run a training stage in the process group ``torchrun`` describes (or as one process).
 
     With ``tracking``, its store is checked first, before the process group or any work
@@ -121,6 +131,9 @@ def training_stage(out: str | Path, batch_size: int, tracking: TrackingConfig | 
     Args:
         out: the stage's output directory.
         batch_size: the global batch size, split evenly over the processes.
+        tracking: the stage's tracking settings (checked first).
+        collective_timeout_s: seconds a collective waits for the other ranks (``train.collective_timeout_s``);
+            past it the waiting rank fails with one line (:class:`CollectiveTimeout`, exit 2) instead of hanging.
 
     Raises:
         HybridInputError: ``batch_size`` is not divisible by the number of processes.
@@ -132,13 +145,20 @@ def training_stage(out: str | Path, batch_size: int, tracking: TrackingConfig | 
         make_tracker(tracking).check()
 
     had_group = dist.is_initialized()
-    ctx = init_distributed()
+    ctx = init_distributed(timeout_s=collective_timeout_s) if collective_timeout_s else init_distributed()
     own_group = ctx.is_distributed and not had_group
     try:
         if batch_size % ctx.world_size:
             raise HybridInputError(f"train.batch_size ({batch_size}) must be divisible by the "
                                    f"{ctx.world_size} processes")
         yield Stage(Path(out), ctx)
+    except RuntimeError as err:  # gloo / nccl: a peer lost or past the collective timeout
+        if ctx.is_distributed and _is_collective_failure(err):
+            first = str(err).splitlines()[0][:300] if str(err) else type(err).__name__
+            raise CollectiveTimeout(f"rank {ctx.rank} of {ctx.world_size}: a collective failed or timed out after "
+                                    f"{collective_timeout_s or 'the default'} s (another rank died or hangs; "
+                                    f"train.collective_timeout_s sets the wait): {first}") from err
+        raise
     finally:
         if own_group and dist.is_initialized():
             dist.destroy_process_group()
