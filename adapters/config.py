@@ -135,6 +135,14 @@ class TransferConfig:
             stay different — the diversity the multi-embedding paradigm relies on; with a freezing strategy
             only that set is frozen. ``"all"`` fills (and freezes) every set with the same rows: K identical
             sets. A ``table_map`` says exactly which tables to fill and is not affected.
+        min_overlap: the least share (0..1) of a target table's known raw values that the pretrained
+            feature map must also know, per table aligned through feature maps; below it the transfer is
+            refused (a checkpoint pretrained on another dataset shares raw ids with the target only by
+            accident: ML-100K movie id 42 is not ML-1M movie id 42, and its row would fill the wrong movie).
+            ``0.0`` accepts any overlap (``hybrid finetune --allow-foreign-ids``). A feature map holds
+            vocabularies only, no per-item attributes, so the raw-id overlap is what is checked; the report
+            shows it per table (``TableEntry.overlap``) and notes when the two maps were fitted on
+            differently named datasets. Tables given by ``alignments`` are not checked.
 
     Raises:
         TransferError: unknown strategy, policy or projection; no checkpoint for a strategy that needs one.
@@ -149,6 +157,7 @@ class TransferConfig:
     projection: str | None = None
     seed: int = 0
     embedding_sets: str = "first"
+    min_overlap: float = 0.5
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "strategy", Strategy.parse(self.strategy))
@@ -160,6 +169,11 @@ class TransferConfig:
         if self.embedding_sets not in EMBEDDING_SET_POLICIES:
             raise TransferError(f"TransferConfig.embedding_sets: unknown policy {self.embedding_sets!r}; expected one "
                                 f"of {', '.join(EMBEDDING_SET_POLICIES)}")
+        if isinstance(self.min_overlap, bool) or not isinstance(self.min_overlap, (int, float)) \
+                or not 0.0 <= float(self.min_overlap) <= 1.0:
+            raise TransferError(f"TransferConfig.min_overlap: expected a share between 0 and 1 (0.5 = half of the "
+                                f"target's raw values known to the checkpoint), got {self.min_overlap!r}")
+        object.__setattr__(self, "min_overlap", float(self.min_overlap))
         if self.projection is not None and self.projection not in PROJECTIONS:
             raise TransferError(f"TransferConfig.projection: unknown {self.projection!r}; expected None or one of "
                                 f"{', '.join(PROJECTIONS)}")
@@ -188,7 +202,7 @@ class TransferConfig:
                 "table_map": table_map, "tables": list(self.tables) if self.tables is not None else None,
                 "new_rows": self.new_rows, "projection": self.projection,
                 "backbone_paths": list(self.backbone_paths) if self.backbone_paths is not None else None,
-                "seed": self.seed, "embedding_sets": self.embedding_sets}
+                "seed": self.seed, "embedding_sets": self.embedding_sets, "min_overlap": self.min_overlap}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "TransferConfig":

@@ -1,16 +1,16 @@
 """What a transfer did, PEFT-style: every table and module with its fate, and trainable/frozen counts.
 
 ``print(report)`` shows a table; ``report.to_dict()`` is the JSON artifact a job logs to MLflow, and
-``report.metrics()`` the counts it logs as metrics.
+``report.metrics()`` the counts it logs as metrics. ``known`` is the share of the target's raw values that
+the checkpoint's feature map knows too (:attr:`TableEntry.overlap`).
 
 Example (``print(report)``)::
 
     Transfer ST&SF from runs/pretrain/checkpoints/step-00000400 (pretrain run 3f2a9c...)
-      status    source             target                        rows aligned/new  new rows  trainable  why
-      loaded    t_item_id 1684x16  features.ec:t_item_id 1618x16  1616 / 1          keep      frozen
-      skipped   t_action 7x16      -                                             no table named 't_action' in the model
-      own init  -                  features.ec:t_user_id 945x16                                yes        not in the transfer
-      own init  backbone.*         backbone 6,912 params                                       yes        ST&SF moves no backbone
+      status    source             target                         rows aligned/new  known  new rows  trainable  why
+      loaded    t_item_id 1684x16  features.ec:t_item_id 1618x16  1616 / 1          100 %  keep      frozen
+      skipped   t_action 7x16      -                              no table named 't_action' in the model
+      own init  -                  features.ec:t_user_id 945x16                                     yes        not in the transfer
     trainable params: 45,678 || frozen params: 27,000 || all params: 72,678 || trainable%: 62.85
 """
 from __future__ import annotations
@@ -46,6 +46,9 @@ class TableEntry:
         new_rows: the policy used for them (``keep`` / ``mean`` / ``zero``).
         projection: ``svd`` / ``random`` when the dims differed, else ``None``.
         frozen: the table gets no update during training.
+        overlap: share of the target's known raw values that the pretrained feature map knows too (rows
+            aligned through feature maps; ``None`` for rows given by ``alignments``). A transfer below
+            ``TransferConfig.min_overlap`` is refused.
         reason: why it was skipped or keeps its init.
     """
 
@@ -61,6 +64,7 @@ class TableEntry:
     projection: str | None = None
     frozen: bool = False
     reason: str = ""
+    overlap: float | None = None
 
 
 @dataclass
@@ -151,6 +155,8 @@ class TransferReport:
                 name = e.target.replace(":", "/")
                 out[f"transfer/rows_aligned/{name}"] = float(e.rows_aligned)
                 out[f"transfer/rows_new/{name}"] = float(e.rows_new)
+                if e.overlap is not None:
+                    out[f"transfer/overlap/{name}"] = float(e.overlap)
         return out
 
     def to_dict(self) -> dict[str, Any]:
@@ -200,25 +206,27 @@ class TransferReport:
     # -- printing ------------------------------------------------------------------------------------------
     def rows(self) -> list[tuple[str, ...]]:
         """The printed table's rows (header first)."""
-        out = [("status", "source", "target", "rows aligned/new", "new rows", "trainable", "why")]
+        out = [("status", "source", "target", "rows aligned/new", "known", "new rows", "trainable", "why")]
         for e in self.tables:
             source = f"{e.source} {_shape(e.source_shape)}".strip() or "-"
             target = f"{e.target} {_shape(e.target_shape)}".strip() or "-"
             trainable = "frozen" if e.frozen else "yes"
             if e.status == LOADED:
                 policy = (e.new_rows or "") + (f", {e.projection} projection" if e.projection else "")
-                out.append((e.status, source, target, f"{e.rows_aligned} / {e.rows_new}", policy, trainable, ""))
+                known = "" if e.overlap is None else f"{100 * e.overlap:.0f} %"
+                out.append((e.status, source, target, f"{e.rows_aligned} / {e.rows_new}", known, policy, trainable,
+                            ""))
             elif e.status == SKIPPED:
-                out.append((e.status, source, target, "", "", "", e.reason))
+                out.append((e.status, source, target, "", "", "", "", e.reason))
             else:
-                out.append((e.status, source, target, "", "", trainable, e.reason))
+                out.append((e.status, source, target, "", "", "", trainable, e.reason))
         for m in self.modules:
             source = f"{m.source} ({m.tensors})" if m.tensors else m.source
             target = f"{m.target} {m.params:,} params" if m.target else "-"
-            out.append((m.status, source, target, "", "", "yes" if m.target else "",
+            out.append((m.status, source, target, "", "", "", "yes" if m.target else "",
                         m.reason if m.status != LOADED else ""))
         if self.other_params:
-            out.append((OWN_INIT, "-", f"all other parameters {self.other_params:,}", "", "", "yes",
+            out.append((OWN_INIT, "-", f"all other parameters {self.other_params:,}", "", "", "", "yes",
                         "not listed above"))
         return out
 

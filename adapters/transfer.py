@@ -66,6 +66,7 @@ class _TablePlan:
     feature: str
     alignment: np.ndarray | None = None  # [R_target]: source row, NEW_ROW or KEEP_ROW
     reserved_ids: bool = True            # aligned through feature maps (ids 0/1 reserved)
+    overlap: float | None = None         # share of the target's known raw values the pretrained map knows
 
 
 @dataclass
@@ -201,10 +202,14 @@ def _plan(model: nn.Module, inner: nn.Module, config: TransferConfig, source: Pr
         seen[plan.slot.key] = plan.source
         _check_dims(plan, source, config)
         _align(plan, source, src_fm, tgt_fm, alignments)
+        _check_overlap(plan, config, src_fm, tgt_fm)
         if strategy.freezes_tables:
             problem = plan.slot.freeze_problem(model)
             if problem:
                 raise TransferError(f"{strategy.label} freezes {plan.slot.name}, but {problem}")
+    note = _dataset_note(source, src_fm, tgt_fm) if any(p.overlap is not None for p in plans) else None
+    if note:
+        report.notes.append(note)
     module_plans = _plan_modules(inner, config, source, report) if strategy.moves_backbone else []
     if not strategy.moves_backbone:
         paths = config.backbone_paths if config.backbone_paths is not None else backbone_modules(inner)
@@ -319,6 +324,52 @@ def _align(plan: _TablePlan, source: PretrainedCheckpoint, src_fm: Mapping | Non
     plan.alignment = a
 
 
+def _check_overlap(plan: _TablePlan, config: TransferConfig, src_fm: Mapping | None, tgt_fm: Mapping | None) -> None:
+    """Set ``plan.overlap`` (a table aligned through feature maps) and refuse one below ``config.min_overlap``:
+    a checkpoint pretrained on another dataset shares raw ids with the target by accident only, and would fill
+    rows from unrelated items. Feature maps hold vocabularies, no per-item attributes, so the raw-id overlap
+    is all that can be compared."""
+    if not plan.reserved_ids or plan.alignment is None:
+        return   # rows given by ``alignments``: the caller chose them
+    known = plan.alignment[NUM_RESERVED_IDS:]
+    if known.size == 0:
+        return   # an empty vocabulary: nothing to compare
+    found = int((known >= 0).sum())
+    plan.overlap = found / known.size
+    if plan.overlap >= config.min_overlap:
+        return
+    what = "items" if plan.feature == "item_id" else f"'{plan.feature}' values"
+    datasets = _datasets(src_fm, tgt_fm)
+    origin = (f"the checkpoint was pretrained on '{datasets[0]}', the target's data is '{datasets[1]}'"
+              if datasets else "the checkpoint was probably pretrained on another dataset")
+    raise TransferError(f"table {plan.source} → {plan.slot.name}: only {_percent(plan.overlap)} of the target's "
+                        f"{known.size:,} {what} are known to the checkpoint ({found:,}; min_overlap "
+                        f"{_percent(config.min_overlap)}): {origin}, and rows of other values that share a raw id "
+                        "would be transferred; pass --allow-foreign-ids (TransferConfig(min_overlap=0.0)) to "
+                        "transfer anyway, or pretrain on the target's data")
+
+
+def _percent(share: float) -> str:
+    return f"{100 * share:.1f} %" if 0 < share < 0.01 else f"{100 * share:.0f} %"
+
+
+def _datasets(src_fm: Mapping | None, tgt_fm: Mapping | None) -> tuple[str, str] | None:
+    """(pretraining dataset, target dataset) as the two feature maps' metadata name them, when they differ."""
+    names = [str((fm or {}).get("metadata", {}).get("dataset") or "") for fm in (src_fm, tgt_fm)]
+    return (names[0], names[1]) if all(names) and names[0] != names[1] else None
+
+
+def _dataset_note(source: PretrainedCheckpoint, src_fm: Mapping | None, tgt_fm: Mapping | None) -> str | None:
+    datasets = _datasets(src_fm, tgt_fm)
+    if datasets is None:
+        return None
+    digest = source.manifest.get("data_hash")
+    where = f" (prepared data {str(digest)[:12]})" if digest else ""
+    return (f"the checkpoint was pretrained on '{datasets[0]}'{where}, the target's feature map was fitted on "
+            f"'{datasets[1]}': rows are aligned by raw id, which means the same thing in both only if the two "
+            "datasets share their id space")
+
+
 def _plan_modules(inner: nn.Module, config: TransferConfig, source: PretrainedCheckpoint,
                   report: TransferReport) -> list[_ModulePlan]:
     src_shapes = source.backbone_shapes
@@ -401,7 +452,7 @@ def _write_table(plan: _TablePlan, src: torch.Tensor, source: PretrainedCheckpoi
     src_shape = list(source.tables[plan.source])
     return TableEntry(LOADED, plan.source, plan.slot.name, src_shape, [t_rows, t_dim], feature=plan.feature,
                       rows_aligned=int(aligned.sum()), rows_new=int(new.sum()), new_rows=config.new_rows,
-                      projection=config.projection if src_shape[1] != t_dim else None)
+                      projection=config.projection if src_shape[1] != t_dim else None, overlap=plan.overlap)
 
 
 def project(table: torch.Tensor, dim: int, method: str, seed: int = 0, known_from: int = 0) -> torch.Tensor:
