@@ -10,16 +10,23 @@ this module creates in a DuckDB connection:
 
 Raw ids stay text (``VARCHAR``), as in the pandas readers: the feature map keys vocabularies by raw value.
 
-Taobao ``UserBehavior.csv`` and the generic ``events`` table (CSV/TSV/parquet) are read by DuckDB itself —
+Taobao ``UserBehavior.csv``, the generic ``events`` table (CSV/TSV/parquet) and ``sequences`` files (one line
+per user: read as lines, split with ``string_split`` and unnested, out of core too) are read by DuckDB itself —
 in parallel, spilling to disk, never as Python objects — and checked in SQL with the pandas readers' messages
 (file, line or row, column). Other sources (MovieLens, RecBole: small, with format quirks the pandas readers
 already handle) are read by :func:`hybrid.data.readers.read_dataset` and handed to DuckDB as frames.
 """
 from __future__ import annotations
 
+import bz2
 import csv
+import gzip
+import lzma
 import re
-from collections.abc import Callable
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,7 +37,9 @@ import pandas as pd
 from hybrid.core.errors import HybridInputError
 from hybrid.data.readers import (
     _ALL_CANONICAL,
+    SEQUENCE_LINE_SHIFT,
     TAOBAO_COLUMNS,
+    TIMED_ITEM,
     UNKNOWN_YEAR,
     _complete_items,
     _complete_users,
@@ -40,12 +49,14 @@ from hybrid.data.readers import (
     _table_format,
     field_count_problem,
     read_dataset,
+    sequence_problem,
+    sequences_have_timestamps,
 )
 from hybrid.data.schema import EVENT_COLUMNS, OPTIONAL_EVENT_COLUMNS, RawDataset, RowOrigin
 from hybrid.data.sql_checks import ColumnChecks
 
 #: Readers this module implements in SQL; every other dataset goes through the pandas reader.
-NATIVE_DATASETS = ("taobao", "events")
+NATIVE_DATASETS = ("taobao", "events", "sequences")
 
 
 @dataclass(frozen=True)
@@ -87,14 +98,19 @@ def quote(name: str) -> str:
 
 
 def load_source(con: duckdb.DuckDBPyConnection, dataset: str, path: str, *, columns: dict[str, str] | None = None,
-                items_path: str | None = None, users_path: str | None = None) -> Source:
+                items_path: str | None = None, users_path: str | None = None, nrows: int | None = None) -> Source:
     """Create ``raw_events`` (and ``raw_items`` / ``raw_users``) in ``con`` for a dataset named as in
-    :func:`hybrid.data.readers.read_dataset`."""
+    :func:`hybrid.data.readers.read_dataset` (``nrows``: only the first rows, as there)."""
     if dataset == "taobao":
-        return load_taobao(con, path)
+        return load_taobao(con, path, nrows)
     if dataset == "events":
-        return load_events_table(con, path, columns or {}, items_path, users_path)
-    options = {"columns": columns or None, "items_path": items_path, "users_path": users_path}
+        return load_events_table(con, path, columns or {}, items_path, users_path, nrows)
+    if dataset == "sequences":
+        if columns:
+            raise HybridInputError("dataset 'sequences' does not take option 'columns' (it takes: items_path, "
+                                   "users_path, nrows)")
+        return load_sequences(con, path, items_path, users_path, nrows)
+    options = {"columns": columns or None, "items_path": items_path, "users_path": users_path, "nrows": nrows}
     return load_raw_dataset(con, read_dataset(dataset, path, **{k: v for k, v in options.items() if v is not None}))
 
 
@@ -167,18 +183,49 @@ def _sql_string(text: str) -> str:
 
 
 def _stage_csv(con: duckdb.DuckDBPyConnection, path: Path, names: list[str], *, sep: str, header: bool,
-               quoting: bool) -> None:
-    """Copy the file into table ``staging`` (text columns; ``rowid`` = data row, in file order)."""
+               quoting: bool, nrows: int | None = None, table: str = "staging") -> None:
+    """Copy the file into table ``staging`` (text columns; ``rowid`` = data row, in file order); ``nrows``:
+    only its first data rows (lines), the rest not read at all."""
     if path.stat().st_size == 0:
         raise HybridInputError(f"{path}: file is empty")
     try:
-        reader = _read_csv_sql(path, names, sep=sep, header=header, quoting=quoting)
-        con.execute(f"CREATE TABLE staging AS SELECT * FROM {reader}")
+        with _first_lines(con, path, None if nrows is None else nrows + int(header)) as read_from:
+            reader = _read_csv_sql(read_from, names, sep=sep, header=header, quoting=quoting)
+            con.execute(f"CREATE TABLE {table} AS SELECT * FROM {reader}")
     except duckdb.Error as exc:
         counted = _FIELD_COUNT.search(str(exc))
         if counted is not None:  # a row with more (or fewer) fields than the header / format
             raise HybridInputError(field_count_problem(path, int(counted[1]), int(counted[3]), int(counted[2]))) from None
         raise HybridInputError(f"{path}: malformed file: {_duckdb_reason(exc)}") from None
+
+
+_OPENERS = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}
+
+
+@contextmanager
+def _first_lines(con: duckdb.DuckDBPyConnection, path: Path, lines: int | None) -> Iterator[Path]:
+    """``path``, or with ``lines`` a scratch copy of its first lines (decompressed), so that DuckDB reads no
+    further: a row past them, malformed or not, is never seen — as pandas' ``nrows``."""
+    if lines is None:
+        yield path
+        return
+    suffix = path.suffix.lower()
+    if suffix in (".zip", ".zst"):
+        raise HybridInputError(f"{path}: data.nrows takes a plain, .gz, .bz2 or .xz file, not {suffix}")
+    database = con.execute("SELECT path FROM duckdb_databases() WHERE database_name = current_database()").fetchone()
+    parent = Path(database[0]).parent if database and database[0] else None  # beside the scratch database
+    directory = Path(tempfile.mkdtemp(prefix=".nrows.", dir=parent))
+    head = directory / (path.stem if suffix in _OPENERS else path.name)
+    try:
+        with _OPENERS.get(suffix, open)(path, "rb") as src, open(head, "wb") as dst:
+            for _ in range(lines):
+                chunk = src.readline()
+                if not chunk:
+                    break
+                dst.write(chunk)
+        yield head
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 _FIELD_COUNT = re.compile(r"CSV Error on Line: (\d+).*?Expected Number of Columns: (\d+) Found: (\d+)", re.S)
@@ -227,7 +274,7 @@ class DuckDBChecks(ColumnChecks):
         return self.con.execute("SELECT TRY_CAST(? AS DOUBLE)", [text]).fetchone()[0] is not None
 
 
-def load_taobao(con: duckdb.DuckDBPyConnection, path: str | Path) -> Source:
+def load_taobao(con: duckdb.DuckDBPyConnection, path: str | Path, nrows: int | None = None) -> Source:
     """Tianchi ``UserBehavior.csv`` (no header: user, item, category, behaviour, timestamp), read by DuckDB.
 
     Same result as :func:`hybrid.data.readers.read_taobao`: the behaviour becomes ``behavior``; an item's
@@ -237,7 +284,7 @@ def load_taobao(con: duckdb.DuckDBPyConnection, path: str | Path) -> Source:
     if path.is_dir():
         path = path / "UserBehavior.csv"
     _require_file(path, "Taobao behaviour file")
-    _stage_csv(con, path, list(TAOBAO_COLUMNS), sep=",", header=False, quoting=False)
+    _stage_csv(con, path, list(TAOBAO_COLUMNS), sep=",", header=False, quoting=False, nrows=nrows)
     check = DuckDBChecks(con, path, first_line=1)
     exprs = {c: check.convert(c, "timestamp" if c == "timestamp" else "user_id", repr(c)) for c in TAOBAO_COLUMNS}
     con.execute(f"""CREATE VIEW raw_events AS SELECT rowid AS rn, {exprs['user_id']} AS user_id,
@@ -259,7 +306,8 @@ def _csv_header(path: Path, sep: str) -> list[str]:
 
 
 def load_events_table(con: duckdb.DuckDBPyConnection, path: str | Path, columns: dict[str, str],
-                      items_path: str | None = None, users_path: str | None = None) -> Source:
+                      items_path: str | None = None, users_path: str | None = None,
+                      nrows: int | None = None) -> Source:
     """A generic events table (CSV/TSV by suffix, or parquet) read by DuckDB, with the checks and messages of
     :func:`hybrid.data.readers.read_events_table`; its optional item / user side tables (small) are read by
     the pandas reader."""
@@ -273,7 +321,8 @@ def load_events_table(con: duckdb.DuckDBPyConnection, path: str | Path, columns:
     fmt = _table_format(path)
     if fmt == "parquet":
         try:
-            con.execute(f"CREATE TABLE staging AS SELECT * FROM read_parquet('{_sql_string(str(path))}')")
+            limit = f" LIMIT {int(nrows)}" if nrows is not None else ""
+            con.execute(f"CREATE TABLE staging AS SELECT * FROM read_parquet('{_sql_string(str(path))}'){limit}")
         except duckdb.Error as exc:
             raise HybridInputError(f"{path}: not a readable parquet file ({_duckdb_reason(exc)})") from None
         header = [d[0] for d in con.execute("SELECT * FROM staging LIMIT 0").description]
@@ -282,7 +331,7 @@ def load_events_table(con: duckdb.DuckDBPyConnection, path: str | Path, columns:
         if path.stat().st_size == 0:
             raise HybridInputError(f"{path}: file is empty")
         header = _csv_header(path, fmt)
-        _stage_csv(con, path, header, sep=fmt, header=True, quoting=True)
+        _stage_csv(con, path, header, sep=fmt, header=True, quoting=True, nrows=nrows)
         check = DuckDBChecks(con, path, first_line=2)
     wanted = [*EVENT_COLUMNS, *(c for c in OPTIONAL_EVENT_COLUMNS if columns.get(c, c) in header or c in columns)]
     for canonical in wanted:
@@ -298,3 +347,44 @@ def load_events_table(con: duckdb.DuckDBPyConnection, path: str | Path, columns:
     load_side_frames(con, *read_side_files(items_path, users_path, columns))
     return Source(path.name.split(".")[0] or "events", str(path), items_path is not None, users_path is not None,
                   tuple(wanted), events_file=str(path), locate=RowOrigin(str(path), check.first_line, check.unit).at)
+
+
+def load_sequences(con: duckdb.DuckDBPyConnection, path: str | Path, items_path: str | None = None,
+                   users_path: str | None = None, nrows: int | None = None) -> Source:
+    """A "one line per user" sequence file, read by DuckDB, with the format, checks and messages of
+    :func:`hybrid.data.readers.read_sequences`: the lines are read as one text column, split into fields
+    with ``string_split`` and unnested with their positions, all in SQL (out of core). ``rn`` is
+    ``line << 32 | position``; the optional side tables (small) are read by the pandas reader."""
+    path = _require_file(Path(path), "sequence file")
+    timed = sequences_have_timestamps(path)
+    _stage_csv(con, path, ["text"], sep="\x01", header=False, quoting=False, nrows=nrows, table="staging_lines")
+    con.execute("""CREATE TABLE seq_lines AS SELECT line, t[1] AS user_id, t[2:] AS items FROM (
+                     SELECT rowid + 1 AS line, list_filter(string_split(replace(coalesce(text, ''), chr(9), ' '), ' '),
+                                                          lambda x: x <> '') AS t FROM staging_lines) s
+                   WHERE len(t) > 0""")
+    con.execute("DROP TABLE staging_lines")
+    con.execute("""CREATE TABLE seq_tokens AS SELECT line, user_id, unnest(items) AS token,
+                   generate_subscripts(items, 1) AS pos FROM seq_lines""")
+    bad_token = f"{'NOT ' if timed else ''}regexp_full_match(token, '{TIMED_ITEM}')"
+    problem = con.execute(f"""
+        SELECT line, kind, pos, value, first_line FROM (
+            SELECT line, 0 AS kind, 0 AS pos, user_id AS value, first_line FROM (
+                SELECT line, user_id, min(line) OVER (PARTITION BY user_id) AS first_line FROM seq_lines) d
+            WHERE line > first_line
+            UNION ALL SELECT line, 1, 0, user_id, NULL FROM seq_lines WHERE len(items) = 0
+            UNION ALL SELECT line, 2, pos, token, NULL FROM seq_tokens WHERE {bad_token}) p
+        ORDER BY line, kind, pos LIMIT 1""").fetchone()
+    if problem is not None:
+        line, kind, pos, value, first_line = problem
+        raise HybridInputError(sequence_problem(path, int(line), int(kind), int(pos), value, timed,
+                                                None if first_line is None else int(first_line)))
+    item, when = (("regexp_extract(token, '{0}', 1)".format(TIMED_ITEM),
+                   "CAST(regexp_extract(token, '{0}', 2) AS BIGINT)".format(TIMED_ITEM)) if timed
+                  else ("token", "CAST(pos AS BIGINT)"))
+    con.execute(f"""CREATE VIEW raw_events AS SELECT (CAST(line AS BIGINT) << {SEQUENCE_LINE_SHIFT}) + pos AS rn,
+                    user_id, {item} AS item_id, {when} AS timestamp FROM seq_tokens""")
+    load_side_frames(con, *read_side_files(items_path, users_path))
+    mask = (1 << SEQUENCE_LINE_SHIFT) - 1
+    return Source(path.name.split(".")[0] or "sequences", str(path), items_path is not None, users_path is not None,
+                  ("user_id", "item_id", "timestamp"), events_file=str(path),
+                  locate=lambda rn: f"{path}, line {int(rn) >> SEQUENCE_LINE_SHIFT}, item {int(rn) & mask}")

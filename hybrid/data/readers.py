@@ -6,7 +6,9 @@ Supported sources:
   ``users.dat``), both Latin-1 encoded — :func:`read_movielens`;
 * RecBole atomic files (``<name>.inter``/``.item``/``.user``) — :func:`read_recbole`;
 * Tianchi Taobao ``UserBehavior.csv`` — :func:`read_taobao`;
-* a generic CSV/TSV/parquet events table with configurable column names — :func:`read_events_table`.
+* a generic CSV/TSV/parquet events table with configurable column names — :func:`read_events_table`;
+* a "one line per user" sequence file (RecBole / S3-Rec style: ``user item item ...``, optionally
+  ``user item:ts item:ts ...``) — :func:`read_sequences`.
 
 :func:`read_dataset` dispatches on a dataset name. Every reader raises :class:`~hybrid.core.errors.HybridInputError`
 with one message naming the file and, where it applies, the 1-based file line number and the column.
@@ -47,6 +49,8 @@ __all__ = [
     "read_dataset",
     "read_events_table",
     "read_movielens",
+    "read_sequences",
+    "PositionalTimeWarning",
     "read_recbole",
     "read_taobao",
     "movielens_kind",
@@ -794,8 +798,9 @@ def _read_table(
     required: tuple[str, ...],
     optional: tuple[str, ...],
     explicit: set[str],
+    nrows: int | None = None,
 ) -> pd.DataFrame:
-    """A CSV/TSV/parquet table -> frame with canonical columns.
+    """A CSV/TSV/parquet table -> frame with canonical columns (``nrows``: only the first data rows).
 
     Args:
         path: the file.
@@ -826,17 +831,35 @@ def _read_table(
     labels = {f: _label(f, c) for f, c in selected.items()}
     kinds = {f: _CANONICAL_KIND[c] for f, c in selected.items()}
     if fmt == "parquet":
-        frame = pd.read_parquet(path, columns=list(selected))
+        frame = _read_parquet(path, list(selected), nrows)
         where = _Where(str(path), first_line=1, unit="row")
         frame = pd.DataFrame({f: _convert(frame[f], kinds[f], where, labels[f]) for f in selected})
     else:
         try:
             frame = _read_delimited(
-                path, kinds, sep=fmt, labels=labels, encoding="utf-8", quoting=csv.QUOTE_MINIMAL
+                path, kinds, sep=fmt, labels=labels, encoding="utf-8", quoting=csv.QUOTE_MINIMAL, nrows=nrows
             )
         except UnicodeDecodeError as exc:
             raise HybridInputError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
     return frame.rename(columns=selected)
+
+
+def _read_parquet(path: Path, columns: list[str], nrows: int | None) -> pd.DataFrame:
+    """A parquet file's ``columns``; with ``nrows``, only its first rows (read a batch at a time, not all)."""
+    if nrows is None:
+        return pd.read_parquet(path, columns=columns)
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    batches, kept = [], 0
+    handle = pq.ParquetFile(path)
+    for batch in handle.iter_batches(batch_size=min(nrows, 65536), columns=columns):
+        batches.append(batch.slice(0, nrows - kept))
+        kept += batches[-1].num_rows
+        if kept >= nrows:
+            break
+    schema = pa.schema([handle.schema_arrow.field(c) for c in columns])
+    return pa.Table.from_batches(batches, schema=schema).to_pandas()
 
 
 def read_events_table(
@@ -844,6 +867,7 @@ def read_events_table(
     columns: dict[str, str] | None = None,
     items_path: PathLike | None = None,
     users_path: PathLike | None = None,
+    nrows: int | None = None,
 ) -> RawDataset:
     """Read a generic events table (CSV/TSV by suffix, or parquet) with optional item/user side tables.
 
@@ -856,9 +880,10 @@ def read_events_table(
         columns: canonical -> file column, e.g. ``{"user_id": "uid", "timestamp": "ts"}``.
         items_path: optional items table (``item_id`` + any of ``title``, ``genres``, ``year``).
         users_path: optional users table (``user_id`` + any of ``gender``, ``age``, ``occupation``, ``zip``).
+        nrows: read only the first ``nrows`` data rows of the events file (a quick look at a large one).
 
     Returns:
-        RawDataset named ``events`` (or the file's stem).
+        RawDataset named after the file's stem (``clicks`` for ``clicks.parquet``; ``data.name`` renames it).
 
     Example:
         >>> ds = read_events_table("clicks.parquet", columns={"user_id": "uid", "item_id": "iid",
@@ -875,7 +900,7 @@ def read_events_table(
     explicit = set(columns)
 
     events_path = _require_file(Path(path), "events file")
-    events = _read_table(events_path, columns, EVENT_COLUMNS, OPTIONAL_EVENT_COLUMNS, explicit)
+    events = _read_table(events_path, columns, EVENT_COLUMNS, OPTIONAL_EVENT_COLUMNS, explicit, nrows)
 
     items = None
     if items_path is not None:
@@ -892,6 +917,143 @@ def read_events_table(
     parquet = _table_format(events_path) == "parquet"
     origin = RowOrigin(str(events_path), 1, "row") if parquet else RowOrigin(str(events_path), 2)
     return RawDataset(name, events, items, users, source=str(events_path), origin=origin)
+
+
+# --------------------------------------------------------------------------------------------- sequences
+
+#: an item with its time in a timestamped sequence file: ``<item>:<unix seconds>`` (split at the last ``:``)
+TIMED_ITEM = r"^(.+):([0-9]{1,18})$"
+_TIMED_ITEM = re.compile(TIMED_ITEM)
+_SEQUENCE_SPLIT = re.compile(r"[ \t]+")
+#: the event ``rn`` of a sequence file: ``line << 32 | position`` (increasing in file order)
+SEQUENCE_LINE_SHIFT = 32
+
+
+class PositionalTimeWarning(UserWarning):
+    """A sequence file without timestamps: event times are positions in the line, so a time split is not one."""
+
+
+def sequence_tokens(line: str) -> list[str]:
+    """The fields of one sequence-file line: separated by runs of spaces and tabs."""
+    return [t for t in _SEQUENCE_SPLIT.split(line.rstrip("\r\n")) if t]
+
+
+def sequences_have_timestamps(path: PathLike) -> bool:
+    """Whether a sequence file's items carry timestamps (``item:ts``): its first line's first item decides."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            for line in handle:
+                tokens = sequence_tokens(line)
+                if tokens:
+                    return len(tokens) > 1 and _TIMED_ITEM.match(tokens[1]) is not None
+    except UnicodeDecodeError as exc:
+        raise HybridInputError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    return False
+
+
+def sequence_problem(path: PathLike, line: int, kind: int, position: int, value: str, timed: bool,
+                     first_line: int | None = None) -> str:
+    """The message of a bad sequence-file line (both engines): ``kind`` 0 a user with a second line (its first:
+    ``first_line``), 1 a user with no items, 2 an item that does not fit the file's format (``position``: 1-based
+    among the line's items)."""
+    if kind == 0:
+        return (f"{path}, line {line}: user {value!r} already has a line (line {first_line}); a sequence file has "
+                "one line per user")
+    if kind == 1:
+        return f"{path}, line {line}: user {value!r} has no items; each line is 'user item item ...'"
+    if timed:
+        return (f"{path}, line {line}, item {position}: {value!r} is not item:timestamp (unix seconds); the file's "
+                "first item has a timestamp, so every item needs one")
+    return (f"{path}, line {line}, item {position}: {value!r} looks like item:timestamp, but the file's first item "
+            "has none; write every item as item:timestamp, or none")
+
+
+def positional_time_message(path: PathLike, protocol: str) -> str:
+    """What :class:`PositionalTimeWarning` says."""
+    split = ("splits users by the time of their last event, so here by history length: the users with the "
+             "longest histories become the test users" if protocol == "last-item" else
+             "cuts at a time quantile, so here at a position in every history")
+    return (f"{path}: no timestamps in the sequence file (items are not item:timestamp): each event's time is its "
+            f"position in its line, and the {protocol} protocol {split}")
+
+
+class SequenceOrigin:
+    """Names event ``i`` of a sequence file in messages: ``"<file>, line 3, item 2"``."""
+
+    def __init__(self, path: str, lines: np.ndarray, positions: np.ndarray):
+        self.path, self.lines, self.positions = path, lines, positions
+
+    def at(self, row: int) -> str:
+        return f"{self.path}, line {int(self.lines[int(row)])}, item {int(self.positions[int(row)])}"
+
+
+def read_sequences(path: PathLike, items_path: PathLike | None = None, users_path: PathLike | None = None,
+                   nrows: int | None = None) -> RawDataset:
+    """Read a "one line per user" sequence file (RecBole / S3-Rec style), UTF-8, no header.
+
+    Each line is ``user item item ...`` (fields separated by spaces or tabs), in time order; or, with
+    timestamps, ``user item:ts item:ts ...`` (unix seconds after the item's last ``:``). The first line's
+    first item decides which for the whole file. Without timestamps an event's ``timestamp`` is its position
+    in the line (1, 2, ...), so a time split becomes a split by history length (``hybrid data prepare`` warns,
+    :class:`PositionalTimeWarning`). Blank lines are skipped; a user on two lines, a user with no items and an
+    item that does not fit the file's format are refused (one line naming the file, line and item).
+
+    Args:
+        path: the sequence file.
+        items_path, users_path: optional item / user side tables, as for :func:`read_events_table`.
+        nrows: read only the first ``nrows`` lines (users).
+
+    Returns:
+        RawDataset named after the file's stem; events ``user_id``, ``item_id``, ``timestamp``.
+
+    Example:
+        >>> ds = read_sequences("Beauty.txt", nrows=1000)  # doctest: +SKIP
+    """
+    path = _require_file(Path(path), "sequence file")
+    if path.stat().st_size == 0:
+        raise HybridInputError(f"{path}: file is empty")
+    timed = sequences_have_timestamps(path)
+    users, items, times, lines, positions = [], [], [], [], []
+    first_line: dict[str, int] = {}
+    try:
+        with open(path, encoding="utf-8") as handle:
+            for number, line in enumerate(handle, 1):
+                if nrows is not None and number > nrows:
+                    break
+                tokens = sequence_tokens(line)
+                if not tokens:
+                    continue
+                user = tokens[0]
+                if user in first_line:
+                    raise HybridInputError(sequence_problem(path, number, 0, 0, user, timed, first_line[user]))
+                first_line[user] = number
+                if len(tokens) == 1:
+                    raise HybridInputError(sequence_problem(path, number, 1, 0, user, timed))
+                for position, token in enumerate(tokens[1:], 1):
+                    match = _TIMED_ITEM.match(token)
+                    if (match is None) == timed:
+                        raise HybridInputError(sequence_problem(path, number, 2, position, token, timed))
+                    items.append(match[1] if timed else token)
+                    times.append(int(match[2]) if timed else position)
+                users.extend([user] * (len(tokens) - 1))
+                lines.extend([number] * (len(tokens) - 1))
+                positions.extend(range(1, len(tokens)))
+    except UnicodeDecodeError as exc:
+        raise HybridInputError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    events = pd.DataFrame({"user_id": pd.Series(users, dtype=object), "item_id": pd.Series(items, dtype=object),
+                           "timestamp": np.asarray(times, dtype=np.int64)})
+    items_table = users_table = None
+    if items_path is not None:
+        item_file = _require_file(Path(items_path), "items file")
+        items_table = _complete_items(_read_table(item_file, {}, ("item_id",), ("title", "genres", "year"), set()),
+                                      item_file)
+    if users_path is not None:
+        user_file = _require_file(Path(users_path), "users file")
+        users_table = _complete_users(_read_table(user_file, {}, ("user_id",), ("gender", "age", "occupation", "zip"),
+                                                  set()), user_file)
+    origin = SequenceOrigin(str(path), np.asarray(lines, dtype=np.int64), np.asarray(positions, dtype=np.int64))
+    return RawDataset(path.name.split(".")[0] or "sequences", events, items_table, users_table, source=str(path),
+                      origin=origin)  # type: ignore[arg-type]  # an origin naming line and item
 
 
 # --------------------------------------------------------------------------------------------- dispatch
@@ -919,18 +1081,21 @@ DATASET_READERS: dict[str, Callable[..., RawDataset]] = {
     "recbole": read_recbole,
     "taobao": read_taobao,
     "events": read_events_table,
+    "sequences": read_sequences,
 }
 
 
 def read_dataset(name: str, path: PathLike, **opts) -> RawDataset:
     """Read a dataset by name: ``movielens-100k``/``ml-100k``, ``movielens-1m``/``ml-1m``, ``recbole``,
-    ``taobao``, ``events``.
+    ``taobao``, ``events``, ``sequences``.
 
     Args:
         name: the reader to use (see :data:`DATASET_READERS`).
         path: what that reader takes (a directory for MovieLens/RecBole, a file for taobao/events).
         **opts: that reader's own options (``columns=``, ``items_path=`` for events; ``name=`` for recbole;
-            ``nrows=`` for taobao). An option set to None means "default" and is dropped, so callers can pass
+            ``nrows=`` for every dataset: the first rows of a file — lines of ``taobao``, ``events`` and
+            ``sequences`` files, read no further; the first events of the others, read whole). An option set to
+            None means "default" and is dropped, so callers can pass
             ``columns=cfg.columns or None`` whatever the reader; any other option the reader does not take is
             an error, not ignored.
 
@@ -942,8 +1107,13 @@ def read_dataset(name: str, path: PathLike, **opts) -> RawDataset:
         raise HybridInputError(f"unknown dataset {name!r}; expected one of {', '.join(DATASET_READERS)}")
     opts = {key: value for key, value in opts.items() if value is not None}
     accepted = [p for p in inspect.signature(reader).parameters if p != "path"]
+    nrows = opts.pop("nrows", None) if "nrows" not in accepted else None
     unknown = sorted(set(opts) - set(accepted))
     if unknown:
-        takes = ", ".join(accepted) or "no options"
+        takes = ", ".join([*accepted, "nrows"] if nrows is not None else accepted) or "no options"
         raise HybridInputError(f"dataset {name!r} does not take option {unknown[0]!r} (it takes: {takes})")
-    return reader(path, **opts)
+    data = reader(path, **opts)
+    if nrows is not None:  # a reader that reads its files whole: keep the first events
+        data = RawDataset(data.name, data.events.iloc[:nrows].reset_index(drop=True), data.items, data.users,
+                          data.source, data.origin)
+    return data

@@ -304,7 +304,7 @@ NATIVE_DATASETS = ("taobao", "events")
 
 
 def load_source(db: SparkBackend, dataset: str, path: str, *, columns: dict[str, str] | None = None,
-                items_path: str | None = None, users_path: str | None = None) -> Source:
+                items_path: str | None = None, users_path: str | None = None, nrows: int | None = None) -> Source:
     """Create the views ``raw_events`` (and ``raw_items`` / ``raw_users``) in ``db``, as
     :func:`hybrid.data.duckdb_sources.load_source` creates its tables.
 
@@ -314,7 +314,13 @@ def load_source(db: SparkBackend, dataset: str, path: str, *, columns: dict[str,
 
     Example:
         >>> source = load_source(db, "events", "log.parquet", columns={"user_id": "uid"})  # doctest: +SKIP
+
+    ``nrows`` (``data.nrows``, a quick look) is refused: Spark reads a file in parallel parts, with no first
+    rows; a ``sequences`` file is read by the pandas reader on the driver.
     """
+    if nrows is not None:
+        raise HybridInputError("data.nrows is not supported on engine.name: spark (which reads a file in parallel "
+                               "parts); take a quick look with engine.name: duckdb or pandas")
     if dataset == "taobao":
         return _load_taobao(db, path)
     if dataset == "events":

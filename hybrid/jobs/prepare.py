@@ -7,8 +7,10 @@ DuckDB by default (``engine.name: duckdb``, :mod:`hybrid.data.duckdb_engine`), o
 """
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import tempfile
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -19,7 +21,7 @@ from hybrid.core.errors import HybridInputError
 from hybrid.core.feature_map import FeatureMap
 from hybrid.data.duckdb_engine import EngineConfig
 from hybrid.data.protocols import ProtocolConfig, prepare
-from hybrid.data.readers import read_dataset
+from hybrid.data.readers import PositionalTimeWarning, positional_time_message, read_dataset, sequences_have_timestamps
 from hybrid.data.schema import RawDataset
 from hybrid.data.store import atomic_directory, save_prepared, write_metadata
 from hybrid.data.validation import Duplicates, check_samples, deduplicate_frame, with_dropped
@@ -31,10 +33,18 @@ class DataConfig:
     """Where the raw data is and how to read it.
 
     Args:
-        dataset: reader name: ``movielens-100k``, ``movielens-1m``, ``recbole``, ``taobao`` or ``events``.
-        path: directory (MovieLens, RecBole) or file (Taobao CSV, events CSV/parquet).
+        dataset: reader name: ``movielens-100k``, ``movielens-1m``, ``recbole``, ``taobao``, ``events`` or
+            ``sequences`` (one line per user: ``user item item ...`` or ``user item:ts item:ts ...``,
+            :func:`hybrid.data.readers.read_sequences`).
+        path: directory (MovieLens, RecBole) or file (Taobao CSV, events CSV/parquet, sequence file).
+        name: the dataset's name in ``stats.json`` (``dataset``), the feature map and MLflow (the run's
+            ``dataset`` tag, its dataset inputs ``<name>/<protocol>``); default: the reader's own — the file's
+            stem for ``events`` and ``sequences`` (``clicks`` for ``clicks.parquet``), ``movielens-1m``, ...
+        nrows: read only the first ``nrows`` rows, for a quick look at a large file: data rows (lines) of a
+            ``taobao`` or ``events`` file, lines (users) of a ``sequences`` file, read no further; the first
+            events of the others (read whole). Recorded in ``stats.json`` (``nrows``).
         columns: ``events`` only: canonical column → column in the file (``{"user_id": "uid"}``).
-        items_path, users_path: ``events`` only: optional item / user side tables.
+        items_path, users_path: ``events`` and ``sequences`` only: optional item / user side tables.
         duplicates: what events that repeat an earlier one in every field (user, item, timestamp, rating /
             behaviour) get: ``error`` (the default) refuses the data, naming the first such row; ``drop`` keeps
             the first of each and counts the others in ``stats.json`` (``duplicates_dropped``).
@@ -42,19 +52,30 @@ class DataConfig:
 
     dataset: str = "movielens-100k"
     path: str = ""
+    name: str | None = None
+    nrows: int | None = None
     columns: dict[str, str] = field(default_factory=dict)
     items_path: str | None = None
     users_path: str | None = None
     duplicates: Duplicates = "error"
 
+    def __post_init__(self) -> None:
+        if self.nrows is not None and (isinstance(self.nrows, bool) or not isinstance(self.nrows, int)
+                                       or self.nrows < 1):
+            raise ValueError(f"data.nrows must be a whole number >= 1 (or unset: every row), got {self.nrows!r}")
+        if self.name is not None and (not isinstance(self.name, str) or not self.name.strip() or "/" in self.name):
+            raise ValueError(f"data.name must be a non-empty name without '/', got {self.name!r}")
+
     def options(self) -> dict:
         """The reader-specific options that are set."""
-        options = {"columns": self.columns or None, "items_path": self.items_path, "users_path": self.users_path}
+        options = {"columns": self.columns or None, "items_path": self.items_path, "users_path": self.users_path,
+                   "nrows": self.nrows}
         return {k: v for k, v in options.items() if v is not None}
 
     def read(self) -> RawDataset:
-        """Read into memory with the reader named by ``dataset`` (the pandas engine's input)."""
-        return read_dataset(self.dataset, self.path, **self.options())
+        """Read into memory with the reader named by ``dataset`` (the pandas engine's input), named ``name``."""
+        data = read_dataset(self.dataset, self.path, **self.options())
+        return dataclasses.replace(data, name=self.name) if self.name else data
 
 
 @dataclass
@@ -93,8 +114,9 @@ def run_prepare(cfg: PrepareConfig, tracker: Tracker | None = None, parent_run: 
         raise HybridInputError(f"{out.parent}: cannot create the output's directory ({exc.strerror})") from None
     if cfg.engine.name == "pandas":
         data, dropped = deduplicate_frame(cfg.data.read(), cfg.data.duplicates)
+        _warn_positional_time(cfg)
         prepared = prepare(data, cfg.protocol)
-        prepared.stats = with_dropped(prepared.stats, dropped)
+        prepared.stats = _with_nrows(with_dropped(prepared.stats, dropped), cfg.data.nrows)
         check_samples(prepared.stats, data.origin.path if data.origin else (data.source or data.name), cfg.protocol)
         _report_dropped(dropped)
         with _prepare_run(tracker, cfg, data.name, parent_run) as run:
@@ -112,8 +134,12 @@ def run_prepare(cfg: PrepareConfig, tracker: Tracker | None = None, parent_run: 
     try:
         with _engine(cfg.engine, scratch) as (load_source, run_protocol):
             source = load_source(cfg.data.dataset, cfg.data.path, **cfg.data.options())
+            if cfg.data.name:
+                source = dataclasses.replace(source, name=cfg.data.name)
+            _warn_positional_time(cfg)
             with atomic_directory(out) as tmp:  # a failure inside leaves no output and any earlier one intact
                 feature_map, stats = run_protocol(source, cfg.protocol, tmp, cfg.data.duplicates)
+                stats = _with_nrows(stats, cfg.data.nrows)
                 check_samples(stats, source.file(), cfg.protocol)
                 _report_dropped(stats["duplicates_dropped"])
                 with _prepare_run(tracker, cfg, source.name, parent_run) as run:
@@ -161,6 +187,25 @@ def _prepare_run(tracker: Tracker, cfg: PrepareConfig, dataset: str, parent_run:
                            "engine": cfg.engine.name}) as run:
         tracker.log_params(run, to_dict(cfg))
         yield run
+
+
+def _warn_positional_time(cfg: PrepareConfig) -> None:
+    """A sequence file without timestamps: say once what the protocol's time split becomes."""
+    if cfg.data.dataset == "sequences" and not sequences_have_timestamps(cfg.data.path):
+        warnings.warn(positional_time_message(cfg.data.path, cfg.protocol.protocol), PositionalTimeWarning,
+                      stacklevel=3)
+
+
+def _with_nrows(stats: dict, nrows: int | None) -> dict:
+    """``stats`` with ``nrows`` after ``source`` when ``data.nrows`` cut the input short."""
+    if nrows is None:
+        return stats
+    out = {}
+    for key, value in stats.items():
+        out[key] = value
+        if key == "source":
+            out["nrows"] = int(nrows)
+    return out
 
 
 def _report_dropped(dropped: int) -> None:
