@@ -390,7 +390,7 @@ class StopSignals:
     Example:
         >>> with StopSignals() as stop:
         ...     for step in range(1, 4):
-        ...         ...                                  # one training step
+        ...         loss = step * 0.5                    # one training step
         ...         if stop.requested() is not None:     # SIGTERM / SIGINT arrived during it
         ...             break                            # save a checkpoint at ``step``, then raise
         >>> stop.requested() is None
