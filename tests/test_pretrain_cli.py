@@ -179,9 +179,9 @@ def test_torchrun_two_processes(prepared_last_item_dir, tmp_path):
     done = run_torchrun(["-m", "hybrid", *_argv(prepared_last_item_dir, out, tmp_path)], timeout=300, cwd=tmp_path,
                         reset=reset)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.count("pretrained 58 steps") == 1   # rank 0 prints, 29 steps per epoch per rank
+    assert done.stdout.count("pretrained 60 steps") == 1   # rank 0 prints; 30 steps per epoch, as on one process
     _, runs = _runs(tmp_path)
     assert len(runs) == 1 and runs[0].data.tags["world_size"] == "2"   # only rank 0 logs
     manifest = read_manifest(latest_checkpoint(out / "checkpoints"))
-    assert manifest["world_size"] == 2 and manifest["step"] == 58
+    assert manifest["world_size"] == 2 and manifest["step"] == 60
     assert yaml.safe_load((out / "config.yaml").read_text())["train"]["epochs"] == 2

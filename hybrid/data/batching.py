@@ -211,6 +211,16 @@ class BucketBatchSampler(Sampler[list[int]]):
     With ``num_replicas > 1`` each rank takes every ``num_replicas``-th batch (all ranks get the same
     number of batches, so collective ops stay in step).
 
+    **Same steps on 1 and W ranks.** Under data parallelism a global step is one batch on each of the W
+    ranks, so ``batch_size`` here is the per-rank batch (the jobs pass ``train.batch_size // W``). When the
+    batch count is not a multiple of W, the samples of the last ``count % W`` batches are re-split into W
+    smaller batches, one per rank — every rank gets ``ceil(count / W)`` batches and every sample is still
+    seen exactly once per epoch (a sample is repeated only when that tail holds fewer samples than ranks).
+    Since ``ceil(ceil(N / b) / W) == ceil(N / (b W))``, an epoch is ``ceil(N / train.batch_size)``
+    optimizer steps whatever W, when ``train.batch_size`` is divisible by W. (Before, the remainder
+    batches were dropped: 29 steps an epoch on 2 ranks against 30 on one.) With ``drop_last`` the
+    remainder is dropped instead: ``floor(N / train.batch_size)`` steps, again whatever W.
+
     Args:
         lengths: ``[N]`` length of each sample.
         batch_size: samples per batch.
@@ -255,8 +265,8 @@ class BucketBatchSampler(Sampler[list[int]]):
         if self.drop_last:
             batches = [b for b in batches if len(b) == self.batch_size]
         if self.num_replicas > 1:
-            per_rank = len(batches) // self.num_replicas
-            batches = batches[self.rank:per_rank * self.num_replicas:self.num_replicas]
+            batches = _even_out(batches, self.num_replicas, self.drop_last)
+            batches = batches[self.rank::self.num_replicas]
         return batches
 
     def __iter__(self) -> Iterator[list[int]]:
@@ -265,6 +275,21 @@ class BucketBatchSampler(Sampler[list[int]]):
 
     def __len__(self) -> int:
         return len(self._batches())
+
+
+def _even_out(batches: list[np.ndarray], replicas: int, drop_last: bool) -> list[np.ndarray]:
+    """``batches`` made a multiple of ``replicas`` long (:class:`BucketBatchSampler`): the last ``len % replicas``
+    batches dropped (``drop_last``) or their samples re-split into ``replicas`` batches."""
+    extra = len(batches) % replicas
+    if extra == 0:
+        return batches
+    if drop_last:
+        return batches[:len(batches) - extra]
+    tail = np.concatenate(batches[len(batches) - extra:])
+    pieces = np.array_split(tail, replicas)
+    # fewer samples than ranks: a rank with none repeats one (an empty batch cannot be stepped on)
+    pieces = [p if len(p) else tail[i % len(tail):i % len(tail) + 1] for i, p in enumerate(pieces)]
+    return batches[:len(batches) - extra] + pieces
 
 
 def _passthrough(batch):
