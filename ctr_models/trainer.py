@@ -74,9 +74,11 @@ from hybrid.core.training import (
     StopSignals,
     apply_sparse_optimizer,
     average_dense_gradients,
+    check_per_epoch,
     dense_parameters,
     eval_rounds,
     make_dense_optimizer,
+    per_epoch_positions,
     seed_everything,
     shard_model,
     unwrap_dmp,
@@ -101,6 +103,9 @@ class CTRTrainConfig:
         eval_every: also evaluate every this many steps *inside* each epoch (counted from the epoch's
             start, so every epoch is evaluated at the same fractional points); ``0``: only at epoch ends.
             Every epoch end and the last step are always evaluated.
+        evals_per_epoch: instead of ``eval_every`` steps, evaluate this many times each epoch, evenly spaced
+            (the last at the epoch's end; :func:`~hybrid.core.training.per_epoch_positions`); ``0``: use
+            ``eval_every``.
         max_history: most recent history events per sample (the batches' and the ranker's window).
         seed: seeds model init, data order (with the epoch) and dropout.
         optim: dense AdamW + schedule + clipping and the tables' in-backward optimizer.
@@ -132,6 +137,7 @@ class CTRTrainConfig:
     batch_size: int = 1024
     eval_batch_size: int = 4096
     eval_every: int = 0
+    evals_per_epoch: int = 0
     max_history: int = 50
     seed: int = 0
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -156,6 +162,7 @@ class CTRTrainConfig:
                 raise ValueError(f"train.{name} must be a positive integer, got {value!r}")
         if not isinstance(self.eval_every, int) or self.eval_every < 0:
             raise ValueError(f"train.eval_every must be >= 0 (0: only at epoch ends), got {self.eval_every!r}")
+        check_per_epoch("evals_per_epoch", self.evals_per_epoch)
         if self.max_steps is not None and self.max_steps < 1:
             raise ValueError(f"train.max_steps must be a positive integer or null, got {self.max_steps}")
         if self.one_epoch_tolerance is not None and self.one_epoch_tolerance < 0:
@@ -405,6 +412,7 @@ def train(
     if steps_per_epoch == 0:
         raise ValueError("the training loader yields no batches (too few samples for one batch per rank?)")
     total_steps = cfg.epochs * steps_per_epoch
+    eval_points = per_epoch_positions(steps_per_epoch, cfg.evals_per_epoch)
     if cfg.max_steps is not None:
         total_steps = min(total_steps, cfg.max_steps)
 
@@ -471,8 +479,9 @@ def train(
                                                "samples/s": f"{train_metrics['perf/samples_per_s']:,.0f}"})
                     log(train_metrics, step, frac_epoch)
                 epoch_end = position == steps_per_epoch
-                if eval_loader is not None and ((cfg.eval_every and position % cfg.eval_every == 0)
-                                                or epoch_end or done):
+                in_epoch = (position in eval_points if cfg.evals_per_epoch
+                            else bool(cfg.eval_every) and position % cfg.eval_every == 0)
+                if eval_loader is not None and (in_epoch or epoch_end or done):
                     with window.paused():
                         eval_metrics = evaluate(model, eval_loader, ctx=ctx, split=VALID)
                         evaluation = Evaluation(step, frac_epoch, eval_metrics)

@@ -74,10 +74,12 @@ from hybrid.core.training import (
     StopSignals,
     apply_sparse_optimizer,
     average_dense_gradients,
+    check_per_epoch,
     dense_parameters,
     eval_rounds,
     is_dmp,
     make_dense_optimizer,
+    per_epoch_positions,
     seed_everything,
     shard_model,
     unwrap_dmp,
@@ -107,6 +109,9 @@ class PretrainTrainConfig:
         optim: dense AdamW + schedule + clipping and the tables' in-backward optimizer.
         checkpoint_every: save every this many steps (``0``: only at the end; the end is always saved
             when a checkpoint directory is given).
+        evals_per_epoch, checkpoints_per_epoch: instead of ``eval_every`` / ``checkpoint_every`` steps, this
+            many times each epoch, evenly spaced, the last at the epoch's end
+            (:func:`~hybrid.core.training.per_epoch_positions`); ``0`` (default): the step intervals.
         keep_last: complete checkpoints kept (older ones are pruned).
         log_every: push train metrics every this many steps.
         max_steps: stop after this many steps; the schedule then spans ``min(max_steps, epochs x steps
@@ -137,6 +142,8 @@ class PretrainTrainConfig:
     seed: int = 0
     optim: OptimConfig = field(default_factory=OptimConfig)
     checkpoint_every: int = 500
+    evals_per_epoch: int = 0
+    checkpoints_per_epoch: int = 0
     keep_last: int = 2
     log_every: int = 10
     max_steps: int | None = None
@@ -159,6 +166,8 @@ class PretrainTrainConfig:
         for name in ("eval_every", "checkpoint_every"):
             if getattr(self, name) < 0:
                 raise ValueError(f"train.{name} must be >= 0 (0: only at the end), got {getattr(self, name)}")
+        for name in ("evals_per_epoch", "checkpoints_per_epoch"):
+            check_per_epoch(name, getattr(self, name))
         if self.max_steps is not None and self.max_steps < 1:
             raise ValueError(f"train.max_steps must be a positive integer or null, got {self.max_steps}")
         if self.collective_timeout_s is not None and not self.collective_timeout_s > 0:
@@ -284,6 +293,8 @@ def train(
     if steps_per_epoch == 0:
         raise ValueError("the training loader yields no batches (too few sequences for one batch per rank?)")
     total_steps = cfg.epochs * steps_per_epoch
+    eval_points = per_epoch_positions(steps_per_epoch, cfg.evals_per_epoch)
+    checkpoint_points = per_epoch_positions(steps_per_epoch, cfg.checkpoints_per_epoch)
     if cfg.max_steps is not None:
         total_steps = min(total_steps, cfg.max_steps)
 
@@ -344,7 +355,12 @@ def train(
                     bar.log(step, frac_epoch, {"loss": f"{train_metrics['train/loss']:.3f}",
                                                "events/s": f"{train_metrics['perf/events_per_s']:,.0f}"})
                     log(train_metrics, step, frac_epoch)
-                if eval_loader is not None and ((cfg.eval_every and step % cfg.eval_every == 0) or done):
+                in_epoch = (step - 1) % steps_per_epoch + 1  # the step's position in its epoch, 1-based
+                due_eval = (in_epoch in eval_points if cfg.evals_per_epoch
+                            else bool(cfg.eval_every) and step % cfg.eval_every == 0)
+                due_checkpoint = (in_epoch in checkpoint_points if cfg.checkpoints_per_epoch
+                                  else bool(cfg.checkpoint_every) and step % cfg.checkpoint_every == 0)
+                if eval_loader is not None and (due_eval or done):
                     with window.paused():
                         eval_metrics = evaluate(model, eval_loader, ctx=ctx, k=cfg.k, seed=cfg.seed,
                                                 item_counts=item_counts)
@@ -352,7 +368,7 @@ def train(
                     metrics.update(eval_metrics)
                     evaluations.append((step, eval_metrics))
                     log(eval_metrics, step, frac_epoch)
-                if checkpoint_dir is not None and ((cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or done):
+                if checkpoint_dir is not None and (due_checkpoint or done):
                     with window.paused():
                         saved = _save(checkpoint_dir, step, model, optimizer, schedule, negatives, ctx, cfg,
                                       manifest, metrics)

@@ -251,3 +251,87 @@ def test_data_name_names_the_dataset_in_stats_feature_map_and_mlflow(tmp_path, e
         assert recorder.tags["dataset"] == expected and recorder.datasets == [f"{expected}/ratings"]
     with pytest.raises(ValueError, match="data.name must be a non-empty name without '/'"):
         DataConfig(dataset="events", path=str(csv), name="a/b")
+
+
+# -- evaluation / checkpoint cadence per epoch ---------------------------------------------------------------------
+
+def test_per_epoch_positions_and_config_checks():
+    from hybrid.core.training import per_epoch_positions
+    from hybrid.ctr_models.trainer import CTRTrainConfig
+    from hybrid.pretrain import PretrainTrainConfig
+
+    assert sorted(per_epoch_positions(9, 3)) == [3, 6, 9] and sorted(per_epoch_positions(10, 4)) == [3, 5, 8, 10]
+    assert sorted(per_epoch_positions(2, 5)) == [1, 2] and per_epoch_positions(7, 0) == frozenset()
+    for make, name in ((CTRTrainConfig, "evals_per_epoch"), (PretrainTrainConfig, "evals_per_epoch"),
+                       (PretrainTrainConfig, "checkpoints_per_epoch")):
+        with pytest.raises(ValueError, match=f"train.{name} must be an integer >= 0"):
+            make(**{name: -1})
+
+
+@pytest.fixture(scope="module")
+def sequence_prepared(tmp_path_factory):
+    """ML-sized nothing: 120 users of a timed sequence file, prepared with last-item (pandas engine)."""
+    tmp = tmp_path_factory.mktemp("seq")
+    path = _sequences(tmp / "seqs.txt", timed=True)
+    out = _prepare(tmp, DataConfig(dataset="sequences", path=str(path), duplicates="drop"), "pandas")
+    return load_prepared(out)
+
+
+def test_ctr_evals_per_epoch_evaluates_evenly_inside_each_epoch(sequence_prepared):
+    import torch
+
+    from hybrid.core.training import OptimConfig
+    from hybrid.ctr_models import build_ranker
+    from hybrid.ctr_models.trainer import CTRTrainConfig, prepare_for_training, train
+    from hybrid.data.batching import CTRBatchConverter, make_loader
+
+    prepared = sequence_prepared
+    cfg = CTRTrainConfig(epochs=2, batch_size=16, eval_batch_size=64, eval_every=2, evals_per_epoch=3, max_history=8,
+                         log_every=100, progress=False, optim=OptimConfig(lr=1e-3, warmup_steps=0))
+    torch.manual_seed(0)
+    model = build_ranker("dcn_v2", {"features": {"embedding_dim": 8, "max_len": 8}, "history": {"attention_hidden": [8]},
+                                    "num_cross_layers": 1, "deep_hidden": [16]},
+                         prepared.feature_map.vocab_sizes(), ("click",))
+    model = prepare_for_training(model, cfg.optim)
+    fields = list(model.spec.kjt_keys)
+    train_loader = make_loader(CTRBatchConverter(prepared, "ctr_train", max_history=8, fields=fields,
+                                                 task_names=("click",)), cfg.batch_size, shuffle=True, seed=0)
+    valid_loader = make_loader(CTRBatchConverter(prepared, "ctr_valid", max_history=8, fields=fields,
+                                                 task_names=("click",)), cfg.eval_batch_size, shuffle=False)
+    steps = len(train_loader)
+    result = train(model, train_loader, valid_loader, cfg)
+    per_epoch = sorted(per_epoch_positions_of(steps, 3))
+    assert [e.step for e in result.evaluations] == [*per_epoch, *(steps + p for p in per_epoch)]  # eval_every ignored
+
+
+def per_epoch_positions_of(steps: int, n: int):
+    from hybrid.core.training import per_epoch_positions
+
+    return per_epoch_positions(steps, n)
+
+
+def test_pretrain_evals_and_checkpoints_per_epoch(sequence_prepared, tmp_path):
+    from hybrid.core.backbones import BackboneConfig
+    from hybrid.core.checkpoint import latest_checkpoint
+    from hybrid.core.training import OptimConfig
+    from hybrid.data.batching import SequenceBatchConverter, make_loader
+    from hybrid.pretrain import GenerativeModelConfig, ObjectiveConfig, PretrainTrainConfig, build_model, train
+
+    prepared = sequence_prepared
+    cfg = PretrainTrainConfig(epochs=2, batch_size=16, eval_batch_size=64, max_len=16, eval_every=1000,
+                              checkpoint_every=1, evals_per_epoch=2, checkpoints_per_epoch=1, keep_last=10,
+                              log_every=100, progress=False, optim=OptimConfig(lr=1e-3, warmup_steps=0))
+    backbone = BackboneConfig.from_size("L1H8A2", kind="llama", max_len=16)
+    config = GenerativeModelConfig(backbone=backbone, features=("item_id",),
+                                   objective=ObjectiveConfig(num_negatives=8, category_loss_weight=0))
+    model = build_model(config, prepared.feature_map.vocab_sizes(), cfg.optim, seed=0)
+    train_loader = make_loader(SequenceBatchConverter(prepared, "pretrain_train", 16, ("item_id",)), 16, shuffle=True,
+                               seed=0)
+    eval_loader = make_loader(SequenceBatchConverter(prepared, "pretrain_eval", 16, ("item_id",)), 64, shuffle=False)
+    steps = len(train_loader)
+    result = train(model, train_loader, eval_loader, cfg, checkpoint_dir=tmp_path)
+    half = sorted(per_epoch_positions_of(steps, 2))
+    assert [s for s, _ in result.evaluations] == [*half, *(steps + p for p in half)]
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("step-")) == \
+        [f"step-{steps:08d}", f"step-{2 * steps:08d}"]  # once an epoch, not every step
+    assert latest_checkpoint(tmp_path) == tmp_path / f"step-{2 * steps:08d}"

@@ -377,6 +377,25 @@ def eval_rounds(batches: Iterable[T], ctx: DistributedContext) -> Iterator[tuple
         yield 0, first, False
 
 
+def per_epoch_positions(steps_per_epoch: int, per_epoch: int) -> frozenset[int]:
+    """The positions in an epoch (1-based steps; ``steps_per_epoch`` is its last) of something done
+    ``per_epoch`` times an epoch (``train.evals_per_epoch``, ``train.checkpoints_per_epoch``): evenly spaced,
+    the last at the epoch's end, at most once a step (fewer steps than times: every step). ``0``: none.
+
+    Example:
+        >>> sorted(per_epoch_positions(10, 4)), sorted(per_epoch_positions(3, 5))
+        ([3, 5, 8, 10], [1, 2, 3])
+    """
+    if per_epoch <= 0:
+        return frozenset()
+    return frozenset(-(-k * steps_per_epoch // per_epoch) for k in range(1, per_epoch + 1))
+
+
+def check_per_epoch(name: str, value: object) -> None:
+    """``train.<name>`` (a per-epoch count) is an integer >= 0."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ValueError(f"train.{name} must be an integer >= 0 (0: use the step interval), got {value!r}")
+
 class StopSignals:
     """SIGTERM / SIGINT → a flag the training loops read at each step boundary (both trainers; one place).
 
