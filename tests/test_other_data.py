@@ -148,6 +148,19 @@ def test_sequences_refuse_the_ratings_protocol_and_columns(tmp_path):
             _prepare(tmp_path, DataConfig(dataset="sequences", path=str(path), columns={"user_id": "u"}), engine)
 
 
+def test_a_history_longer_than_duckdbs_default_line_limit_is_read(tmp_path):
+    path = tmp_path / "long.txt"
+    path.write_text("u1 " + " ".join(f"item{i}:{1_600_000_000 + i}" for i in range(150_000)) + "\nu2 a:1 b:2\n")
+    assert path.stat().st_size > 2 * 1024 * 1024  # DuckDB's default max_line_size
+    import duckdb
+
+    from hybrid.data.duckdb_sources import load_source
+
+    con = duckdb.connect()
+    load_source(con, "sequences", str(path))
+    assert con.execute("SELECT count(*), max(timestamp) FROM raw_events").fetchone() == (150_002, 1_600_149_999)
+    assert len(read_dataset("sequences", path).events) == 150_002
+
 # -- data.nrows -------------------------------------------------------------------------------------------------------
 
 def _events_frame(users: int = 40, per_user: int = 10) -> pd.DataFrame:

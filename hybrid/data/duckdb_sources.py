@@ -170,12 +170,15 @@ def _load_users_frame(con: duckdb.DuckDBPyConnection, users: pd.DataFrame) -> No
 
 # -- native readers -------------------------------------------------------------------------------------------
 
-def _read_csv_sql(path: Path, names: list[str], *, sep: str, header: bool, quoting: bool) -> str:
-    """A ``read_csv`` call with every column as text: parsing and its errors are ours, with line numbers."""
+def _read_csv_sql(path: Path, names: list[str], *, sep: str, header: bool, quoting: bool,
+                  max_line_size: int | None = None) -> str:
+    """A ``read_csv`` call with every column as text: parsing and its errors are ours, with line numbers.
+    ``max_line_size``: longest line in bytes (DuckDB's default: 2 MB)."""
     cols = "{" + ", ".join(f"'{n.replace(chr(39), chr(39) * 2)}': 'VARCHAR'" for n in names) + "}"
     quote_opts = "quote='\"', escape='\"'" if quoting else "quote='', escape=''"
+    longest = f", max_line_size={int(max_line_size)}" if max_line_size else ""
     return (f"read_csv('{_sql_string(str(path))}', columns={cols}, header={str(header).lower()}, "
-            f"delim='{_sql_string(sep)}', {quote_opts}, auto_detect=false, strict_mode=true, nullstr='')")
+            f"delim='{_sql_string(sep)}', {quote_opts}, auto_detect=false, strict_mode=true, nullstr=''{longest})")
 
 
 def _sql_string(text: str) -> str:
@@ -183,14 +186,16 @@ def _sql_string(text: str) -> str:
 
 
 def _stage_csv(con: duckdb.DuckDBPyConnection, path: Path, names: list[str], *, sep: str, header: bool,
-               quoting: bool, nrows: int | None = None, table: str = "staging") -> None:
+               quoting: bool, nrows: int | None = None, table: str = "staging",
+               max_line_size: int | None = None) -> None:
     """Copy the file into table ``staging`` (text columns; ``rowid`` = data row, in file order); ``nrows``:
     only its first data rows (lines), the rest not read at all."""
     if path.stat().st_size == 0:
         raise HybridInputError(f"{path}: file is empty")
     try:
         with _first_lines(con, path, None if nrows is None else nrows + int(header)) as read_from:
-            reader = _read_csv_sql(read_from, names, sep=sep, header=header, quoting=quoting)
+            reader = _read_csv_sql(read_from, names, sep=sep, header=header, quoting=quoting,
+                                   max_line_size=max_line_size)
             con.execute(f"CREATE TABLE {table} AS SELECT * FROM {reader}")
     except duckdb.Error as exc:
         counted = _FIELD_COUNT.search(str(exc))
@@ -349,6 +354,10 @@ def load_events_table(con: duckdb.DuckDBPyConnection, path: str | Path, columns:
                   tuple(wanted), events_file=str(path), locate=RowOrigin(str(path), check.first_line, check.unit).at)
 
 
+#: the longest line of a sequence file DuckDB reads (a user's whole history; its default is 2 MB)
+SEQUENCE_MAX_LINE_BYTES = 1 << 28
+
+
 def load_sequences(con: duckdb.DuckDBPyConnection, path: str | Path, items_path: str | None = None,
                    users_path: str | None = None, nrows: int | None = None) -> Source:
     """A "one line per user" sequence file, read by DuckDB, with the format, checks and messages of
@@ -357,7 +366,8 @@ def load_sequences(con: duckdb.DuckDBPyConnection, path: str | Path, items_path:
     ``line << 32 | position``; the optional side tables (small) are read by the pandas reader."""
     path = _require_file(Path(path), "sequence file")
     timed = sequences_have_timestamps(path)
-    _stage_csv(con, path, ["text"], sep="\x01", header=False, quoting=False, nrows=nrows, table="staging_lines")
+    _stage_csv(con, path, ["text"], sep="\x01", header=False, quoting=False, nrows=nrows, table="staging_lines",
+               max_line_size=SEQUENCE_MAX_LINE_BYTES)
     con.execute("""CREATE TABLE seq_lines AS SELECT line, t[1] AS user_id, t[2:] AS items FROM (
                      SELECT rowid + 1 AS line, list_filter(string_split(replace(coalesce(text, ''), chr(9), ' '), ' '),
                                                           lambda x: x <> '') AS t FROM staging_lines) s

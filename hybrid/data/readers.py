@@ -1110,7 +1110,7 @@ def read_dataset(name: str, path: PathLike, **opts) -> RawDataset:
     nrows = opts.pop("nrows", None) if "nrows" not in accepted else None
     unknown = sorted(set(opts) - set(accepted))
     if unknown:
-        takes = ", ".join([*accepted, "nrows"] if nrows is not None else accepted) or "no options"
+        takes = ", ".join(dict.fromkeys([*accepted, "nrows"]))
         raise HybridInputError(f"dataset {name!r} does not take option {unknown[0]!r} (it takes: {takes})")
     data = reader(path, **opts)
     if nrows is not None:  # a reader that reads its files whole: keep the first events
