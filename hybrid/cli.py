@@ -110,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(fetch)
 
     prep = data_commands.add_parser("prepare", help="build pretraining sequences and CTR samples")
-    prep.add_argument("--dataset", help="movielens-100k | movielens-1m | recbole | taobao | events")
+    prep.add_argument("--dataset", help="movielens-100k | movielens-1m | recbole | taobao | events | sequences")
     prep.add_argument("--path", help="dataset directory or file")
     prep.add_argument("--protocol", help="last-item | ratings")
     prep.add_argument("--out", help="output directory")
