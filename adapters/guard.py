@@ -21,7 +21,7 @@ from torch import nn
 from hybrid.adapters.config import TransferError
 from hybrid.adapters.targets import TableSlot, _sharded_classes
 from hybrid.core.tables import local_blocks
-from hybrid.core.training import SHARDED_BY_SHARD_MODEL
+from hybrid.core.training import SHARDED_BY_SHARD_MODEL, gather_from_ranks
 
 #: rows of each transferred table the guard remembers (spread over the table, padding row excluded)
 SAMPLE_ROWS = 8
@@ -74,7 +74,8 @@ def _check(module: nn.Module, args, *, samples, frozen) -> None:
             problems.append(f"{name} no longer holds the transferred values (re-initialised)")
         elif key in frozen:
             problems.append(f"{name} is frozen but gets DMP's default fused optimizer (it would train)")
-    problems = _agree(problems)
+    # each rank sees only its shards: all ranks raise alike, or none does
+    problems = list(dict.fromkeys(p for rank in gather_from_ranks(problems) for p in rank))
     if problems:
         raise TransferError("this transferred model was sharded by a plain DistributedModelParallel, which undoes "
                             f"the transfer: {'; '.join(problems)}. Shard it with hybrid.adapters.shard_model "
@@ -91,13 +92,3 @@ def _differs(table: torch.Tensor, idx: torch.Tensor, want: torch.Tensor) -> bool
                 return True
     return False
 
-
-def _agree(problems: list[str]) -> list[str]:
-    """Every rank's problems (each rank sees only its shards), so all ranks raise alike or none does."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
-        return problems
-    gathered: list[list[str] | None] = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, problems)
-    return list(dict.fromkeys(p for rank in gathered for p in (rank or [])))

@@ -52,7 +52,7 @@ from hybrid.core.feature_map import (
     table_feature,
 )
 from hybrid.core.tables import is_table_key
-from hybrid.core.training import is_dmp, unwrap_dmp
+from hybrid.core.training import gather_from_ranks, is_dmp, unwrap_dmp
 from hybrid.pretrain.layout import BACKBONE_PREFIX, INPUT_PROJ_KEY, table_key
 
 KEEP_ROW = -2  # alignment value: leave the target row as it is (the padding row)
@@ -173,12 +173,9 @@ def apply_transfer(
 def _agree_across_ranks(model: nn.Module, error: TransferError | None) -> None:
     """Under a multi-rank DMP model: raise on every rank when any rank's planning failed (naming that rank), so
     no rank enters the collective checkpoint read alone and hangs. A no-op for one process."""
-    import torch.distributed as dist
-
-    if not (is_dmp(model) and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+    if not is_dmp(model):
         return
-    verdicts: list[str | None] = [None] * dist.get_world_size()
-    dist.all_gather_object(verdicts, None if error is None else str(error))
+    verdicts = gather_from_ranks(None if error is None else str(error))
     failed = [(rank, message) for rank, message in enumerate(verdicts) if message is not None]
     if failed and error is None:
         rank, message = failed[0]

@@ -90,14 +90,23 @@ def deepcopy(model):
     return copy.deepcopy(model)
 
 
+@contextlib.contextmanager
+def single_thread():
+    """One intra-op thread inside the block (for module-scoped fixtures, which an autouse fixture misses)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.fixture(autouse=True)
 def one_thread():
     """One intra-op thread (as the trainer tests): on a shared 2-core machine a second busy process slows
     2-thread OpenMP kernels down by orders of magnitude (measured: 3 pretraining steps 11 s → 0.3 s)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    with single_thread():
+        yield
 
 
 def random_ctr_batch(vocab_sizes: dict[str, int], batch_size: int, generator: torch.Generator,

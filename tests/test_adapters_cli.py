@@ -9,20 +9,13 @@ from pathlib import Path
 
 import pytest
 from adapters_support import one_thread  # noqa: F401 (autouse fixture)
+from cli_support import refused
 from mlflow import MlflowClient
 
 from hybrid.adapters import TransferReport
-from hybrid.cli import EXIT_BAD_INPUT, main
+from hybrid.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _bad(argv: list[str], capsys) -> str:
-    rc = main(argv)
-    err = capsys.readouterr().err
-    assert rc == EXIT_BAD_INPUT, err
-    assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err
-    return err
 
 
 @pytest.mark.slow
@@ -38,11 +31,11 @@ def test_finetune_init_strategy_transfers_and_records_it(prepared_ratings_dir, t
     capsys.readouterr()
 
     # errors first (nothing is trained): bad strategy, a strategy without --init, tables of another width
-    err = _bad([*finetune, "--set", f"out={tmp_path / 'x'}", "--strategy", "sfst"], capsys)
+    err = refused([*finetune, "--set", f"out={tmp_path / 'x'}", "--strategy", "sfst"], capsys)
     assert "unknown transfer strategy 'sfst'" in err
-    err = _bad([*finetune, "--set", f"out={tmp_path / 'x'}", "--strategy", "ft"], capsys)
+    err = refused([*finetune, "--set", f"out={tmp_path / 'x'}", "--strategy", "ft"], capsys)
     assert "--strategy ft needs --init PRETRAIN_CHECKPOINT" in err
-    err = _bad([*finetune, "--set", f"out={tmp_path / 'x'}", "--init", str(tmp_path / "pre" / "checkpoints")], capsys)
+    err = refused([*finetune, "--set", f"out={tmp_path / 'x'}", "--init", str(tmp_path / "pre" / "checkpoints")], capsys)
     assert "table t_action: pretrained [7, 16] vs target input.features.ec:t_action [7, 8]" in err
 
     out = tmp_path / "ft"

@@ -15,9 +15,11 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+from adapters_support import one_thread, single_thread  # noqa: F401 (one_thread: autouse fixture)
+from cli_support import refused
 from mlflow import MlflowClient
 
-from hybrid.cli import EXIT_BAD_INPUT, main
+from hybrid.cli import main
 from hybrid.core import checkpoint as ckpt
 from hybrid.core.checkpoint import (
     INTEGRITY,
@@ -37,15 +39,6 @@ from hybrid.jobs.finetune import load_finetuned
 REPO = Path(__file__).resolve().parents[1]
 KINDS = ["distcp", "metadata", "manifest"]
 DAMAGES = ["truncate", "delete", "zero"]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread (a shared 2-core machine), as the other CLI tests."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -82,14 +75,6 @@ def _expected(file: Path, how: str, size: int) -> str:
         return "manifest.json missing" if how == "delete" else "manifest.json is not valid JSON"
     return {"truncate": f"{file.name} truncated: {size // 2} of {size} bytes", "delete": f"{file.name} missing",
             "zero": f"{file.name} checksum mismatch"}[how]
-
-
-def _bad(argv: list[str], capsys) -> str:
-    rc = main(argv)
-    err = capsys.readouterr().err
-    assert rc == EXIT_BAD_INPUT, err
-    assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err
-    return err
 
 
 def _tree(root: Path) -> dict[str, bytes]:
@@ -239,12 +224,8 @@ def pretrained(prepared_last_item_dir, tmp_path_factory):
     """A real tiny pretraining run's ``out`` (checkpoints step-15 and step-30); tests corrupt copies of it."""
     root = tmp_path_factory.mktemp("pretrained")
     out = root / "out"
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with single_thread():
         assert main(_pretrain_argv(prepared_last_item_dir, out, _store(root))) == 0
-    finally:
-        torch.set_num_threads(before)
     assert latest_checkpoint(out / "checkpoints").name == "step-00000030"
     assert (out / "checkpoints/step-00000015").is_dir()
     return out
@@ -255,14 +236,10 @@ def finetuned(prepared_ratings_dir, tmp_path_factory):
     """A real tiny fine-tuning run (a few steps of DCN-v2 on ML-100K ratings): its ``best`` checkpoint."""
     root = tmp_path_factory.mktemp("finetuned")
     out = root / "out"
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with single_thread():
         assert main(["finetune", "--config", str(REPO / "configs/finetune_tiny.yaml"),
                      "--set", f"data={prepared_ratings_dir}", "--set", f"out={out}", "--set", "train.max_steps=4",
                      "--set", "train.eval_every=0", "--tracking-uri", _store(root), "--experiment", "ft"]) == 0
-    finally:
-        torch.set_num_threads(before)
     best = latest_checkpoint(out / "checkpoints/best")
     assert best is not None
     return best
@@ -290,12 +267,12 @@ def test_resume_on_a_corrupt_newest_checkpoint_names_the_older_one_and_changes_n
     config_yaml = (out / "config.yaml").read_bytes()
     capsys.readouterr()
 
-    err = _bad(_pretrain_argv(prepared_last_item_dir, out, _store(tmp_path), "--resume"), capsys)
+    err = refused(_pretrain_argv(prepared_last_item_dir, out, _store(tmp_path), "--resume"), capsys)
     assert expected in err, err
     assert f"the newest complete checkpoint is {out / 'checkpoints/step-00000015'}: pass --resume=previous" in err
     assert _tree(out) == before and (out / "config.yaml").read_bytes() == config_yaml
     # without --resume: refused as any out holding checkpoints is, and nothing changes either
-    err = _bad(_pretrain_argv(prepared_last_item_dir, out, _store(tmp_path)), capsys)
+    err = refused(_pretrain_argv(prepared_last_item_dir, out, _store(tmp_path)), capsys)
     assert "already holds" in err and "pass --resume" in err
     assert _tree(out) == before
 
@@ -332,7 +309,7 @@ def test_finetune_init_refuses_a_corrupt_pretraining_checkpoint(pretrained, prep
     capsys.readouterr()
     for init in (newest, checkpoints):  # the step directory, and the root whose LATEST names it
         out = tmp_path / "ft"
-        err = _bad(["finetune", "--config", str(REPO / "configs/finetune_tiny.yaml"),
+        err = refused(["finetune", "--config", str(REPO / "configs/finetune_tiny.yaml"),
                     "--set", f"data={prepared_ratings_dir}", "--set", f"out={out}", "--init", str(init),
                     "--tracking-uri", _store(tmp_path), "--experiment", "ft"], capsys)
         assert str(newest) in err and expected in err, err
@@ -352,11 +329,11 @@ def test_score_and_export_refuse_a_corrupt_finetuned_checkpoint(finetuned, tmp_p
     capsys.readouterr()
     for model in (path, tmp_path / "best"):
         scores = tmp_path / "scores.parquet"
-        err = _bad(["score", "--model", str(model), "--input", str(events), "--out", str(scores)], capsys)
+        err = refused(["score", "--model", str(model), "--input", str(events), "--out", str(scores)], capsys)
         assert str(path) in err and expected in err, err
         assert not scores.exists()
     program = tmp_path / "ranker.pt2"
-    err = _bad(["export", "--model", str(path), "--input", str(events), "--out", str(program)], capsys)
+    err = refused(["export", "--model", str(path), "--input", str(events), "--out", str(program)], capsys)
     assert expected in err and not program.exists()
     with pytest.raises(CheckpointError, match=expected.split(":")[0]):
         load_finetuned(path)

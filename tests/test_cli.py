@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from cli_support import refused
 from mlflow import MlflowClient
 
 from hybrid.cli import EXIT_BAD_INPUT, main
@@ -37,36 +38,28 @@ def test_prepare_writes_data_and_logs_stats(tmp_path, ml100k_dir, capsys):
     assert run.data.tags["data_hash"] == stats["data_hash"]
 
 
-def _bad(argv, capsys):
-    rc = main(argv)
-    err = capsys.readouterr().err
-    assert rc == EXIT_BAD_INPUT
-    assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err
-    return err
-
-
 def test_bad_inputs_get_one_line_and_exit_2(tmp_path, ml100k_dir, capsys):
     common = ["--out", str(tmp_path / "o"), "--tracking-uri", _store(tmp_path)]
-    err = _bad(["data", "prepare", "--dataset", "movielens-100k", "--path", str(tmp_path / "nowhere"), *common], capsys)
+    err = refused(["data", "prepare", "--dataset", "movielens-100k", "--path", str(tmp_path / "nowhere"), *common], capsys)
     assert "nowhere" in err
-    err = _bad(["data", "prepare", "--dataset", "movielens-100k", "--path", str(ml100k_dir), "--protocol", "clicks",
+    err = refused(["data", "prepare", "--dataset", "movielens-100k", "--path", str(ml100k_dir), "--protocol", "clicks",
                 *common], capsys)
     assert "key 'protocol.protocol' expects one of 'last-item', 'ratings', got 'clicks'" in err
-    err = _bad(["data", "prepare", "--dataset", "movielens-100k", "--path", str(ml100k_dir),
+    err = refused(["data", "prepare", "--dataset", "movielens-100k", "--path", str(ml100k_dir),
                 "--set", "protocol.max_histroy=5", *common], capsys)
     assert "unknown key 'protocol.max_histroy' (did you mean 'protocol.max_history'?)" in err
     cfg = tmp_path / "cfg.yaml"
     cfg.write_text("data:\n  dataset: netflix\n")
-    err = _bad(["data", "prepare", "--config", str(cfg), *common], capsys)
+    err = refused(["data", "prepare", "--config", str(cfg), *common], capsys)
     assert "unknown dataset 'netflix'" in err
     events = tmp_path / "events.csv"
     events.write_text("user_id,item_id,timestamp,rating\n1,10,100,4\n1,11,200,\n")
-    err = _bad(["data", "prepare", "--dataset", "events", "--path", str(events), "--protocol", "ratings", *common],
+    err = refused(["data", "prepare", "--dataset", "events", "--path", str(events), "--protocol", "ratings", *common],
                capsys)
     assert "events.csv" in err and "line 3" in err and "rating" in err
     missing_col = tmp_path / "nocol.csv"
     missing_col.write_text("user_id,item_id\n1,10\n")
-    err = _bad(["data", "prepare", "--dataset", "events", "--path", str(missing_col), *common], capsys)
+    err = refused(["data", "prepare", "--dataset", "events", "--path", str(missing_col), *common], capsys)
     assert "nocol.csv" in err and "timestamp" in err
 
 

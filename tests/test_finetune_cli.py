@@ -7,9 +7,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_support import refused
 from mlflow import MlflowClient
 
-from hybrid.cli import EXIT_BAD_INPUT, main
+from hybrid.cli import main
 from hybrid.config import load_config
 from hybrid.core.feature_map import FeatureMap
 from hybrid.ctr_models.metrics import one_epoch_drop
@@ -27,14 +28,6 @@ TINY = str(REPO / "configs/finetune_tiny.yaml")
 
 def _store(tmp_path):
     return f"sqlite:///{tmp_path / 'mlflow.db'}"
-
-
-def _bad(argv, capsys):
-    rc = main(argv)
-    err = capsys.readouterr().err
-    assert rc == EXIT_BAD_INPUT, err
-    assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err
-    return err
 
 
 def test_cli_trains_logs_and_writes_checkpoints(prepared_ratings_dir, tmp_path, capsys):
@@ -97,7 +90,7 @@ def test_cli_trains_logs_and_writes_checkpoints(prepared_ratings_dir, tmp_path, 
     assert manifest["ranker_name"] == "dcn_v2" and manifest["mlflow_run_id"] == run_id
 
     # a finished run is never overwritten
-    err = _bad(["finetune", "--config", TINY, "--set", f"data={prepared_ratings_dir}", "--set", f"out={out}",
+    err = refused(["finetune", "--config", TINY, "--set", f"data={prepared_ratings_dir}", "--set", f"out={out}",
                 "--tracking-uri", _store(tmp_path)], capsys)
     assert "already holds a checkpoint" in err and "a fine-tuned run is never overwritten" in err
 
@@ -105,25 +98,25 @@ def test_cli_trains_logs_and_writes_checkpoints(prepared_ratings_dir, tmp_path, 
 def test_bad_configs_get_one_line_and_exit_2(prepared_ratings_dir, tmp_path, capsys):
     common = ["finetune", "--config", TINY, "--set", f"data={prepared_ratings_dir}", "--set",
               f"out={tmp_path / 'o'}", "--tracking-uri", _store(tmp_path)]
-    err = _bad([*common, "--set", "ranker.name=dcn3"], capsys)
+    err = refused([*common, "--set", "ranker.name=dcn3"], capsys)
     assert "finetune_tiny.yaml (with --set overrides): ranker: name: unknown ranker 'dcn3'; expected one of" in err
-    err = _bad([*common, "--set", "ranker.config.cross_typ=full"], capsys)
+    err = refused([*common, "--set", "ranker.config.cross_typ=full"], capsys)
     assert "unknown key 'ranker.config.cross_typ' (did you mean 'ranker.config.cross_type'?)" in err
-    err = _bad([*common, "--set", "ranker.config.features.embeding_dim=8"], capsys)
+    err = refused([*common, "--set", "ranker.config.features.embeding_dim=8"], capsys)
     assert "unknown key 'ranker.config.features.embeding_dim' (did you mean 'ranker.config.features.embedding_dim'?)" in err
-    err = _bad([*common, "--set", "ranker.config.cross_type=diagonal"], capsys)
+    err = refused([*common, "--set", "ranker.config.cross_type=diagonal"], capsys)
     assert "DCNv2Config.cross_type: unknown value 'diagonal'; expected one of ['full', 'low_rank', 'mixture']" in err
-    err = _bad([*common, "--set", "ranker.config.num_cross_layers=two"], capsys)
+    err = refused([*common, "--set", "ranker.config.num_cross_layers=two"], capsys)
     assert "key 'ranker.config.num_cross_layers' expects an integer, got 'two'" in err
-    err = _bad([*common, "--set", "ranker.config.features.max_len=50"], capsys)
+    err = refused([*common, "--set", "ranker.config.features.max_len=50"], capsys)
     assert "ranker.config.features.max_len (50) differs from train.max_history (20)" in err
-    err = _bad([*common, "--set", "task_names=[clicks]"], capsys)
+    err = refused([*common, "--set", "task_names=[clicks]"], capsys)
     assert "ctr_train: no label column 'clicks'" in err
-    err = _bad([*common, "--set", "train.epochs=0"], capsys)
+    err = refused([*common, "--set", "train.epochs=0"], capsys)
     assert "train.epochs must be a positive integer, got 0" in err
-    err = _bad([*common, "--set", "ranker.config.features.single_fields=[user_id, zipcode]"], capsys)
+    err = refused([*common, "--set", "ranker.config.features.single_fields=[user_id, zipcode]"], capsys)
     assert "ranker (dcn_v2): FeatureConfig.single_fields: no vocabulary size for ['zipcode']" in err
-    err = _bad([*common, "--set", f"data={tmp_path / 'nowhere'}"], capsys)
+    err = refused([*common, "--set", f"data={tmp_path / 'nowhere'}"], capsys)
     assert "nowhere: prepared data directory not found" in err
     assert not (tmp_path / "o" / "checkpoints").exists()               # nothing half-written
 
@@ -202,14 +195,14 @@ def test_data_without_a_validation_split_is_refused(ml100k, tmp_path, capsys):
 
     bare = save_prepared(prepare(ml100k, ProtocolConfig(protocol="ratings", validation_share=0.0)), tmp_path / "d")
     common = ["finetune", "--config", TINY, "--set", f"out={tmp_path / 'o'}", "--tracking-uri", _store(tmp_path)]
-    err = _bad([*common, "--set", f"data={bare}"], capsys)
+    err = refused([*common, "--set", f"data={bare}"], capsys)
     assert f"{bare}: the prepared data has no validation samples (ctr_valid)" in err
     assert "protocol.validation_share > 0" in err
     (bare / "ctr_valid.parquet").unlink()   # as an older version wrote it: no table, no stats entry
     stats = json.loads((bare / "stats.json").read_text())
     stats.pop("ctr_valid", None)
     (bare / "stats.json").write_text(json.dumps(stats))
-    err = _bad([*common, "--set", f"data={bare}"], capsys)
+    err = refused([*common, "--set", f"data={bare}"], capsys)
     assert "ctr_valid.parquet: missing from the prepared data directory (prepared by an older version" in err
     assert not (tmp_path / "o").exists()
 

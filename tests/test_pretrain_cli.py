@@ -10,10 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from cli_support import refused
 from mlflow import MlflowClient
 from torchrun_support import run_torchrun
 
-from hybrid.cli import EXIT_BAD_INPUT, main
+from hybrid.cli import main
 from hybrid.config import load_config
 from hybrid.core.checkpoint import latest_checkpoint, read_manifest
 from hybrid.core.feature_map import FeatureMap
@@ -46,14 +47,6 @@ def _runs(tmp_path: Path):
     client = MlflowClient(_store(tmp_path))
     experiment = client.get_experiment_by_name("pt")
     return client, client.search_runs([experiment.experiment_id], order_by=["attributes.start_time ASC"])
-
-
-def _bad(argv: list[str], capsys) -> str:
-    rc = main(argv)
-    err = capsys.readouterr().err
-    assert rc == EXIT_BAD_INPUT, err
-    assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err
-    return err
 
 
 def test_pretrain_cli_trains_checkpoints_and_logs_to_mlflow(prepared_last_item_dir, tmp_path, capsys):
@@ -103,7 +96,7 @@ def test_pretrain_cli_trains_checkpoints_and_logs_to_mlflow(prepared_last_item_d
     assert artifacts == ["pretrain_result.json"]
 
     # a second run into the same out is refused unless it resumes
-    err = _bad(_argv(prepared_last_item_dir, out, tmp_path), capsys)
+    err = refused(_argv(prepared_last_item_dir, out, tmp_path), capsys)
     assert "already holds a checkpoint (step-00000060); pass --resume" in err
     # --resume with more epochs continues from step 60 (a new MLflow run, tagged with where it resumed),
     # evaluated on 100 of the 283 evaluation users (one held-out target each), the baseline on the same ones
@@ -126,7 +119,7 @@ def test_a_checkpoint_from_another_feature_map_is_refused(prepared_last_item_dir
     ours = FeatureMap.load(prepared_last_item_dir / "feature_map.json").vocab_sizes()
     theirs = FeatureMap.load(prepared_ratings_dir / "feature_map.json").vocab_sizes()
     assert ours["item_id"] != theirs["item_id"]
-    err = _bad(_argv(prepared_ratings_dir, out, tmp_path, "--resume"), capsys)
+    err = refused(_argv(prepared_ratings_dir, out, tmp_path, "--resume"), capsys)
     assert "trained on a different feature map than" in err and str(prepared_ratings_dir) in err
     assert f"item_id (table t_item_id): {ours['item_id']} rows in the checkpoint vs {theirs['item_id']} in the data" in err
     # nothing was overwritten by the refused run
@@ -147,7 +140,7 @@ def test_a_checkpoint_from_another_feature_map_is_refused(prepared_last_item_dir
     ("data=/nowhere", "/nowhere: prepared data directory not found"),
 ])
 def test_bad_configs_get_one_line_and_exit_2(prepared_last_item_dir, tmp_path, capsys, override, message):
-    err = _bad(_argv(prepared_last_item_dir, tmp_path / "o", tmp_path, "--set", override), capsys)
+    err = refused(_argv(prepared_last_item_dir, tmp_path / "o", tmp_path, "--set", override), capsys)
     assert message in err
 
 

@@ -310,6 +310,18 @@ def untrained_table_fused_params() -> dict:
     return {"optimizer": EmbOptimType.EXACT_SGD, "learning_rate": 0.0}
 
 
+def gather_from_ranks(value: object) -> list:
+    """``value`` of every rank, in rank order (``[value]`` without a multi-rank process group): what ranks
+    compare before a collective step, so that all decide alike."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return [value]
+    gathered: list = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, value)
+    return gathered
+
+
 def is_dmp(model: nn.Module) -> bool:
     """True when ``model`` is a TorchRec ``DistributedModelParallel``."""
     from torchrec.distributed.model_parallel import DistributedModelParallel
