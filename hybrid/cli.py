@@ -10,6 +10,7 @@
     torchrun --nproc_per_node=N -m hybrid score ...                      (each rank its users, one output)
     hybrid export --model FINETUNE_CHECKPOINT --input EVENTS --out ranker.pt2   (torch.export, for serving)
     hybrid quickstart [--out DIR] [--set STAGE:KEY=VALUE ...]
+    hybrid tracking import OUT/mlflow_fallback.jsonl [--tracking-uri URI]   (calls a store missed during a run)
 
 Bad input (and an OS error: disk full, no permission) prints one line naming the file / row / column / key
 and exits with code 2; any other exception is a bug: one line saying so, exit 1. ``--debug`` shows the
@@ -158,6 +159,14 @@ def build_parser() -> argparse.ArgumentParser:
     review.add_argument("--tracking-uri", help=_TRACKING_URI_HELP)
     review.add_argument("--out", default="runs/review", help="output directory (default: runs/review)")
     _add_common(review)
+
+    tracking = commands.add_parser("tracking", help="tracking store utilities")
+    tracking_commands = tracking.add_subparsers(dest="tracking_command", required=True)
+    load = tracking_commands.add_parser("import", help="replay a fallback log (calls a store did not take during a "
+                                                        "run: <out>/mlflow_fallback.jsonl) into a store")
+    load.add_argument("file", help="the fallback log")
+    load.add_argument("--tracking-uri", help=_TRACKING_URI_HELP)
+    _add_common(load)
 
     boot = commands.add_parser("bootstrap", help="install torchrec without its CUDA-only deps, check the stack")
     _add_common(boot)
@@ -321,6 +330,17 @@ def _cmd_review(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_tracking_import(args: argparse.Namespace) -> int:
+    from hybrid.tracking import check_tracking, import_fallback, resolve_tracking_uri
+
+    uri = resolve_tracking_uri(args.tracking_uri)
+    check_tracking(uri)
+    result = import_fallback(args.file, uri)
+    print(f"imported {result['records'] - result['failed']} of {result['records']} tracking calls into {uri} "
+          f"({result['runs_created']} runs created); the log is now {args.file}.imported")
+    return 0 if not result["failed"] else EXIT_BAD_INPUT
+
+
 def _cmd_quickstart(args: argparse.Namespace) -> int:
     from hybrid.jobs.quickstart import STAGES, run_quickstart
 
@@ -349,7 +369,7 @@ def _print_stats(stats: dict) -> None:
 COMMANDS = {("data", "fetch"): _cmd_fetch, ("data", "prepare"): _cmd_prepare, ("pretrain", None): _cmd_pretrain,
             ("finetune", None): _cmd_finetune, ("score", None): _cmd_score, ("export", None): _cmd_export,
             ("sweep", None): _cmd_sweep, ("review", None): _cmd_review, ("quickstart", None): _cmd_quickstart,
-            ("bootstrap", None): lambda args: bootstrap()}
+            ("tracking", "import"): _cmd_tracking_import, ("bootstrap", None): lambda args: bootstrap()}
 #: commands that build TorchRec models: the stack is checked before they start
 NEEDS_TORCHREC = {"pretrain", "finetune", "score", "export", "sweep", "quickstart"}
 
@@ -366,7 +386,7 @@ def _quiet_third_party_logs() -> None:
 
 #: path arguments that must exist, by option: what the path is (for the message)
 _EXISTING_PATHS = {"config": "config file", "model": "checkpoint", "input": "input", "init": "pretraining checkpoint",
-                   "items": "items table", "users": "users table", "path": "dataset path"}
+                   "items": "items table", "users": "users table", "path": "dataset path", "file": "fallback log"}
 
 
 def _preflight(args: argparse.Namespace) -> None:
@@ -378,8 +398,9 @@ def _preflight(args: argparse.Namespace) -> None:
     for option, what in _EXISTING_PATHS.items():
         value = getattr(args, option, None)
         if value and not Path(value).exists():
+            flag = "" if option == "file" else f"--{option} "  # a positional argument has no flag to name
             raise (ConfigError if option == "config" else HybridInputError)(
-                f"{value}: config file not found" if option == "config" else f"--{option} {value}: {what} not found")
+                f"{value}: config file not found" if option == "config" else f"{flag}{value}: {what} not found")
     if getattr(args, "config", None) is not None or getattr(args, "overrides", None):
         raw = read_config_mapping(getattr(args, "config", None), getattr(args, "overrides", ()))
         data = raw.get("data")
@@ -390,7 +411,7 @@ def _preflight(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _quiet_third_party_logs()
-    handler = COMMANDS[(args.command, getattr(args, "data_command", None))]
+    handler = COMMANDS[(args.command, getattr(args, "data_command", None) or getattr(args, "tracking_command", None))]
     if args.quiet:
         from hybrid.core.progress import set_quiet
 

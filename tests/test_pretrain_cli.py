@@ -98,17 +98,22 @@ def test_pretrain_cli_trains_checkpoints_and_logs_to_mlflow(prepared_last_item_d
     # a second run into the same out is refused unless it resumes
     err = refused(_argv(prepared_last_item_dir, out, tmp_path), capsys)
     assert "already holds a checkpoint (step-00000060); pass --resume" in err
-    # --resume with more epochs continues from step 60 (a new MLflow run, tagged with where it resumed),
-    # evaluated on 100 of the 283 evaluation users (one held-out target each), the baseline on the same ones
+    # --resume with more epochs continues from step 60 — in the same MLflow run, tagged with where it resumed
+    # and which params it changed — evaluated on 100 of the 283 evaluation users (one held-out target each),
+    # the baseline on the same ones
     assert main(_argv(prepared_last_item_dir, out, tmp_path, "--resume", "--set", "train.epochs=3",
                       "--set", "train.eval_max_users=100")) == 0
     assert "pretrained 90 steps (3.00 epochs)" in capsys.readouterr().out
     result = json.loads((out / "result.json").read_text())
     assert result["metrics"]["eval/targets"] == result["baseline"]["targets"] == 100
     client, runs = _runs(tmp_path)
-    resumed = runs[-1]
+    (resumed,) = runs
+    assert resumed.info.run_id == run.info.run_id and resumed.info.status == "FINISHED"
     assert resumed.data.tags["resumed_from"] == str(last)
-    assert [m.step for m in client.get_metric_history(resumed.info.run_id, "train/loss")] == [70, 80, 90]
+    assert resumed.data.tags["resumed_changed_params"] == "train.epochs,train.eval_max_users"
+    assert resumed.data.params["train.epochs"] == "2"   # MLflow keeps a param's first value
+    assert [m.step for m in client.get_metric_history(resumed.info.run_id, "train/loss")] == [10, 20, 30, 40, 50, 60,
+                                                                                             70, 80, 90]
 
 
 def test_a_checkpoint_from_another_feature_map_is_refused(prepared_last_item_dir, prepared_ratings_dir,

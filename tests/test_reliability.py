@@ -4,7 +4,7 @@
   line (exit 2) within seconds, not after MLflow's minutes of retries;
 - two runs opening one fresh SQLite store at the same moment both succeed (the schema is created under a lock);
 - SIGTERM / SIGINT stop a training run at a step boundary with a complete checkpoint, the MLflow run KILLED,
-  exit 128 + signal, and ``--resume`` continues from that checkpoint.
+  exit 128 + signal, and ``--resume`` continues from that checkpoint, in the same MLflow run.
 """
 from __future__ import annotations
 
@@ -176,9 +176,11 @@ def test_sigterm_stops_at_a_step_with_a_checkpoint_and_resume_continues(prepared
 
     assert main([*argv, "--resume"]) == 0, capsys.readouterr().err
     assert latest_checkpoint(out / "checkpoints").name == "step-00000150"
-    resumed = [r for r in client.search_runs([run.info.experiment_id]) if r.info.run_id != run.info.run_id]
-    assert resumed[0].info.status == "FINISHED"
-    assert resumed[0].data.tags["resumed_from"] == str(last)
+    (resumed,) = client.search_runs([run.info.experiment_id])   # the same MLflow run, continued
+    assert resumed.info.run_id == run.info.run_id and resumed.info.status == "FINISHED"
+    assert resumed.data.tags["resumed_from"] == str(last) and "resumed_at" in resumed.data.tags
+    steps = {m.step for m in client.get_metric_history(run.info.run_id, "train/loss")}
+    assert min(steps) < step < max(steps) == 150   # before the signal and after the resume, in one history
 
 
 @pytest.mark.slow

@@ -242,7 +242,9 @@ def run_pretrain(cfg: PretrainConfig, resume: bool | str = False, parent_run: st
             tags["resumed_from"] = str(last)
 
         run_name = f"pretrain-{model_cfg.backbone.size_name}-{model_cfg.backbone.kind}"
-        with stage.track(cfg.tracking, run_name, parent=parent_run, tags=tags) as (tracker, run):
+        # a resumed run continues the MLflow run its checkpoint was written by (when the store has it)
+        resume_run = read_manifest(last).get("mlflow_run_id") if last is not None else None
+        with stage.track(cfg.tracking, run_name, parent=parent_run, tags=tags, resume=resume_run) as (tracker, run):
             tracker.log_params(run, {**to_dict(cfg), "resolved_model": model_cfg.to_dict()})
             tracker.log_prepared_data(run, cfg.data, prepared.stats, PRETRAIN_INPUTS, digest=dhash)
             tracker.log_metrics(run, {f"baseline/popularity_{k}": v for k, v in baseline.items()}, step=0)

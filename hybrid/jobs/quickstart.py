@@ -28,7 +28,7 @@ from hybrid.jobs.prepare import DataConfig, PrepareConfig, run_prepare
 from hybrid.jobs.pretrain import PretrainConfig, run_pretrain
 from hybrid.jobs.transfer import transfer_config
 from hybrid.review import run_review
-from hybrid.tracking import TrackingConfig, make_tracker
+from hybrid.tracking import FALLBACK_NAME, TrackingConfig, make_tracker
 
 EXPERIMENT = "quickstart-ml-100k"
 #: the stage configs ship inside the package (``configs/`` of the repository is ``hybrid.configs``)
@@ -73,7 +73,7 @@ def run_quickstart(out: Path, tracking_uri: str | None = None,
     # the quickstart keeps its store inside its own output (which is never replaced): one folder to look at
     tracking = TrackingConfig(tracking_uri=tracking_uri or f"sqlite:///{out.resolve() / 'mlflow.db'}",
                               experiment=EXPERIMENT)
-    tracker = make_tracker(tracking)
+    tracker = make_tracker(tracking, fallback=out / FALLBACK_NAME)
     tracking = replace(tracking, tracking_uri=tracker.tracking_uri)   # every stage writes to the same store
     results: dict = {"pretrain": {}, "finetune": {}}
     with tracker.run("quickstart", tags={"stage": "pipeline", "dataset": "movielens-100k"}) as parent:

@@ -38,7 +38,7 @@ from hybrid.core.checkpoint import latest_checkpoint
 from hybrid.core.errors import CollectiveTimeout, HybridInputError
 from hybrid.core.feature_map import FeatureMap
 from hybrid.core.training import DistributedContext, init_distributed
-from hybrid.tracking import Tracker, TrackingConfig, make_tracker
+from hybrid.tracking import FALLBACK_NAME, Tracker, TrackingConfig, make_tracker
 
 
 def refuse_existing(root: str | Path, advice: str, *, allow: bool = False) -> Path | None:
@@ -94,15 +94,17 @@ class Stage:
 
     @contextlib.contextmanager
     def track(self, tracking: TrackingConfig, name: str, *, parent: str | None = None,
-              tags: Mapping[str, Any] | None = None) -> Iterator[tuple[Tracker, str | None]]:
+              tags: Mapping[str, Any] | None = None, resume: str | None = None) -> Iterator[tuple[Tracker, str | None]]:
         """The stage's MLflow run (nested under ``parent``); ends FAILED if the body raises.
 
         The run is named ``tracking.run_name`` when set (the quickstart and ``hybrid sweep`` name each stage),
-        else ``name``. Yields ``(tracker, run_id)``; ``run_id`` is ``None`` where nothing is logged (other
-        ranks, tracking disabled) and every tracker call is then a no-op.
+        else ``name``. ``resume``: the run id a resumed stage's checkpoint recorded — that run continues
+        (:meth:`~hybrid.tracking.Tracker.run`). Calls the store does not take go to
+        ``<out>/mlflow_fallback.jsonl``. Yields ``(tracker, run_id)``; ``run_id`` is ``None`` where nothing is
+        logged (other ranks, tracking disabled) and every tracker call is then a no-op.
         """
-        tracker = make_tracker(tracking)
-        with tracker.run(tracking.run_name or name, parent=parent,
+        tracker = make_tracker(tracking, fallback=self.out / FALLBACK_NAME)
+        with tracker.run(tracking.run_name or name, parent=parent, resume=resume,
                          tags={**(tags or {}), "world_size": self.ctx.world_size}) as run:
             yield tracker, run
 

@@ -31,7 +31,7 @@ from hybrid.core.errors import HybridInputError
 from hybrid.jobs.finetune import FinetuneConfig, RankerSpec, run_finetune
 from hybrid.jobs.pretrain import PretrainConfig, run_pretrain
 from hybrid.jobs.transfer import STRATEGIES, transfer_config
-from hybrid.tracking import TAGS, TrackingConfig, make_tracker
+from hybrid.tracking import FALLBACK_NAME, TAGS, TrackingConfig, make_tracker
 
 RESULT = "result.json"
 
@@ -119,7 +119,7 @@ def _fresh(out: str | Path) -> None:
 
 def run_sweep(cfg: SweepConfig) -> dict[str, Any]:
     """Run every point not finished yet; returns ``{"done": [...], "skipped": [...], "failed": {...}}``."""
-    tracker = make_tracker(cfg.tracking)
+    tracker = make_tracker(cfg.tracking, fallback=Path(cfg.out) / FALLBACK_NAME)
     # every stage logs into the sweep's store, resolved once (MLFLOW_TRACKING_URI could change under a long sweep)
     cfg = replace(cfg, tracking=replace(cfg.tracking, tracking_uri=tracker.tracking_uri))
     done, skipped, failed = [], [], {}
