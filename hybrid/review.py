@@ -26,12 +26,14 @@ pretraining run's ``eval/hr_at_<k>`` / ``eval/ndcg_at_<k>`` and ``baseline/popul
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import math
+import os
 import re
 import tempfile
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -48,6 +50,7 @@ TEST_AUC_METRIC = "test/auc"
 EPOCH_METRIC = "progress/epoch"
 TRANSFER_PREFIX = "transfer/"
 TRANSFER_REPORT = "transfer_report.json"
+PROGRESS_BAR_VARIABLE = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
 #: the fine-tuning stage tags its prepared data's protocol under this name (``last-item``, ``ratings``)
 PROTOCOL_TAG = "protocol"
 #: where a run's git commit is: MLflow's reserved source tag first, the project's own tag for older runs
@@ -164,6 +167,20 @@ def _commit(tags: dict[str, str]) -> str:
     return next((tags[t] for t in COMMIT_TAGS if tags.get(t) and tags[t] != "unknown"), "")
 
 
+@contextlib.contextmanager
+def _no_progress_bar() -> Iterator[None]:
+    """MLflow draws a progress bar per download on stderr; a review downloads a few small JSON files."""
+    saved = os.environ.get(PROGRESS_BAR_VARIABLE)
+    os.environ[PROGRESS_BAR_VARIABLE] = "false"
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop(PROGRESS_BAR_VARIABLE, None)
+        else:
+            os.environ[PROGRESS_BAR_VARIABLE] = saved
+
+
 def _transfer_counts(client, run) -> dict[str, float]:
     """The run's ``transfer/...`` metrics; a transferred run logged without them: the ``metrics`` of its
     ``transfer_report.json`` artifact (downloaded only then — metrics are the cheap read)."""
@@ -172,7 +189,7 @@ def _transfer_counts(client, run) -> dict[str, float]:
         return counts
     if TRANSFER_REPORT not in {a.path for a in client.list_artifacts(run.info.run_id)}:
         return {}
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, _no_progress_bar():
         report = json.loads(Path(client.download_artifacts(run.info.run_id, TRANSFER_REPORT, tmp)).read_text())
     return {k: float(v) for k, v in (report.get("metrics") or {}).items()}
 
@@ -479,7 +496,8 @@ def draw_one_epoch(ax, section: Section) -> list[int]:
 
 def delta_vs_nt(table: pd.DataFrame) -> pd.DataFrame:
     """Per (size, strategy ≠ NT) of one section: validation-selected test AUC minus NT's at the same size,
-    ``err`` = √(std² + std_NT²) over seeds (0 where both have one seed). Empty without a matching NT row."""
+    ``err`` = √(std² + std_NT²) over seeds (0 where both have one seed), ``seeds`` / ``nt_seeds`` behind each.
+    Empty without a matching NT row."""
     nt = table[table["strategy"] == Strategy.NT.value].set_index("model_size")
     others = table[(table["strategy"] != Strategy.NT.value) & table["model_size"].isin(nt.index)]
     reference = nt.loc[others["model_size"]]
@@ -488,7 +506,7 @@ def delta_vs_nt(table: pd.DataFrame) -> pd.DataFrame:
         "dense_params": others["dense_params"].to_numpy(),
         "delta": others["test_auc_mean"].to_numpy() - reference["test_auc_mean"].to_numpy(),
         "err": np.hypot(others["test_auc_std"].to_numpy(), reference["test_auc_std"].to_numpy()),
-        "seeds": np.minimum(others["seeds"].to_numpy(), reference["seeds"].to_numpy())})
+        "seeds": others["seeds"].to_numpy(), "nt_seeds": reference["seeds"].to_numpy()})
 
 
 def draw_delta(ax, delta: pd.DataFrame) -> None:
@@ -504,8 +522,11 @@ def draw_delta(ax, delta: pd.DataFrame) -> None:
                       label=strategy_label(strategy))
         ax.bar_label(bars, fmt="%+.4f", fontsize=8, padding=2)
     ax.axhline(0, color="black", linewidth=0.8)
-    ax.set_xticks(range(len(sizes)), [NO_SIZE if s == UNTAGGED else s for s in sizes])
-    ax.set_xlabel("model size" if sizes != [UNTAGGED] else "")
+    if sizes == [UNTAGGED]:    # a ranker without a transformer: one group, nothing to name on the axis
+        ax.set_xticks([])
+    else:
+        ax.set_xticks(range(len(sizes)), sizes)
+        ax.set_xlabel("model size")
     ax.set_ylabel("Δ test AUC vs NT")
     ax.margins(y=0.2)   # room for the value labels above and below the bars
     ax.legend(fontsize=8)
@@ -699,67 +720,87 @@ def runs_frame(curves: Sequence[RunCurve]) -> pd.DataFrame:
                          "pretraining run": [c.pretrain_run or "" for c in ordered]})
 
 
+def delta_figure(section: Section, table: pd.DataFrame, out: Path) -> tuple[Figure | None, str]:
+    """The section's Δ AUC vs NT chart, or ``None`` and the sentence saying why there is none."""
+    delta = delta_vs_nt(table)
+    if Strategy.NT.value not in set(table["strategy"]):
+        return None, "No NT run in this section: there is no from-scratch baseline to compare the strategies with."
+    if delta.empty:
+        return None, "Only NT runs in this section (or no other strategy at an NT run's model size): nothing to compare."
+    fig, ax = _pyplot().subplots(figsize=FIGSIZE)
+    draw_delta(ax, delta)
+    ax.set_title(f"{section.title}: Δ test AUC vs NT", fontsize=10)
+    spread = "error bars ± √(std² + std_NT²)" if (delta["err"] > 0).any() else "no error bars"
+    return Figure(_save(fig, out / f"delta_auc-{section.slug}.png"),
+                  f"Test AUC at the best validation step minus NT's at the same model size, per strategy (strategies: "
+                  f"{seeds_phrase(list(delta['seeds']))}; NT: {seeds_phrase(list(delta['nt_seeds']))}; {spread}). "
+                  f"Above 0: the strategy beat training from scratch."), ""
+
+
+def one_epoch_figure(section: Section, out: Path) -> Figure:
+    """The section's one-epoch curves (:func:`draw_one_epoch`) with their caption."""
+    fig, ax = _pyplot().subplots(figsize=FIGSIZE)
+    seeds = draw_one_epoch(ax, section)
+    return Figure(_save(fig, out / f"one_epoch-{section.slug}.png"),
+                  f"Validation AUC during training against fractional epochs, one line per strategy and model size: "
+                  f"{seeds_phrase(seeds)}, shaded band ± std. Dotted verticals: epoch boundaries — a peak at epoch 1 "
+                  f"followed by a fall is the one-epoch drop.")
+
+
+def scaling_notes(table: pd.DataFrame, fits: dict[str, PowerLaw]) -> list[str]:
+    """Per strategy of a section, why its scaling points have no trustworthy fit: too few sizes, or a poor fit."""
+    notes = []
+    for strategy in sorted(set(table["strategy"]), key=strategy_rank):
+        if strategy not in fits:
+            n = table[table["strategy"] == strategy]["dense_params"].nunique()
+            notes.append(f"{strategy_label(strategy)}: {n} model size{'s' * (n != 1)} — no power-law fit (it needs "
+                         f"at least 3).")
+        elif fits[strategy].poor:
+            notes.append(f"{strategy_label(strategy)}: poor fit (R² {fits[strategy].r2:.2f}) — these points do not "
+                         f"follow a power law; read the points, not the line.")
+    return notes
+
+
+def scaling_figure(section: Section, table: pd.DataFrame, out: Path) -> tuple[Figure | None, list[str]]:
+    """The section's scaling plot (two or more sizes) with the fits in its caption, and the warnings."""
+    if table.dropna(subset=["dense_params"])["dense_params"].nunique() < 2:
+        return None, ["One model size in this section: no scaling plot (a power-law fit needs at least 3 sizes)."]
+    fig, ax = _pyplot().subplots(figsize=FIGSIZE)
+    fits = draw_scaling(ax, table, f"{section.title}: scaling")
+    fit_text = "; ".join(f"{strategy_label(s)}: {f}" for s, f in fits.items())
+    figure = Figure(_save(fig, out / f"scaling-{section.slug}.png"),
+                    f"Test AUC at the best validation step against dense (backbone) parameters N, log axis; points: "
+                    f"{seeds_phrase(list(table['seeds']))}; lines: the fitted AUC = a − b·N^−c"
+                    + (f" — {fit_text}." if fit_text else "."))
+    return figure, scaling_notes(table, fits)
+
+
+def transfer_table(section: Section, tracking_uri: str) -> str | None:
+    """The section's transfer summary as HTML (``None`` when no run transferred anything)."""
+    transfers = transfer_frame(section.curves)
+    if transfers.empty:
+        return None
+    link = _run_link(tracking_uri, section.curves[0].experiment_id)
+    return _html_table(transfers, "What each transferred run loaded and froze (its transfer/... metrics, logged at "
+                       "step 0); rows loaded: embedding rows filled from the pretrained table, rows new: rows the "
+                       "pretraining never saw.", f"transfer-{section.slug}", TRANSFER_INTEGERS,
+                       {"pretraining run": link, "run id": link})
+
+
+def runs_table(section: Section, tracking_uri: str) -> str:
+    """The section's runs as HTML: ids (links on a tracking server), git commits, pretraining runs."""
+    link = _run_link(tracking_uri, section.curves[0].experiment_id)
+    return _html_table(runs_frame(section.curves), f"The {len(section.curves)} runs of this section.",
+                       f"runs-{section.slug}", links={"run id": link, "pretraining run": link})
+
+
 def section_view(section: Section, table: pd.DataFrame, out: Path, tracking_uri: str) -> SectionView:
     """Tables, figures (written into ``out``) and notes of one section."""
-    plt = _pyplot()
-    slug, seeds = section.slug, list(table["seeds"])
-    experiment_id = section.curves[0].experiment_id
-    link = _run_link(tracking_uri, experiment_id)
-
-    delta = delta_vs_nt(table)
-    delta_figure, delta_note = None, ""
-    if Strategy.NT.value not in set(table["strategy"]):
-        delta_note = "No NT run in this section: there is no from-scratch baseline to compare the strategies with."
-    elif delta.empty:
-        delta_note = "Only NT runs in this section (or no other strategy at an NT run's model size): nothing to compare."
-    else:
-        fig, ax = plt.subplots(figsize=FIGSIZE)
-        draw_delta(ax, delta)
-        ax.set_title(f"{section.title}: Δ test AUC vs NT", fontsize=10)
-        spread = ("error bars: √(std² + std_NT²) over seeds" if (delta["seeds"] > 1).any()
-                  else "one seed: no error bars")
-        delta_figure = Figure(_save(fig, out / f"delta_auc-{slug}.png"),
-                              f"Test AUC at the best validation step minus NT's at the same model size, per strategy "
-                              f"({seeds_phrase(list(delta['seeds']))}; {spread}). Above 0: the strategy beat training "
-                              f"from scratch.")
-
-    fig, ax = plt.subplots(figsize=FIGSIZE)
-    line_seeds = draw_one_epoch(ax, section)
-    one_epoch = Figure(_save(fig, out / f"one_epoch-{slug}.png"),
-                       f"Validation AUC during training against fractional epochs, one line per strategy and model "
-                       f"size: {seeds_phrase(line_seeds)}, shaded band ± std. Dotted verticals: epoch boundaries — "
-                       f"a peak at epoch 1 followed by a fall is the one-epoch drop.")
-
-    scaling, notes = None, []
-    sizes = table.dropna(subset=["dense_params"])["dense_params"].nunique()
-    if sizes < 2:
-        notes.append("One model size in this section: no scaling plot (a power-law fit needs at least 3 sizes).")
-    else:
-        fig, ax = plt.subplots(figsize=FIGSIZE)
-        fits = draw_scaling(ax, table, f"{section.title}: scaling")
-        fit_text = "; ".join(f"{strategy_label(s)}: {f}" for s, f in fits.items())
-        scaling = Figure(_save(fig, out / f"scaling-{slug}.png"),
-                         f"Test AUC at the best validation step against dense (backbone) parameters N, log axis; "
-                         f"points: {seeds_phrase(seeds)}; lines: the fitted AUC = a − b·N^−c"
-                         + (f" — {fit_text}." if fit_text else "."))
-        for strategy in sorted(set(table["strategy"]), key=strategy_rank):
-            if strategy not in fits:
-                n = table[table["strategy"] == strategy]["dense_params"].nunique()
-                notes.append(f"{strategy_label(strategy)}: {n} model size{'s' * (n != 1)} — no power-law fit "
-                             f"(it needs at least 3).")
-            elif fits[strategy].poor:
-                notes.append(f"{strategy_label(strategy)}: poor fit (R² {fits[strategy].r2:.2f}) — these points do not "
-                             f"follow a power law; read the points, not the line.")
-
-    transfers = transfer_frame(section.curves)
-    transfer_table = None if transfers.empty else _html_table(
-        transfers, "What each transferred run loaded and froze (its transfer/... metrics, logged at step 0); rows "
-        "loaded: embedding rows filled from the pretrained table, rows new: rows the pretraining never saw.",
-        f"transfer-{slug}", TRANSFER_INTEGERS, {"pretraining run": link, "run id": link})
-    runs_table = _html_table(runs_frame(section.curves), f"The {len(section.curves)} runs of this section.",
-                             f"runs-{slug}", links={"run id": link, "pretraining run": link})
-    return SectionView(section.title, slug, strategy_table_html(table, section), delta_figure, delta_note,
-                       one_epoch, scaling, notes, transfer_table, runs_table)
+    delta, delta_note = delta_figure(section, table, out)
+    scaling, notes = scaling_figure(section, table, out)
+    return SectionView(section.title, section.slug, strategy_table_html(table, section), delta, delta_note,
+                       one_epoch_figure(section, out), scaling, notes, transfer_table(section, tracking_uri),
+                       runs_table(section, tracking_uri))
 
 
 def pretraining_view(frame: pd.DataFrame, out: Path, tracking_uri: str) -> tuple[str, Figure] | None:
