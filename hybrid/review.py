@@ -39,6 +39,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from markupsafe import escape
 
 from hybrid.adapters.config import Strategy
 from hybrid.core.errors import HybridInputError, TransferError
@@ -63,7 +64,7 @@ DROP_HEADER = "one-epoch drop (validation)"
 RANKER_LABELS = {"gpsd": "GPSD ranker", "dcn_v2": "DCN-v2", "mmoe": "MMoE",
                  "multi_embedding_moe": "multi-embedding MoE", "tin": "TIN"}
 UNTAGGED = "-"            # what a missing ranker / model size / protocol tag reads as in the tables
-NO_SIZE = "–"             # a ranker without a transformer has no model size
+MISSING = "–"             # a cell without a value: no model size (no transformer), no commit, no pretraining run
 FIGSIZE, DPI = (8.0, 4.5), 110   # 880 × 495 px: the page shows the PNGs at this natural width, never scaled up
 STRATEGY_ORDER = [s.value for s in Strategy]
 
@@ -85,6 +86,11 @@ def strategy_rank(strategy: str) -> int:
 
 def ranker_label(ranker: str) -> str:
     return "ranker not tagged" if ranker == UNTAGGED else RANKER_LABELS.get(ranker, ranker)
+
+
+def size_text(model_size: str) -> str:
+    """A model size as a table shows it: a dash for a ranker without a transformer."""
+    return MISSING if model_size == UNTAGGED else model_size
 
 
 def series_name(strategy: str, model_size: str) -> str:
@@ -315,7 +321,7 @@ def summary_table(curves: Sequence[RunCurve]) -> pd.DataFrame:
 def mean_std_text(mean: float, std: float, seeds: int) -> str:
     """``0.7786 ± 0.0022`` over two or more seeds; over one seed the value alone (there is no spread)."""
     if math.isnan(mean):
-        return NO_SIZE
+        return MISSING
     return f"{mean:.4f} ± {std:.4f}" if seeds >= 2 else f"{mean:.4f}"
 
 
@@ -330,7 +336,7 @@ def strategy_frame(table: pd.DataFrame) -> pd.DataFrame:
     frame = pd.DataFrame({
         "protocol": table["protocol"], "ranker": table["ranker"].map(ranker_label),
         "strategy": table["strategy"].map(strategy_label),
-        "model size": table["model_size"].replace(UNTAGGED, NO_SIZE),
+        "model size": table["model_size"].replace(UNTAGGED, MISSING),
         "dense parameters": table["dense_params"], "seeds": table["seeds"]})
     for metric, header in TABLE_METRICS.items():
         frame[header] = [mean_std_text(m, s, n) for m, s, n in
@@ -345,10 +351,10 @@ INTEGER_FORMAT = "{:,.0f}"   # 139,202 — never 139202.0000
 def styled(frame: pd.DataFrame, integers: Sequence[str], escape: bool, uuid: str = "") -> "pd.io.formats.style.Styler":
     """A Styler of ``frame`` without its index, integers with thousands separators and a dash for missing;
     ``escape``: HTML-escape the text cells and headers (not for the markdown copy)."""
-    styler = frame.style.hide(axis="index").format(INTEGER_FORMAT, subset=list(integers), na_rep=NO_SIZE)
+    styler = frame.style.hide(axis="index").format(INTEGER_FORMAT, subset=list(integers), na_rep=MISSING)
     if escape:
         text = [c for c in frame.columns if c not in integers]
-        styler = styler.format(escape="html", subset=text, na_rep=NO_SIZE).format_index(escape="html", axis=1)
+        styler = styler.format(escape="html", subset=text, na_rep=MISSING).format_index(escape="html", axis=1)
     return styler.set_uuid(uuid) if uuid else styler
 
 
@@ -646,41 +652,33 @@ def run_url(tracking_uri: str, experiment_id: str, run_id: str) -> str | None:
 
 def _run_link(tracking_uri: str, experiment_id: str):
     """A Styler formatter: a run id as a link to its UI page when the store has one, else the id as text."""
-    from markupsafe import escape
-
     def link(run_id: str) -> str:
         if not run_id:
-            return NO_SIZE
+            return MISSING
         url = run_url(tracking_uri, experiment_id, run_id)
         return f'<a href="{escape(url)}"><code>{escape(run_id)}</code></a>' if url else f"<code>{escape(run_id)}</code>"
 
     return link
 
 
-def _html_table(frame: pd.DataFrame, caption: str, uuid: str, integers: Sequence[str] = (),
-                links: dict | None = None) -> str:
-    """``frame`` through :func:`styled` as HTML with a caption; ``links``: column → formatter writing HTML."""
-    from markupsafe import escape
-
+def _html_styler(frame: pd.DataFrame, caption: str, uuid: str, integers: Sequence[str] = (),
+                 links: dict | None = None) -> "pd.io.formats.style.Styler":
+    """``frame`` through :func:`styled` for the page, with a caption; ``links``: column → formatter writing HTML."""
     styler = styled(frame, integers, escape=True, uuid=uuid).set_caption(str(escape(caption)))
     for column, formatter in (links or {}).items():
         styler = styler.format(formatter, subset=[column])
-    return styler.to_html()
+    return styler
 
 
 def strategy_table_html(table: pd.DataFrame, section: Section) -> str:
     """The section's strategy table; the best test AUC at the best validation step of each size in bold."""
     frame = strategy_frame(table).drop(columns=["protocol", "ranker"])
-    seeds = seeds_phrase(list(table["seeds"]))
-    caption = (f"{section.title}: validation selects the checkpoint, test is read at that step; {seeds}. "
-               f"Bold: the highest test AUC at best validation of each model size.")
-    best = table["test_auc_mean"] == table.groupby("model_size")["test_auc_mean"].transform("max")
-    from markupsafe import escape
-
-    styler = styled(frame, ["dense parameters"], escape=True, uuid=f"strategies-{section.slug}")
-    styler = styler.set_caption(str(escape(caption))).apply(
-        lambda column: np.where(best.to_numpy(), "font-weight: bold", ""), subset=[TABLE_METRICS["test_auc"]])
-    return styler.to_html()
+    caption = (f"{section.title}: validation selects the checkpoint, test is read at that step; "
+               f"{seeds_phrase(list(table['seeds']))}. Bold: the highest test AUC at best validation of each model size.")
+    best = (table["test_auc_mean"] == table.groupby("model_size")["test_auc_mean"].transform("max")).to_numpy()
+    styler = _html_styler(frame, caption, f"strategies-{section.slug}", ["dense parameters"])
+    return styler.apply(lambda column: np.where(best, "font-weight: bold", ""),
+                        subset=[TABLE_METRICS["test_auc"]]).to_html()
 
 
 def transfer_frame(curves: Sequence[RunCurve]) -> pd.DataFrame:
@@ -692,7 +690,7 @@ def transfer_frame(curves: Sequence[RunCurve]) -> pd.DataFrame:
         t = c.transfer
         aligned = {k[len("transfer/rows_aligned/"):]: v for k, v in t.items() if k.startswith("transfer/rows_aligned/")}
         new = sum(v for k, v in t.items() if k.startswith("transfer/rows_new/"))
-        rows.append({"strategy": strategy_label(c.strategy), "model size": c.model_size.replace(UNTAGGED, NO_SIZE),
+        rows.append({"strategy": strategy_label(c.strategy), "model size": size_text(c.model_size),
                      "seed": c.seed, "tables loaded": t.get("transfer/tables_loaded", np.nan),
                      "tables frozen": t.get("transfer/tables_frozen", np.nan),
                      "modules loaded": t.get("transfer/modules_loaded", np.nan),
@@ -701,7 +699,7 @@ def transfer_frame(curves: Sequence[RunCurve]) -> pd.DataFrame:
                      "frozen parameters": t.get("transfer/frozen_params", np.nan),
                      "trainable parameters": t.get("transfer/trainable_params", np.nan),
                      # the table names after the module path: features.ec/t_item_id → t_item_id
-                     "loaded tables": ", ".join(sorted(k.rsplit("/", 1)[-1] for k in aligned)) or NO_SIZE,
+                     "loaded tables": ", ".join(sorted(k.rsplit("/", 1)[-1] for k in aligned)) or MISSING,
                      "pretraining run": c.pretrain_run or "", "run id": c.run_id})
     return pd.DataFrame(rows)
 
@@ -714,9 +712,9 @@ def runs_frame(curves: Sequence[RunCurve]) -> pd.DataFrame:
     """One row per run of a section: name, strategy, size, seed, run id, git commit, pretraining run."""
     ordered = sorted(curves, key=lambda c: (strategy_rank(c.strategy), c.dense_params, c.seed))
     return pd.DataFrame({"run": [c.name for c in ordered], "strategy": [strategy_label(c.strategy) for c in ordered],
-                         "model size": [c.model_size.replace(UNTAGGED, NO_SIZE) for c in ordered],
+                         "model size": [size_text(c.model_size) for c in ordered],
                          "seed": [c.seed for c in ordered], "run id": [c.run_id for c in ordered],
-                         "git commit": [c.commit[:12] or NO_SIZE for c in ordered],
+                         "git commit": [c.commit[:12] or MISSING for c in ordered],
                          "pretraining run": [c.pretrain_run or "" for c in ordered]})
 
 
@@ -764,7 +762,7 @@ def scaling_notes(table: pd.DataFrame, fits: dict[str, PowerLaw]) -> list[str]:
 def scaling_figure(section: Section, table: pd.DataFrame, out: Path) -> tuple[Figure | None, list[str]]:
     """The section's scaling plot (two or more sizes) with the fits in its caption, and the warnings."""
     if table.dropna(subset=["dense_params"])["dense_params"].nunique() < 2:
-        return None, ["One model size in this section: no scaling plot (a power-law fit needs at least 3 sizes)."]
+        return None, ["Fewer than two model sizes in this section: no scaling plot (a power-law fit needs at least 3)."]
     fig, ax = _pyplot().subplots(figsize=FIGSIZE)
     fits = draw_scaling(ax, table, f"{section.title}: scaling")
     fit_text = "; ".join(f"{strategy_label(s)}: {f}" for s, f in fits.items())
@@ -781,17 +779,17 @@ def transfer_table(section: Section, tracking_uri: str) -> str | None:
     if transfers.empty:
         return None
     link = _run_link(tracking_uri, section.curves[0].experiment_id)
-    return _html_table(transfers, "What each transferred run loaded and froze (its transfer/... metrics, logged at "
-                       "step 0); rows loaded: embedding rows filled from the pretrained table, rows new: rows the "
-                       "pretraining never saw.", f"transfer-{section.slug}", TRANSFER_INTEGERS,
-                       {"pretraining run": link, "run id": link})
+    return _html_styler(transfers, "What each transferred run loaded and froze (its transfer/... metrics, logged at "
+                        "step 0); rows loaded: embedding rows filled from the pretrained table, rows new: rows the "
+                        "pretraining never saw.", f"transfer-{section.slug}", TRANSFER_INTEGERS,
+                        {"pretraining run": link, "run id": link}).to_html()
 
 
 def runs_table(section: Section, tracking_uri: str) -> str:
     """The section's runs as HTML: ids (links on a tracking server), git commits, pretraining runs."""
     link = _run_link(tracking_uri, section.curves[0].experiment_id)
-    return _html_table(runs_frame(section.curves), f"The {len(section.curves)} runs of this section.",
-                       f"runs-{section.slug}", links={"run id": link, "pretraining run": link})
+    return _html_styler(runs_frame(section.curves), f"The {len(section.curves)} runs of this section.",
+                        f"runs-{section.slug}", links={"run id": link, "pretraining run": link}).to_html()
 
 
 def section_view(section: Section, table: pd.DataFrame, out: Path, tracking_uri: str) -> SectionView:
@@ -814,12 +812,12 @@ def pretraining_view(frame: pd.DataFrame, out: Path, tracking_uri: str) -> tuple
         f"HR@{k}": frame["hr"].map("{:.4f}".format), f"HR@{k}, most popular": frame["popular_hr"].map("{:.4f}".format),
         f"NDCG@{k}": frame["ndcg"].map("{:.4f}".format),
         f"NDCG@{k}, most popular": frame["popular_ndcg"].map("{:.4f}".format),
-        "run id": frame["run_id"], "git commit": frame["commit"].str[:12].replace("", NO_SIZE)})
+        "run id": frame["run_id"], "git commit": frame["commit"].str[:12].replace("", MISSING)})
     link = _run_link(tracking_uri, str(frame["experiment_id"].iloc[0]))
     what = ("on the pretraining evaluation split (each user's held-out next item), the run's last evaluation; most "
             "popular: every user gets the same ranking, by training frequency")
-    table = _html_table(shown, f"Retrieval of the pretrained models {what}.", "pretraining", ["dense parameters"],
-                        {"run id": link})
+    table = _html_styler(shown, f"Retrieval of the pretrained models {what}.", "pretraining", ["dense parameters"],
+                         {"run id": link}).to_html()
     figure = Figure(plot_pretraining(frame, out / "pretraining.png"),
                     f"HR@{k} and NDCG@{k} of each pretraining run (one run each, no seeds to average) {what}.")
     return table, figure

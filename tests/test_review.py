@@ -340,7 +340,7 @@ def test_one_section_per_protocol_and_ranker(study):
     plt.close(fig)
     # DCN-v2's single size gets no scaling plot; its two protocols are never on one axis
     assert not (study.out / "scaling-ratings-dcn-v2.png").exists()
-    assert "One model size in this section: no scaling plot" in study.page
+    assert "Fewer than two model sizes in this section: no scaling plot" in study.page
     assert set(study.result["fits"]) == {"last-item gpsd nt", "last-item gpsd st_sf"}
 
 
@@ -447,7 +447,7 @@ def test_scaling_plot_draws_the_fit_with_its_r2_or_says_why_not(study):
     two = table[table["model_size"].isin(["L4H32A4", "L4H64A4"])]
     assert scaling_notes(two, {}) == ["NT: 2 model sizes — no power-law fit (it needs at least 3).",
                                       "ST&SF: 2 model sizes — no power-law fit (it needs at least 3)."]
-    assert "Scaling: One model size in this section: no scaling plot" in study.page     # DCN-v2, no sizes
+    assert "Scaling: Fewer than two model sizes in this section: no scaling plot" in study.page     # DCN-v2, no sizes
 
 
 def test_pretraining_against_most_popular(study):
