@@ -26,9 +26,12 @@ batch: each of ``W`` ranks takes ``batch_size / W`` (the loader's job). Evaluati
 over the ranks and gathers every prediction, so each rank computes the same metrics on the *full* split
 and takes the same best-checkpoint decision.
 
-Checkpoints (``hybrid.core.checkpoint``, DCP + manifest) hold the model weights only:
-``<checkpoint_dir>/best/step-…`` (the weights at the best validation evaluation, by the primary task's AUC) and
-``<checkpoint_dir>/last/step-…``. Fine-tuning is short, so there is no mid-run resume.
+Checkpoints (``hybrid.core.checkpoint``, DCP + manifest): ``<checkpoint_dir>/best/step-…`` holds the weights at
+the best validation evaluation (by the primary task's AUC); ``<checkpoint_dir>/last/step-…`` the whole training
+state (``hybrid.core.resume.training_state``: weights, optimizer states, schedule, RNG) with the evaluations so far
+in its manifest, written every ``checkpoints_per_epoch`` / ``checkpoint_every``, on SIGTERM / SIGINT and at the
+end — so ``resume_from`` continues a run exactly: the same steps, weights and validation curve as an uninterrupted
+run (only the first training-metrics window after the resume covers fewer steps).
 
 This module imports ``hybrid.core``, torch and torchrec only — never the jobs, data or MLflow: metrics leave through a
 plain callback ``log_metrics(metrics, step, epoch)`` and loaders come in as arguments.
@@ -48,6 +51,7 @@ wires them, and ``tests/test_ctr_trainer.py`` runs this loop.)
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -63,9 +67,17 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from hybrid.core.batch import CTRBatch
-from hybrid.core.checkpoint import save_checkpoint
+from hybrid.core.checkpoint import latest_checkpoint, save_checkpoint, verify_checkpoint
 from hybrid.core.errors import TrainingInterrupted
 from hybrid.core.progress import MetricsCallback, Progress, ThroughputWindow, rank0_callback
+from hybrid.core.resume import (
+    MODEL_KEY,
+    check_resumable,
+    epoch_batches,
+    restore_training_state,
+    rng_neutral_iter,
+    training_state,
+)
 from hybrid.core.tables import embedding_modules, is_table_key
 from hybrid.core.training import (
     DEFAULT_SHARDING,
@@ -126,6 +138,10 @@ class CTRTrainConfig:
         collective_timeout_s: seconds a collective (all-reduce, sharded lookup, checkpoint barrier) waits for
             the other ranks before this rank fails with one line (a hung or lost peer); ``null``: torch's
             default (30 min gloo, 10 min nccl). One process: unused.
+        checkpoints_per_epoch: write the resumable ``last/`` checkpoint this many times each epoch, evenly
+            spaced (the last at the epoch's end); ``0``: use ``checkpoint_every``. Default: at every epoch end.
+        checkpoint_every: instead, every this many steps (``0`` with ``checkpoints_per_epoch: 0``: only on a
+            signal and at the end).
 
     Example:
         >>> cfg = CTRTrainConfig(epochs=3, batch_size=1024, eval_every=100, optim=OptimConfig(lr=1e-3))
@@ -149,6 +165,8 @@ class CTRTrainConfig:
     num_workers: int = 0
     eval_max_users: int | None = None
     collective_timeout_s: float | None = None
+    checkpoints_per_epoch: int = 1
+    checkpoint_every: int = 0
 
     def __post_init__(self) -> None:
         if self.eval_max_users is not None and (not isinstance(self.eval_max_users, int)
@@ -163,6 +181,10 @@ class CTRTrainConfig:
         if not isinstance(self.eval_every, int) or self.eval_every < 0:
             raise ValueError(f"train.eval_every must be >= 0 (0: only at epoch ends), got {self.eval_every!r}")
         check_per_epoch("evals_per_epoch", self.evals_per_epoch)
+        check_per_epoch("checkpoints_per_epoch", self.checkpoints_per_epoch)
+        if not isinstance(self.checkpoint_every, int) or isinstance(self.checkpoint_every, bool) \
+                or self.checkpoint_every < 0:
+            raise ValueError(f"train.checkpoint_every must be an integer >= 0, got {self.checkpoint_every!r}")
         if self.max_steps is not None and self.max_steps < 1:
             raise ValueError(f"train.max_steps must be a positive integer or null, got {self.max_steps}")
         if self.one_epoch_tolerance is not None and self.one_epoch_tolerance < 0:
@@ -191,6 +213,14 @@ class Evaluation:
     @property
     def auc(self) -> float:
         return self.metrics[f"{VALID}/auc"]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Evaluation:
+        return cls(step=int(data["step"]), epoch=float(data["epoch"]), metrics=dict(data["metrics"]),
+                   test=dict(data["test"]) if data.get("test") is not None else None)
 
 
 @dataclass
@@ -366,6 +396,7 @@ def train(
     manifest: Mapping[str, Any] | None = None,
     log_metrics: MetricsCallback | None = None,
     test_loader: Iterable[CTRBatch] | None = None,
+    resume_from: str | Path | None = None,
 ) -> CTRTrainResult:
     """Train ``model`` on ``train_loader``, select on ``eval_loader`` (validation), report on ``test_loader``.
 
@@ -388,6 +419,9 @@ def train(
             ``train/bce/<task>``, ``train/<auxiliary loss>``, ``train/lr``, the ranker's diagnostics,
             ``perf/samples_per_s``, ``valid/auc`` ..., and ``test/auc`` ... at the steps where test is
             evaluated (see :func:`evaluate`); ``epoch`` is fractional.
+        resume_from: a ``last/`` checkpoint of this run to continue from (verified; refused with one line
+            when the model, world size or steps per epoch differ): weights, optimizer states, schedule, RNG,
+            the evaluations so far and the best of them are restored, and training goes on from its step.
 
     Returns:
         :class:`CTRTrainResult`.
@@ -413,6 +447,7 @@ def train(
         raise ValueError("the training loader yields no batches (too few samples for one batch per rank?)")
     total_steps = cfg.epochs * steps_per_epoch
     eval_points = per_epoch_positions(steps_per_epoch, cfg.evals_per_epoch)
+    checkpoint_points = per_epoch_positions(steps_per_epoch, cfg.checkpoints_per_epoch)
     if cfg.max_steps is not None:
         total_steps = min(total_steps, cfg.max_steps)
 
@@ -426,18 +461,36 @@ def train(
                     task_names=list(core.task_names), tables=table_shapes(model), world_size=ctx.world_size,
                     steps_per_epoch=steps_per_epoch, train_config=dataclasses.asdict(cfg))
 
+    # 4. Resume: weights, optimizer states, schedule, RNG, and the evaluations so far (the best among them).
     step, metrics = 0, {}
     evaluations: list[Evaluation] = []
     best: Evaluation | None = None
     best_path: Path | None = None
+    if resume_from is not None:
+        resume_from = Path(resume_from)
+        saved = verify_checkpoint(resume_from)
+        check_resumable(resume_from, saved, _jsonable_manifest(manifest), config_key="ranker_config")
+        step, metrics = restore_training_state(resume_from, model, optimizer, schedule, rank=ctx.rank)
+        metrics = {**saved.get("train_metrics", {}), **metrics}
+        evaluations = [Evaluation.from_dict(e) for e in saved.get("evaluations", [])]
+        best = next((e for e in evaluations if e.step == saved.get("best_step")), None)
+        best_path = latest_checkpoint(checkpoint_dir / BEST) if checkpoint_dir is not None else None
     window = ThroughputWindow(unit="samples")
     window_scores: list[tuple[torch.Tensor, torch.Tensor]] = []  # primary-task (logits, labels) since the last log
-    bar = Progress("finetune", total_steps, enabled=rank0 and cfg.progress)
+    bar = Progress("finetune", total_steps, enabled=rank0 and cfg.progress, initial=step)
+    saved_step = step
     core.train()
+
+    def save_last(frac_epoch: float) -> Path:
+        return _save_last(checkpoint_dir / LAST, step, frac_epoch, model, optimizer, schedule, ctx, manifest,
+                          metrics, evaluations, best)
+
     with StopSignals(ctx) as stop:
-        for epoch in range(cfg.epochs):
-            sampler.set_epoch(epoch)
-            for position, batch in enumerate(train_loader, start=1):
+        while step < total_steps:
+            epoch, skip = divmod(step, steps_per_epoch)
+            # the same batches, in the same order, as an uninterrupted run (skip: the ones a resumed run did)
+            batches = rng_neutral_iter(epoch_batches(train_loader, epoch, skip=skip))
+            for position, batch in enumerate(batches, start=skip + 1):
                 batch = batch.to(ctx.device)
                 if step == 0:
                     check_task_names(batch, core)
@@ -497,15 +550,22 @@ def train(
                             if checkpoint_dir is not None:
                                 best_path = _save(checkpoint_dir / BEST, model, evaluation, manifest)
                     core.train()
+                due_checkpoint = (position in checkpoint_points if cfg.checkpoints_per_epoch
+                                  else bool(cfg.checkpoint_every) and step % cfg.checkpoint_every == 0)
+                if checkpoint_dir is not None and due_checkpoint and not done:
+                    with window.paused():
+                        save_last(frac_epoch)
+                    saved_step = step
                 if done:
                     break
                 signum = stop.requested()
-                if signum is not None:  # SIGTERM / SIGINT: stop here, the weights of this step in last/
+                if signum is not None:  # SIGTERM / SIGINT: stop here, the training state of this step in last/
                     last_path = None
                     if checkpoint_dir is not None:
-                        last_path = _save(checkpoint_dir / LAST, model, Evaluation(step, frac_epoch, {}), manifest)
+                        last_path = save_last(frac_epoch) if saved_step != step else latest_checkpoint(
+                            checkpoint_dir / LAST)
                     bar.close()
-                    raise TrainingInterrupted(signum, step, last_path, advice="")
+                    raise TrainingInterrupted(signum, step, last_path)
             if done:
                 break
     bar.close()
@@ -522,8 +582,7 @@ def train(
 
     last_path = None
     if checkpoint_dir is not None:
-        last_eval = evaluations[-1] if evaluations else Evaluation(step, step / steps_per_epoch, {})
-        last_path = _save(checkpoint_dir / LAST, model, last_eval, manifest)
+        last_path = save_last(step / steps_per_epoch)
     # 7. The one-epoch phenomenon: does validation AUC fall after the first epoch boundary by more than the
     #    validation set's noise (or the configured tolerance)?
     drop = one_epoch_drop([(e.epoch, e.auc) for e in evaluations], tolerance=one_epoch_tolerance(cfg, evaluations))
@@ -568,8 +627,27 @@ def _better(auc: float, best_auc: float) -> bool:
 
 
 def _save(root: Path, model: nn.Module, evaluation: Evaluation, manifest: Mapping[str, Any]) -> Path:
+    """A ``best/`` checkpoint: the weights of ``evaluation``'s step, its validation and test figures."""
     facts = {**manifest, "epoch": evaluation.epoch, "metrics": {**evaluation.metrics, **(evaluation.test or {})}}
-    return save_checkpoint(root, evaluation.step, {"model": model.state_dict()}, facts, keep_last=1)
+    return save_checkpoint(root, evaluation.step, {MODEL_KEY: model.state_dict()}, facts, keep_last=1)
+
+
+def _save_last(root: Path, step: int, epoch: float, model: nn.Module, optimizer, schedule, ctx: DistributedContext,
+               manifest: Mapping[str, Any], metrics: Mapping[str, float], evaluations: Sequence[Evaluation],
+               best: Evaluation | None) -> Path:
+    """A ``last/`` checkpoint: the whole training state at ``step`` and the evaluations so far (resumable).
+
+    Its ``metrics`` are those of the last evaluation (and test at it, when measured), as a ``best/`` one's."""
+    last = evaluations[-1] if evaluations else None
+    facts = {**manifest, "epoch": epoch, "train_metrics": {k: v for k, v in metrics.items() if k.startswith("train/")},
+             "metrics": {**last.metrics, **(last.test or {})} if last else {},
+             "evaluations": [e.to_dict() for e in evaluations], "best_step": best.step if best else None}
+    state = training_state(model, optimizer, schedule, rank=ctx.rank)
+    return save_checkpoint(root, step, state, facts, keep_last=1)
+
+
+def _jsonable_manifest(manifest: Mapping[str, Any]) -> dict[str, Any]:
+    return json.loads(json.dumps(dict(manifest), default=str))
 
 
 def _jsonable(config: Any) -> Any:

@@ -4,7 +4,7 @@
     hybrid data prepare --dataset NAME --path DIR --protocol last-item|ratings --out DIR [--config F] [--set k=v]
     hybrid pretrain --config FILE [--set k=v ...] [--resume[=previous]] [--tracking-uri URI]
     torchrun --nproc_per_node=N -m hybrid pretrain --config FILE ...     (sharded)
-    hybrid finetune --config FILE [--set k=v ...] [--tracking-uri URI]
+    hybrid finetune --config FILE [--set k=v ...] [--resume[=previous]] [--tracking-uri URI]
         [--init PRETRAIN_CHECKPOINT --strategy nt|ft|st|ft_sf|st_sf [--transfer key=value ...]]
     hybrid score --model FINETUNE_CHECKPOINT --input EVENTS --out scores.parquet [--since T] [--items F]
     torchrun --nproc_per_node=N -m hybrid score ...                      (each rank its users, one output)
@@ -132,6 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
                                          "ST&SF; default: st_sf with --init, nt without)")
     fine.add_argument("--transfer", dest="transfer_options", action="append", default=[], metavar="KEY=VALUE",
                       help="a TransferConfig option, e.g. --transfer new_rows=mean --transfer 'tables=[t_item_id]'")
+    fine.add_argument("--resume", nargs="?", const=True, default=False, choices=["previous"],
+                      help="continue an interrupted run of <out> from <out>/checkpoints/last, exactly; "
+                           "--resume=previous: from the newest one that verifies when the one LATEST names is corrupt")
     fine.add_argument("--allow-foreign-ids", action="store_true",
                       help="transfer even when few of the target's raw ids are known to the checkpoint (pretrained "
                            "on another dataset): transfer.min_overlap=0")
@@ -224,7 +227,7 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     from hybrid.tracking import is_rank_zero
 
     cfg = _load_finetune_config(args)
-    result = run_finetune(cfg)
+    result = run_finetune(cfg, resume=args.resume)
     if is_rank_zero():
         print(f"fine-tuned {cfg.ranker.name} for {result['steps']} steps ({result['epochs']:.2f} epochs) in "
               f"{result['seconds']:.1f} s")

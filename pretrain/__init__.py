@@ -7,6 +7,14 @@ Example:
     >>> from hybrid.pretrain import GenerativeModelConfig, PretrainTrainConfig, build_model, train
     >>> model = build_model(GenerativeModelConfig.tiny(), vocab_sizes, PretrainTrainConfig().optim)
 """
+from hybrid.core.resume import (  # the checkpoint state of a resumable run, as hybrid.pretrain always exported it
+    check_resumable,
+    init_optimizer_state,
+    load_sparse_optimizer_state,
+    restore_training_state,
+    sparse_optimizer_state,
+    training_state,
+)
 from hybrid.pretrain.model import GenerativeModel, GenerativeModelConfig, table_name
 from hybrid.pretrain.objectives import ObjectiveConfig, hr_ndcg_at_k
 from hybrid.pretrain.trainer import (
@@ -14,15 +22,9 @@ from hybrid.pretrain.trainer import (
     PretrainResult,
     PretrainTrainConfig,
     build_model,
-    check_resumable,
     evaluate,
-    init_optimizer_state,
-    load_sparse_optimizer_state,
     popularity_metrics,
-    restore_training_state,
-    sparse_optimizer_state,
     train,
-    training_state,
     unwrap,
 )
 

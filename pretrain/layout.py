@@ -15,8 +15,8 @@ Example:
 """
 from __future__ import annotations
 
-#: The model's state dict inside the checkpoint state.
-MODEL_KEY = "model"
+from hybrid.core.resume import MODEL_KEY  # the model's state dict inside the checkpoint state
+
 #: ``GenerativeModel.embeddings`` (an ``EmbeddingCollection``: ``.embeddings.<table>.weight``).
 TABLE_PREFIX = f"{MODEL_KEY}.embeddings.embeddings."
 #: ``GenerativeModel.backbone`` (a :mod:`hybrid.core.backbones` module).

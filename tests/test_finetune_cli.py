@@ -92,7 +92,7 @@ def test_cli_trains_logs_and_writes_checkpoints(prepared_ratings_dir, tmp_path, 
     # a finished run is never overwritten
     err = refused(["finetune", "--config", TINY, "--set", f"data={prepared_ratings_dir}", "--set", f"out={out}",
                 "--tracking-uri", _store(tmp_path)], capsys)
-    assert "already holds a checkpoint" in err and "a fine-tuned run is never overwritten" in err
+    assert "already holds a checkpoint" in err and "a finished run is never overwritten; choose another out" in err
 
 
 def test_bad_configs_get_one_line_and_exit_2(prepared_ratings_dir, tmp_path, capsys):

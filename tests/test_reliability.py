@@ -196,7 +196,8 @@ def test_sigint_stops_with_exit_130_and_the_run_killed(prepared_last_item_dir, t
 
 
 @pytest.mark.slow
-def test_sigterm_stops_finetuning_with_the_last_checkpoint_of_that_step(prepared_ratings_dir, tmp_path):
+def test_sigterm_stops_finetuning_with_the_last_checkpoint_and_resume_continues(prepared_ratings_dir, tmp_path,
+                                                                                 capsys):
     out, uri = tmp_path / "ft", f"sqlite:///{tmp_path / 'mlflow.db'}"
     argv = ["finetune", "--config", str(REPO / "configs/finetune_tiny.yaml"), "--set", f"data={prepared_ratings_dir}",
             "--set", f"out={out}", "--set", "train.epochs=6", "--set", "train.eval_every=10",
@@ -216,13 +217,26 @@ def test_sigterm_stops_finetuning_with_the_last_checkpoint_of_that_step(prepared
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == 143, err[-3000:]
-    match = re.fullmatch(r"interrupted by SIGTERM at step (\d+); checkpoint (\S+) written", err.strip().splitlines()[-1])
+    match = re.fullmatch(r"interrupted by SIGTERM at step (\d+); checkpoint (\S+) written \(continue with --resume\)",
+                         err.strip().splitlines()[-1])
     assert match, err[-3000:]
     last = latest_checkpoint(out / "checkpoints" / "last")
     assert last == Path(match.group(2)) and verify_checkpoint(last)["step"] == int(match.group(1))
     client = MlflowClient(uri)
     (run,) = client.search_runs([client.get_experiment_by_name("rel-ft").experiment_id])
     assert run.info.status == "KILLED"
+
+    # the interrupted run is not "finished": it is refused without --resume and continued with it, in its MLflow run
+    err, _ = _one_line_error(argv, capsys)
+    assert "an interrupted run: pass --resume to continue it, or choose another out" in err
+    assert main([*argv, "--resume"]) == 0, capsys.readouterr().err
+    (resumed,) = client.search_runs([run.info.experiment_id])
+    assert resumed.info.run_id == run.info.run_id and resumed.info.status == "FINISHED"
+    assert resumed.data.tags["resumed_from"] == str(last)
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "valid/auc")]
+    assert min(steps) <= int(match.group(1)) < max(steps)
+    err, _ = _one_line_error([*argv, "--resume"], capsys)
+    assert "this fine-tuning run finished (result.json is written); nothing to resume" in err
 
 
 # ---- 4. a killed worker of a 2-process run -----------------------------------------------------------------

@@ -39,7 +39,9 @@ from hybrid.adapters import TransferConfig
 from hybrid.config import from_mapping, to_dict
 from hybrid.core.checkpoint import (
     load_checkpoint,
+    read_manifest,
     resolve_checkpoint,
+    resume_checkpoint,
     verify_checkpoint,
 )
 from hybrid.core.errors import HybridInputError
@@ -66,11 +68,13 @@ from hybrid.data.protocols import USER_FIELDS
 from hybrid.data.store import data_hash, open_prepared
 from hybrid.data.validation import check_prepared_stats
 from hybrid.jobs.prepare import DataConfig
-from hybrid.jobs.stage import refuse_existing, training_stage
+from hybrid.jobs.stage import PREVIOUS, check_resume_value, refuse_existing, training_stage
 from hybrid.jobs.transfer import transfer_hook
 from hybrid.tracking import FINETUNE_INPUTS, TrackingConfig
 
 CHECKPOINTS = "checkpoints"
+#: written when a run ends: a run with it is finished (never overwritten, nothing to resume)
+RESULT_FILE = "result.json"
 #: Features a CTR batch can carry (``CTRBatchConverter``): user fields, candidate fields, the genres bag and
 #: the history sequences. A feature-map key outside this set is never in a batch, so no table is built for it.
 CTR_FEATURES = ("user_id", *USER_FIELDS, *CANDIDATE_FIELDS, "genres", *SEQUENCE_FEATURES)
@@ -222,7 +226,7 @@ def job_item_vectors(cfg: FinetuneConfig, feature_map: FeatureMap) -> torch.Tens
 
 
 def run_finetune(cfg: FinetuneConfig, parent_run: str | None = None, prepare_model: PrepareModel | None = None,
-                 strategy: str | None = None) -> dict[str, Any]:
+                 strategy: str | None = None, resume: bool | str = False) -> dict[str, Any]:
     """Train the ranker of ``cfg`` (sharded under ``torchrun``); log to MLflow on rank 0.
 
     Args:
@@ -236,6 +240,9 @@ def run_finetune(cfg: FinetuneConfig, parent_run: str | None = None, prepare_mod
             (e.g. ``transfer/frozen_params``) are logged with the run.
             Default: the transfer of ``cfg.transfer`` (none for ``nt``); a hook given here replaces it.
         strategy: the ``strategy`` tag; default ``cfg.transfer.strategy`` (``nt`` = no transfer).
+        resume: continue an interrupted run of ``cfg.out`` from its ``checkpoints/last`` checkpoint, exactly (same
+            steps, weights and validation curve as without the interruption), in the same MLflow run;
+            ``"previous"``: from the newest one that verifies when the one ``LATEST`` names is corrupt.
 
     Returns:
         the validation figures (``valid_best_auc``, ``valid_auc_epoch1``, ``best_epoch``, ``one_epoch_drop``,
@@ -261,8 +268,24 @@ def run_finetune(cfg: FinetuneConfig, parent_run: str | None = None, prepare_mod
     fm = prepared.feature_map
     out = Path(cfg.out)
     root = out / CHECKPOINTS
-    for kind in (BEST, LAST):
-        refuse_existing(root / kind, "a fine-tuned run is never overwritten; choose another out")
+    check_resume_value(resume)
+    finished = (out / RESULT_FILE).is_file()
+    last = None
+    if resume:
+        if finished:
+            raise HybridInputError(f"{out}: this fine-tuning run finished ({RESULT_FILE} is written); nothing to resume")
+        last = resume_checkpoint(root / LAST, previous=resume == PREVIOUS)  # verified, before anything is written
+        if last is None:
+            raise HybridInputError(f"{root / LAST}: no checkpoint to resume from; start without --resume")
+        saved_fm = FeatureMap.from_dict(read_manifest(last)["feature_map"], source=f"{last}/manifest.json")
+        if saved_fm.fingerprint() != fm.fingerprint():
+            raise HybridInputError(f"{last}: written over another prepared dataset (feature map {saved_fm.fingerprint()} "
+                                   f"vs {fm.fingerprint()} of {cfg.data}); resume with the data it was trained on")
+    else:
+        advice = ("a finished run is never overwritten; choose another out" if finished else
+                  "an interrupted run: pass --resume to continue it, or choose another out")
+        for kind in (BEST, LAST):
+            refuse_existing(root / kind, advice)
 
     with training_stage(out, cfg.train.batch_size, tracking=cfg.tracking,
                         collective_timeout_s=cfg.train.collective_timeout_s) as stage:
@@ -309,7 +332,11 @@ def run_finetune(cfg: FinetuneConfig, parent_run: str | None = None, prepare_mod
             tags.update({k: v for k, v in (report.get("tags") or {}).items() if k not in tags})
 
         run_name = f"finetune-{cfg.ranker.name}-{strategy}-seed{cfg.train.seed}"
-        with stage.track(cfg.tracking, run_name, parent=parent_run, tags=tags) as (tracker, run):
+        if last is not None:
+            tags["resumed_from"] = str(last)
+        # a resumed run continues the MLflow run its checkpoint was written by (when the store has it)
+        resume_run = read_manifest(last).get("mlflow_run_id") if last is not None else None
+        with stage.track(cfg.tracking, run_name, parent=parent_run, tags=tags, resume=resume_run) as (tracker, run):
             tracker.log_params(run, {**to_dict(cfg), "resolved_ranker": dataclasses.asdict(core.config)})
             tracker.log_prepared_data(run, cfg.data, prepared.stats, FINETUNE_INPUTS, digest=dhash)
             if report is not None:
@@ -329,7 +356,7 @@ def run_finetune(cfg: FinetuneConfig, parent_run: str | None = None, prepare_mod
                         # themselves are the ranker's buffer, restored with the weights.
                         "item_vectors_shape": list(item_vectors.shape) if item_vectors is not None else None}
             result = train(model, train_loader, valid_loader, cfg.train, ctx=ctx, checkpoint_dir=root,
-                           manifest=manifest, log_metrics=log_metrics, test_loader=test_loader)
+                           manifest=manifest, log_metrics=log_metrics, test_loader=test_loader, resume_from=last)
             summary = result.summary()
             drop = result.one_epoch
             tracker.set_tags(run, {"one_epoch_drop": "true" if drop.flagged else "false"})
@@ -344,7 +371,7 @@ def run_finetune(cfg: FinetuneConfig, parent_run: str | None = None, prepare_mod
                            best_checkpoint=str(result.best_checkpoint) if result.best_checkpoint else None,
                            last_checkpoint=str(result.last_checkpoint) if result.last_checkpoint else None,
                            seconds=round(time.perf_counter() - started, 2))
-            stage.write_json("result.json", summary)
+            stage.write_json(RESULT_FILE, summary)
             tracker.log_json(run, summary, "finetune_result.json")
         return summary
 

@@ -39,7 +39,7 @@ from hybrid.data.columns import as_table
 from hybrid.data.protocols import PreparedData
 from hybrid.data.store import data_hash, open_prepared
 from hybrid.data.validation import check_prepared_stats
-from hybrid.jobs.stage import refuse_existing, training_stage
+from hybrid.jobs.stage import PREVIOUS, check_resume_value, refuse_existing, training_stage
 from hybrid.pretrain.model import GenerativeModelConfig
 from hybrid.pretrain.objectives import ObjectiveConfig
 from hybrid.pretrain.trainer import (
@@ -168,10 +168,6 @@ def check_feature_map(path: Path, manifest: dict, fm: FeatureMap, features: tupl
                           f"(fingerprint {saved_fm.fingerprint()} vs {fm.fingerprint()}): {detail}")
 
 
-#: ``run_pretrain(resume=PREVIOUS)`` / ``hybrid pretrain --resume=previous``: continue from the newest checkpoint
-#: that verifies when the one ``LATEST`` names is corrupt or incomplete
-PREVIOUS = "previous"
-
 
 def run_pretrain(cfg: PretrainConfig, resume: bool | str = False, parent_run: str | None = None) -> dict[str, Any]:
     """Train the generative model of ``cfg`` (sharded under ``torchrun``); log to MLflow on rank 0.
@@ -201,8 +197,7 @@ def run_pretrain(cfg: PretrainConfig, resume: bool | str = False, parent_run: st
     model_cfg = cfg.model.build(cfg.train.max_len, available)
     out = Path(cfg.out)
     root = out / CHECKPOINTS
-    if resume not in (False, True, PREVIOUS):
-        raise HybridInputError(f"resume: expected true, false or {PREVIOUS!r}, got {resume!r}")
+    check_resume_value(resume)
     if resume:  # verified; a corrupt LATEST is refused here, before anything is written
         last = resume_checkpoint(root, previous=resume == PREVIOUS)
     else:

@@ -40,6 +40,16 @@ from hybrid.core.feature_map import FeatureMap
 from hybrid.core.training import DistributedContext, init_distributed
 from hybrid.tracking import FALLBACK_NAME, Tracker, TrackingConfig, make_tracker
 
+#: ``resume=PREVIOUS`` / ``--resume=previous``: continue from the newest checkpoint that verifies when the one
+#: ``LATEST`` names is corrupt or incomplete
+PREVIOUS = "previous"
+
+
+def check_resume_value(resume: object) -> None:
+    """``resume`` is ``False``, ``True`` or :data:`PREVIOUS` (one line otherwise)."""
+    if resume not in (False, True, PREVIOUS):
+        raise HybridInputError(f"resume: expected true, false or {PREVIOUS!r}, got {resume!r}")
+
 
 def refuse_existing(root: str | Path, advice: str, *, allow: bool = False) -> Path | None:
     """The newest complete checkpoint under ``root``; refused (one line naming it) unless ``allow``.
