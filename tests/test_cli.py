@@ -108,7 +108,7 @@ def test_documented_commands_without_tracking_uri_share_the_default_store(tmp_pa
     assert main(["finetune", "--config", str(REPO / "configs/finetune_tiny.yaml"), "--set", "data=runs/ratings",
                  "--set", "out=runs/ft", "--set", "train.max_steps=6", "--set", "train.eval_every=3"]) == 0
     assert main(["review", "--experiment", "finetune-tiny", "--out", "runs/review"]) == 0
-    assert "| dcn_v2 | nt |" in capsys.readouterr().out
+    assert "| DCN-v2 | NT |" in capsys.readouterr().out   # the strategy table, human names
     assert not list((tmp_path / "runs").rglob("mlflow.db"))       # one store, beside the outputs
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     stages = {r.data.tags["stage"] for e in client.search_experiments() for r in client.search_runs([e.experiment_id])}
