@@ -215,7 +215,7 @@ def measure(args, prepared, name: str) -> dict:
     for variant in args.variants:
         started = time.perf_counter()
         runners[variant] = Runner(variant, name, prepared, batches, args)
-        print(f"  {name} {variant}: built in {time.perf_counter() - started:.1f} s", flush=True)
+        print(f"  {name} {variant}: built in {time.perf_counter() - started:.1f} s", file=sys.stderr, flush=True)
     diff = same_logits(runners)
     if diff > 1e-4:
         raise AssertionError(f"{name}: the variants are not the same model (max logit difference {diff:.2e})")
@@ -227,7 +227,7 @@ def measure(args, prepared, name: str) -> dict:
         for variant, runner in runners.items():       # alternate: noise hits every variant alike
             windows[variant].append(timed(lambda i: runner.train_step(), args.steps))
         print(f"  {name} window {repeat + 1}/{args.repeats}: "
-              + ", ".join(f"{v} {w[-1]:,.0f}" for v, w in windows.items()), flush=True)
+              + ", ".join(f"{v} {w[-1]:,.0f}" for v, w in windows.items()), file=sys.stderr, flush=True)
     out: dict = {"model": name, "max_logit_diff_at_init": diff, "distinct_rows_per_batch": distinct_rows(batches),
                  "table_rows": {"item_id": args.items, "user_id": args.users}, "dim": args.dim}
     for variant, w in windows.items():
@@ -240,11 +240,22 @@ def measure(args, prepared, name: str) -> dict:
     return out
 
 
+def _child_args(args, name: str) -> list[str]:
+    return [sys.executable, __file__, "--data", args.data, "--models", name, "--threads", str(args.threads),
+            "--batch-size", str(args.batch_size), "--max-history", str(args.max_history), "--steps", str(args.steps),
+            "--batches", str(args.batches), "--items", str(args.items), "--users", str(args.users),
+            "--dim", str(args.dim), "--ours-optimizer", args.ours_optimizer, "--warmup", str(args.warmup),
+            "--repeats", str(args.repeats), "--variants", *args.variants]
+
+
+def measure_in_subprocess(args, name: str) -> dict:
+    """:func:`measure` of one model in a fresh process (its progress lines pass through)."""
+    done = subprocess.run([*_child_args(args, name), "--measure-only"], stdout=subprocess.PIPE, text=True, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def peak_rss_mb(args, variant: str, name: str) -> float:
-    cmd = [sys.executable, __file__, "--data", args.data, "--memory-only", variant, "--models", name,
-           "--threads", str(args.threads), "--batch-size", str(args.batch_size), "--max-history", str(args.max_history),
-           "--steps", str(args.steps), "--batches", str(args.batches), "--items", str(args.items),
-           "--users", str(args.users), "--dim", str(args.dim), "--ours-optimizer", args.ours_optimizer]
+    cmd = [*_child_args(args, name), "--memory-only", variant]
     done = subprocess.run(cmd, capture_output=True, text=True, check=True)
     return float(done.stdout.strip().splitlines()[-1])
 
@@ -281,16 +292,19 @@ def main() -> None:
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-RSS processes")
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "ctr_scale_throughput.json"))
     parser.add_argument("--memory-only", choices=VARIANTS, help=argparse.SUPPRESS)
+    parser.add_argument("--measure-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.memory_only:
         memory_only(args)
         return
+    if args.measure_only:
+        print(json.dumps(measure(args, load_prepared(args.data), args.models[0])))
+        return
 
-    prepared = load_prepared(args.data)
     results = []
     for name in args.models:
-        row = measure(args, prepared, name)
+        row = measure_in_subprocess(args, name)   # a fresh process per model: four copies of 4.2M-row tables each
         if not args.no_memory:
             for variant in args.variants:
                 row[variant]["peak_rss_mb"] = peak_rss_mb(args, variant, name)

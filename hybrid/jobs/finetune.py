@@ -288,7 +288,8 @@ def run_finetune(cfg: FinetuneConfig, parent_run: str | None = None, prepare_mod
             refuse_existing(root / kind, advice)
 
     with training_stage(out, cfg.train.batch_size, tracking=cfg.tracking,
-                        collective_timeout_s=cfg.train.collective_timeout_s) as stage:
+                        collective_timeout_s=cfg.train.collective_timeout_s,
+                        single_process_group=cfg.train.shard_tables) as stage:
         ctx = stage.ctx
         # Built on CPU on every rank (same seed, same values) even when sharded: prepare_model sees real
         # tables it can load into, and shard_model carries non-meta table values into the shards.
@@ -296,7 +297,11 @@ def run_finetune(cfg: FinetuneConfig, parent_run: str | None = None, prepare_mod
         model = build_model(cfg, fm, item_vectors=item_vectors)
         counts = parameter_counts(model)
         report = prepare_model(model, fm) if prepare_model is not None else None
-        model = prepare_for_training(model, cfg.train.optim, ctx=ctx)
+        try:
+            model = prepare_for_training(model, cfg.train.optim, ctx=ctx,
+                                         shard=cfg.train.shard_tables or ctx.is_distributed)
+        except ValueError as err:
+            raise HybridInputError(str(err)) from None
         core = unwrap(model)
 
         # Batches carry exactly the keys the ranker reads; a missing label column is a one-line error.

@@ -130,7 +130,7 @@ def _is_collective_failure(err: BaseException) -> bool:
 
 @contextlib.contextmanager
 def training_stage(out: str | Path, batch_size: int, tracking: TrackingConfig | None = None,
-                   collective_timeout_s: float | None = None) -> Iterator[Stage]:
+                   collective_timeout_s: float | None = None, single_process_group: bool = False) -> Iterator[Stage]:
     """Run a training stage in the process group ``torchrun`` describes (or as one process).
 
     With ``tracking``, its store is checked first, before the process group or any work
@@ -146,6 +146,8 @@ def training_stage(out: str | Path, batch_size: int, tracking: TrackingConfig | 
         tracking: the stage's tracking settings (checked first).
         collective_timeout_s: seconds a collective waits for the other ranks (``train.collective_timeout_s``);
             past it the waiting rank fails with one line (:class:`CollectiveTimeout`, exit 2) instead of hanging.
+        single_process_group: one process (no ``torchrun``) still gets a 1-rank process group, so its tables
+            can be sharded (``train.shard_tables``).
 
     Raises:
         HybridInputError: ``batch_size`` is not divisible by the number of processes.
@@ -157,8 +159,8 @@ def training_stage(out: str | Path, batch_size: int, tracking: TrackingConfig | 
         make_tracker(tracking).check()
 
     had_group = dist.is_initialized()
-    ctx = init_distributed(timeout_s=collective_timeout_s) if collective_timeout_s else init_distributed()
-    own_group = ctx.is_distributed and not had_group
+    ctx = init_distributed(single_process_group=single_process_group, timeout_s=collective_timeout_s)
+    own_group = dist.is_initialized() and not had_group
     try:
         if batch_size % ctx.world_size:
             raise HybridInputError(f"train.batch_size ({batch_size}) must be divisible by the "
