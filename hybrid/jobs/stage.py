@@ -159,7 +159,10 @@ def training_stage(out: str | Path, batch_size: int, tracking: TrackingConfig | 
         make_tracker(tracking).check()
 
     had_group = dist.is_initialized()
-    ctx = init_distributed(single_process_group=single_process_group, timeout_s=collective_timeout_s)
+    options = {"timeout_s": collective_timeout_s} if collective_timeout_s else {}
+    if single_process_group:
+        options["single_process_group"] = True
+    ctx = init_distributed(**options)
     own_group = dist.is_initialized() and not had_group
     try:
         if batch_size % ctx.world_size:
