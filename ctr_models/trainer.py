@@ -87,6 +87,7 @@ from hybrid.core.training import (
     apply_sparse_optimizer,
     average_dense_gradients,
     check_per_epoch,
+    check_sharded_sparse_optimizer,
     dense_parameters,
     eval_rounds,
     make_dense_optimizer,
@@ -344,9 +345,8 @@ def prepare_for_training(model: Ranker, optim: OptimConfig, *, ctx: DistributedC
     """
     ctx = ctx or DistributedContext()
     shard = ctx.is_distributed if shard is None else shard
-    if shard and ctx.device.type == "cpu" and optim.sparse_optimizer == "adam":
-        raise ValueError("sharded tables on CPU: FBGEMM's CPU kernels take train.optim.sparse_optimizer adagrad, "
-                         "rowwise_adagrad or sgd, not adam (adam works unsharded, and sharded on CUDA)")
+    if shard:
+        check_sharded_sparse_optimizer(optim, ctx)
     if not shard:
         model = model.to(ctx.device)  # first: the optimizers then hold the parameters where they will live
     apply_sparse_optimizer(embedding_modules(model), optim)  # DMP reads these settings and fuses the update

@@ -71,6 +71,7 @@ from hybrid.core.training import (
     apply_sparse_optimizer,
     average_dense_gradients,
     check_per_epoch,
+    check_sharded_sparse_optimizer,
     dense_parameters,
     eval_rounds,
     make_dense_optimizer,
@@ -121,6 +122,11 @@ class PretrainTrainConfig:
         collective_timeout_s: seconds a collective (all-reduce, sharded lookup, checkpoint barrier) waits for
             the other ranks before this rank fails with one line (a hung or lost peer); ``null``: torch's
             default (30 min gloo, 10 min nccl). One process: unused.
+        shard_tables: put the tables in TorchRec's ``DistributedModelParallel`` also in one process (a 1-rank
+            process group; under ``torchrun`` they always are): FBGEMM's fused kernels update only the rows of
+            the batch, where an unsharded table is stepped whole on a dense gradient
+            (``hybrid.ctr_models.trainer.CTRTrainConfig.shard_tables``; CPU: adagrad, rowwise_adagrad or sgd).
+            Sharded tables are initialised by their shards (``meta`` build), so values differ from unsharded.
 
     Example:
         >>> cfg = PretrainTrainConfig(epochs=1, batch_size=128, optim=OptimConfig(lr=5e-3, warmup_steps=20))
@@ -146,6 +152,7 @@ class PretrainTrainConfig:
     num_workers: int = 0
     eval_max_users: int | None = None
     collective_timeout_s: float | None = None
+    shard_tables: bool = False
 
     def __post_init__(self) -> None:
         if self.eval_max_users is not None and (not isinstance(self.eval_max_users, int)
@@ -194,7 +201,7 @@ class PretrainResult:
 
 def build_model(config: GenerativeModelConfig, vocab_sizes: Mapping[str, int], optim: OptimConfig, *,
                 seed: int = 0, ctx: DistributedContext | None = None,
-                sharding_types: Mapping[str, str] | None = None) -> nn.Module:
+                sharding_types: Mapping[str, str] | None = None, shard: bool | None = None) -> nn.Module:
     """The model ready for :func:`train`: tables with their in-backward optimizer, sharded when distributed.
 
     One process (``ctx.world_size == 1``): a plain :class:`GenerativeModel` on ``ctx.device``.
@@ -209,13 +216,21 @@ def build_model(config: GenerativeModelConfig, vocab_sizes: Mapping[str, int], o
         seed: seeds the initialisation.
         ctx: from ``hybrid.core.training.init_distributed`` (default: one CPU process).
         sharding_types: table → sharding type (default :data:`DEFAULT_SHARDING`).
+        shard: shard the tables (default: when distributed); ``True`` in one process needs a 1-rank process
+            group (``init_distributed(single_process_group=True)``): ``PretrainTrainConfig.shard_tables``.
 
     Returns:
         the :class:`GenerativeModel`, or the ``DistributedModelParallel`` wrapping it.
+
+    Raises:
+        ValueError: sharding on CPU with ``optim.sparse_optimizer`` adam.
     """
     ctx = ctx or DistributedContext()
     seed_everything(seed)
-    if not ctx.is_distributed:
+    shard = ctx.is_distributed if shard is None else shard
+    if shard:
+        check_sharded_sparse_optimizer(optim, ctx)
+    if not shard:
         model = GenerativeModel(config, vocab_sizes, device=ctx.device)
         apply_sparse_optimizer([model.embeddings], optim)
         return model

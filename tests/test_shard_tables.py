@@ -56,3 +56,19 @@ def test_sharded_tables_refuse_adam_on_cpu_in_one_line(prepared_ratings_dir, tmp
                             "--set", "train.optim.sparse_optimizer=adam"), capsys)
     assert "FBGEMM's CPU kernels take train.optim.sparse_optimizer adagrad, rowwise_adagrad or sgd, not adam" in err
     assert not (tmp_path / "adam" / "checkpoints").exists()
+
+
+@pytest.mark.slow
+def test_pretraining_with_sharded_tables_in_one_process_transfers_into_a_ranker(prepared_ratings_dir, tmp_path):
+    out, store = tmp_path / "pre", f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert main(["pretrain", "--config", str(REPO / "configs" / "pretrain_tiny.yaml"), "--set", f"data={prepared_ratings_dir}",
+                 "--set", f"out={out}", "--set", "train.max_steps=30", "--set", "train.eval_every=30",
+                 "--set", "train.shard_tables=true", "--tracking-uri", store, "--quiet"]) == 0
+    assert not dist.is_initialized()
+    result = json.loads((out / "result.json").read_text())
+    assert result["step"] == 30 and result["metrics"]["eval/hr_at_10"] > result["baseline"]["hr_at_10"] / 2
+    # its checkpoint (sharded state, one rank) is what a transfer reads, as one written by torchrun
+    assert main(_finetune(prepared_ratings_dir, tmp_path / "ft", tmp_path, "--init", str(out / "checkpoints"),
+                          "--strategy", "st_sf", "--set", "ranker.config.features.embedding_dim=16")) == 0
+    report = json.loads((tmp_path / "ft" / "transfer_report.json").read_text())
+    assert report["metrics"]["transfer/frozen_params"] > 0

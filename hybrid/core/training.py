@@ -135,6 +135,17 @@ def apply_sparse_optimizer(tables: Iterable[nn.Module], cfg: OptimConfig) -> lis
     return params
 
 
+def check_sharded_sparse_optimizer(cfg: OptimConfig, ctx: DistributedContext) -> None:
+    """Sharded tables on CPU run FBGEMM's CPU kernels, which take adagrad, rowwise_adagrad or sgd, not adam.
+
+    Raises:
+        ValueError: ``cfg.sparse_optimizer`` is adam and ``ctx`` is a CPU process.
+    """
+    if ctx.device.type == "cpu" and cfg.sparse_optimizer == "adam":
+        raise ValueError("sharded tables on CPU: FBGEMM's CPU kernels take train.optim.sparse_optimizer adagrad, "
+                         "rowwise_adagrad or sgd, not adam (adam works unsharded, and sharded on CUDA)")
+
+
 def dense_parameters(model: nn.Module) -> list[nn.Parameter]:
     """Trainable parameters that no in-backward (fused) optimizer owns: what the dense AdamW steps."""
     from torchrec.optim.optimizers import in_backward_optimizer_filter

@@ -208,7 +208,8 @@ def run_pretrain(cfg: PretrainConfig, resume: bool | str = False, parent_run: st
                                    f"LATEST names no complete one); {advice}")
 
     with training_stage(out, cfg.train.batch_size, tracking=cfg.tracking,
-                        collective_timeout_s=cfg.train.collective_timeout_s) as stage:
+                        collective_timeout_s=cfg.train.collective_timeout_s,
+                        single_process_group=cfg.train.shard_tables) as stage:
         ctx = stage.ctx
         # every check before the first write: a refused run leaves ``out`` as it was
         if last is not None:
@@ -227,7 +228,11 @@ def run_pretrain(cfg: PretrainConfig, resume: bool | str = False, parent_run: st
         counts = torch.from_numpy(training_item_counts(prepared))
         baseline = popularity_metrics(eval_loader, counts, k=cfg.train.k)
 
-        model = build_model(model_cfg, fm.vocab_sizes(), cfg.train.optim, seed=cfg.train.seed, ctx=ctx)
+        try:
+            model = build_model(model_cfg, fm.vocab_sizes(), cfg.train.optim, seed=cfg.train.seed, ctx=ctx,
+                                shard=cfg.train.shard_tables or ctx.is_distributed)
+        except ValueError as err:  # adam for sharded tables on CPU
+            raise HybridInputError(str(err)) from None
         core = unwrap(model)
         dhash = prepared.stats.get("data_hash") or data_hash(cfg.data)
         tags = {"stage": "pretrain", "strategy": "none", "model_size": model_cfg.backbone.size_name,
