@@ -44,7 +44,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
-from ctr_throughput import CONFIGS, PlainFeatures, pad_batch, timed  # noqa: E402
+from ctr_throughput import CONFIGS, PlainFeatures, pad_batch, timed, train_step  # noqa: E402
 from synth_events import draw, zipf_cdf  # noqa: E402
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor  # noqa: E402
 
@@ -62,7 +62,7 @@ from hybrid.core.training import (  # noqa: E402
     shard_model,
 )
 from hybrid.ctr_models import build_ranker  # noqa: E402
-from hybrid.ctr_models.trainer import bce_per_task, prepare_for_training, unwrap  # noqa: E402
+from hybrid.ctr_models.trainer import prepare_for_training, unwrap  # noqa: E402
 from hybrid.data.batching import CTRBatchConverter, make_loader  # noqa: E402
 from hybrid.data.store import load_prepared  # noqa: E402
 from hybrid.jobs.finetune import FinetuneConfig, ctr_vocab_sizes  # noqa: E402
@@ -167,18 +167,7 @@ class Runner:
     def train_step(self) -> int:
         batch = self.batches[self.position % len(self.batches)]
         self.position += 1
-        logits = self.forward(batch)
-        loss = bce_per_task(logits, batch.labels).sum() + sum(self.forward.auxiliary_losses().values(),
-                                                              torch.zeros(()))
-        loss.backward()                                   # ours: the tables update here
-        if self.tables_optimizer is not None:
-            self.tables_optimizer.step()
-            self.tables_optimizer.zero_grad(set_to_none=True)
-        if self.grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(self.dense, self.grad_clip)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return batch.batch_size
+        return train_step(self.forward, batch, self.optimizer, self.tables_optimizer, self.dense, self.grad_clip)
 
 
 @torch.no_grad()

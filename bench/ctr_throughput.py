@@ -198,24 +198,29 @@ class Runner:
     def train_step(self) -> int:
         batch = self.train_batches[self.position % len(self.train_batches)]
         self.position += 1
-        logits = self.model(batch)
-        loss = bce_per_task(logits, batch.labels).sum() + sum(self.model.auxiliary_losses().values(),
-                                                              torch.zeros(()))
-        loss.backward()                                   # ours: the tables update here
-        if self.tables_optimizer is not None:
-            self.tables_optimizer.step()
-            self.tables_optimizer.zero_grad(set_to_none=True)
-        if self.grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(self.dense, self.grad_clip)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return batch.batch_size
+        return train_step(self.model, batch, self.optimizer, self.tables_optimizer, self.dense, self.grad_clip)
 
     @torch.no_grad()
     def infer_step(self, index: int) -> int:
         batch = self.test_batches[index % len(self.test_batches)]
         self.model(batch)
         return batch.batch_size
+
+
+def train_step(model: nn.Module, batch, optimizer, tables_optimizer, dense: list, grad_clip: float | None) -> int:
+    """One training step of a benchmark variant: loss, backward (ours: the tables update inside it), the plain
+    tables' optimizer when there is one, clipping, the dense optimizer. Returns the batch's samples."""
+    logits = model(batch)
+    loss = bce_per_task(logits, batch.labels).sum() + sum(model.auxiliary_losses().values(), torch.zeros(()))
+    loss.backward()
+    if tables_optimizer is not None:
+        tables_optimizer.step()
+        tables_optimizer.zero_grad(set_to_none=True)
+    if grad_clip is not None:
+        torch.nn.utils.clip_grad_norm_(dense, grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return batch.batch_size
 
 
 def check_same_logits(ours: Runner, baseline: Runner) -> float:

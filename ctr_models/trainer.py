@@ -51,7 +51,6 @@ wires them, and ``tests/test_ctr_trainer.py`` runs this loop.)
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -485,7 +484,7 @@ def train(
     if resume_from is not None:
         resume_from = Path(resume_from)
         saved = verify_checkpoint(resume_from)
-        check_resumable(resume_from, saved, _jsonable_manifest(manifest), config_key="ranker_config")
+        check_resumable(resume_from, saved, manifest, config_key="ranker_config")
         step, metrics = restore_training_state(resume_from, model, optimizer, schedule, rank=ctx.rank)
         metrics = {**saved.get("train_metrics", {}), **metrics}
         evaluations = [Evaluation.from_dict(e) for e in saved.get("evaluations", [])]
@@ -660,10 +659,6 @@ def _save_last(root: Path, step: int, epoch: float, model: nn.Module, optimizer,
              "evaluations": [e.to_dict() for e in evaluations], "best_step": best.step if best else None}
     state = training_state(model, optimizer, schedule, rank=ctx.rank)
     return save_checkpoint(root, step, state, facts, keep_last=1)
-
-
-def _jsonable_manifest(manifest: Mapping[str, Any]) -> dict[str, Any]:
-    return json.loads(json.dumps(dict(manifest), default=str))
 
 
 def _jsonable(config: Any) -> Any:

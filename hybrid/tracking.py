@@ -484,7 +484,7 @@ class Delivery:
             except queue.Empty:
                 break
             self._queue.task_done()
-        self._set_offline(f"no answer within {FLUSH_TIMEOUT_S:g} s")
+        self.mark_offline(f"no answer within {FLUSH_TIMEOUT_S:g} s")
 
     def _ensure_thread(self) -> None:
         with self._lock:
@@ -526,7 +526,7 @@ class Delivery:
                     continue
                 self.fallback.write({**record, "error": _first_line(err)})
                 if _transient(err):
-                    self._set_offline(_first_line(err))
+                    self.mark_offline(_first_line(err))
                 else:
                     print(f"warning: tracking store {self.uri} refused a {record['op']} call ({_first_line(err)}); "
                           f"kept in {self.fallback.path}", file=sys.stderr)
@@ -538,7 +538,8 @@ class Delivery:
             return True
         return False  # pragma: no cover - attempts >= 1
 
-    def _set_offline(self, reason: str) -> None:
+    def mark_offline(self, reason: str) -> None:
+        """The store did not answer (``reason``): warn once, send calls to the fallback log until it answers."""
         if not self.offline:  # one line when the store stops answering, not one per call
             print(f"warning: tracking store {self.uri} does not answer ({reason}); training goes on, tracking calls "
                   f"go to {self.fallback.path} until it answers again (load them later with: hybrid tracking "
@@ -709,7 +710,7 @@ class Tracker:
             if not _transient(err):
                 raise
             run_id = f"{OFFLINE_PREFIX}{uuid.uuid4().hex}"
-            self.delivery._set_offline(_first_line(err))
+            self.delivery.mark_offline(_first_line(err))
             self.fallback.write({"op": "create_run", "run_id": run_id, "experiment": self.experiment,
                                  "run_name": name, "tags": dict(tags), "start_time": int(time.time() * 1000)})
             return run_id
@@ -723,7 +724,7 @@ class Tracker:
             run = self.client.get_run(run_id)
         except MlflowException as err:
             if _transient(err):
-                self.delivery._set_offline(_first_line(err))
+                self.delivery.mark_offline(_first_line(err))
                 self._resumed[run_id] = {}
                 return run_id
             return None  # another store (or a deleted run)
