@@ -38,6 +38,32 @@ def test_every_rank_runs_the_one_process_step_count_and_each_sample_is_seen_once
                 assert len(seen) == samples
 
 
+@pytest.mark.parametrize("world", [2, 3])
+def test_ranks_share_each_one_process_batch_with_the_same_mix_of_lengths(world):
+    """Step k on W ranks is step k of a 1-process run of ``W x`` the batch, dealt round-robin over its sorted
+    samples: no rank gets the short sequences while another gets the long ones (the step waits for the slowest)."""
+    lengths = np.random.default_rng(7).integers(1, 200, 3000)
+    one = list(BucketBatchSampler(lengths, 64 * world, seed=5))
+    ranks = [list(BucketBatchSampler(lengths, 64, seed=5, num_replicas=world, rank=r)) for r in range(world)]
+    for step, batch in enumerate(one):
+        parts = [r[step] for r in ranks]
+        assert sorted(np.concatenate(parts).tolist()) == sorted(batch)
+        longest = [int(lengths[p].max()) for p in parts]
+        tokens = [int(lengths[p].sum()) for p in parts]
+        assert max(longest) - min(longest) <= 0.05 * max(longest) + 1
+        assert max(tokens) <= 1.05 * min(tokens)
+    # the old split (whole per-rank batches, every W-th to a rank) was far from this
+    old = [BucketBatchSampler(lengths, 64, seed=5).global_batches()[r::world] for r in range(world)]
+    gap = max(abs(int(lengths[a].sum()) - int(lengths[b].sum())) / int(lengths[a].sum())
+              for a, b in zip(old[0], old[1]))
+    assert gap > 0.2
+
+
+def test_a_rank_outside_the_world_is_refused():
+    with pytest.raises(ValueError, match="rank must be in"):
+        BucketBatchSampler(np.ones(10), 2, num_replicas=2, rank=2)
+
+
 def _events(path: Path) -> Path:
     rng = np.random.default_rng(1)
     rows = [(f"u{u}", str(item), int(rng.integers(1, 6)), 880_000_000 + u * 1000 + k * 3600)

@@ -208,28 +208,37 @@ class BucketBatchSampler(Sampler[list[int]]):
 
     Shuffles, cuts the order into pools of ``pool_batches`` batches, sorts each pool by length, splits it
     into batches and shuffles the batches. Deterministic for a given ``seed`` and :meth:`set_epoch`.
-    With ``num_replicas > 1`` each rank takes every ``num_replicas``-th batch (all ranks get the same
-    number of batches, so collective ops stay in step).
 
-    **Same steps on 1 and W ranks.** Under data parallelism a global step is one batch on each of the W
-    ranks, so ``batch_size`` here is the per-rank batch (the jobs pass ``train.batch_size // W``). When the
-    batch count is not a multiple of W, the samples of the last ``count % W`` batches are re-split into W
-    smaller batches, one per rank — every rank gets ``ceil(count / W)`` batches and every sample is still
-    seen exactly once per epoch (a sample is repeated only when that tail holds fewer samples than ranks).
-    Since ``ceil(ceil(N / b) / W) == ceil(N / (b W))``, an epoch is ``ceil(N / train.batch_size)``
-    optimizer steps whatever W, when ``train.batch_size`` is divisible by W. (Before, the remainder
-    batches were dropped: 29 steps an epoch on 2 ranks against 30 on one.) With ``drop_last`` the
-    remainder is dropped instead: ``floor(N / train.batch_size)`` steps, again whatever W.
+    **Data parallelism (``num_replicas`` W > 1).** ``batch_size`` is the per-rank batch (the jobs pass
+    ``train.batch_size // W``). The sampler forms the *global* batches of ``batch_size * W`` samples exactly
+    as one process with that batch size would — the same pools, the same order — and deals each one over the
+    ranks, rank ``r`` taking its samples ``r, r + W, ...``. Since a global batch is a run of length-sorted
+    samples, every rank gets the same mix of lengths: a step waits for the slowest rank, and dealing whole
+    per-rank batches instead (one rank the short sequences, another the long ones) made the 2-rank step up
+    to 2x slower than its work. So:
+
+    - a W-rank run sees, step for step, the same samples as a 1-rank run of ``train.batch_size``;
+    - an epoch is ``ceil(N / train.batch_size)`` steps whatever W (``floor`` with ``drop_last``), every
+      sample seen once; only a final global batch with fewer samples than ranks repeats one on the ranks
+      that would get none (an empty batch cannot be stepped on).
 
     Args:
         lengths: ``[N]`` length of each sample.
-        batch_size: samples per batch.
+        batch_size: samples per batch (per rank).
         shuffle: ``False`` keeps index order (evaluation), still in batches of ``batch_size``.
         seed: base seed; the epoch is added to it.
-        pool_batches: how many batches are sorted together (1 = no bucketing).
-        drop_last: drop a final short batch.
+        pool_batches: how many (global) batches are sorted together (1 = no bucketing).
+        drop_last: drop a final short (global) batch.
         num_replicas, rank: data parallelism.
         rows: sample only these rows (ascending; ``None``: all); the batches hold row numbers.
+
+    Example:
+        >>> lengths = np.array([5, 1, 4, 2, 3, 6, 8, 7])
+        >>> [BucketBatchSampler(lengths, 2, shuffle=False, num_replicas=2, rank=r).global_batches()[0].tolist()
+        ...  for r in (0, 1)]
+        [[0, 1, 2, 3], [0, 1, 2, 3]]
+        >>> [list(BucketBatchSampler(lengths, 2, shuffle=False, num_replicas=2, rank=r))[0] for r in (0, 1)]
+        [[0, 2], [1, 3]]
     """
 
     def __init__(self, lengths: np.ndarray, batch_size: int, shuffle: bool = True, seed: int = 0,
@@ -237,6 +246,8 @@ class BucketBatchSampler(Sampler[list[int]]):
                  rows: np.ndarray | None = None) -> None:
         if batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
+        if not 0 <= rank < num_replicas:
+            raise ValueError(f"rank must be in [0, num_replicas={num_replicas}), got {rank}")
         self.rows = None if rows is None else np.asarray(rows, dtype=np.int64)
         self.lengths = np.asarray(lengths) if self.rows is None else np.asarray(lengths)[self.rows]
         self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
@@ -247,49 +258,39 @@ class BucketBatchSampler(Sampler[list[int]]):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def _batches(self) -> list[np.ndarray]:
-        n = len(self.lengths)
+    def global_batches(self) -> list[np.ndarray]:
+        """This epoch's global batches (``batch_size * num_replicas`` samples each; the last may be short)."""
+        n, size = len(self.lengths), self.batch_size * self.num_replicas
         if not self.shuffle:
             order = np.arange(n)
-            batches = [order[i:i + self.batch_size] for i in range(0, n, self.batch_size)]
+            batches = [order[i:i + size] for i in range(0, n, size)]
         else:
             rng = np.random.default_rng((self.seed, self.epoch))
             order = rng.permutation(n)
-            pool = self.batch_size * self.pool_batches
+            pool = size * self.pool_batches
             batches = []
             for p in range(0, n, pool):
                 chunk = order[p:p + pool]
                 chunk = chunk[np.argsort(self.lengths[chunk], kind="stable")]
-                batches += [chunk[i:i + self.batch_size] for i in range(0, len(chunk), self.batch_size)]
+                batches += [chunk[i:i + size] for i in range(0, len(chunk), size)]
             batches = [batches[i] for i in rng.permutation(len(batches))]
         if self.drop_last:
-            batches = [b for b in batches if len(b) == self.batch_size]
-        if self.num_replicas > 1:
-            batches = _even_out(batches, self.num_replicas, self.drop_last)
-            batches = batches[self.rank::self.num_replicas]
+            batches = [b for b in batches if len(b) == size]
         return batches
+
+    def _batches(self) -> list[np.ndarray]:
+        w, r = self.num_replicas, self.rank
+        if w == 1:
+            return self.global_batches()
+        # length-sorted within a global batch (shuffled mode): dealing round-robin balances the ranks
+        return [g[r::w] if len(g) > r else g[r % len(g):r % len(g) + 1] for g in self.global_batches()]
 
     def __iter__(self) -> Iterator[list[int]]:
         for batch in self._batches():
             yield (batch if self.rows is None else self.rows[batch]).tolist()
 
     def __len__(self) -> int:
-        return len(self._batches())
-
-
-def _even_out(batches: list[np.ndarray], replicas: int, drop_last: bool) -> list[np.ndarray]:
-    """``batches`` made a multiple of ``replicas`` long (:class:`BucketBatchSampler`): the last ``len % replicas``
-    batches dropped (``drop_last``) or their samples re-split into ``replicas`` batches."""
-    extra = len(batches) % replicas
-    if extra == 0:
-        return batches
-    if drop_last:
-        return batches[:len(batches) - extra]
-    tail = np.concatenate(batches[len(batches) - extra:])
-    pieces = np.array_split(tail, replicas)
-    # fewer samples than ranks: a rank with none repeats one (an empty batch cannot be stepped on)
-    pieces = [p if len(p) else tail[i % len(tail):i % len(tail) + 1] for i, p in enumerate(pieces)]
-    return batches[:len(batches) - extra] + pieces
+        return len(self.global_batches())
 
 
 def _passthrough(batch):
