@@ -3,7 +3,8 @@
 :func:`train` reads top to bottom::
 
     seed → steps and schedule → dense AdamW → for each epoch, for each batch:
-        logits = model(batch)                                   # [B, T], one column per task
+        with autocast(precision):                               # fp32: no-op; bf16: the dense towers in bfloat16
+            logits = model(batch).float()                       # [B, T], one column per task
         loss = Σ_t BCE_t(logits, labels) + Σ model.auxiliary_losses()
         loss.backward()                  # the tables update *here*, inside backward (fused optimizer)
         average dense grads across ranks # sharded only (as the pretraining trainer, see below)
@@ -68,6 +69,7 @@ from torch.utils.data import DataLoader
 from hybrid.core.batch import CTRBatch
 from hybrid.core.checkpoint import latest_checkpoint, save_checkpoint, verify_checkpoint
 from hybrid.core.errors import TrainingInterrupted
+from hybrid.core.precision import Precision, autocast, check_precision, to_device
 from hybrid.core.progress import MetricsCallback, Progress, ThroughputWindow, rank0_callback
 from hybrid.core.resume import (
     MODEL_KEY,
@@ -148,6 +150,11 @@ class CTRTrainConfig:
             ``nn.Embedding`` weight with a dense gradient, stepped whole every step: at a 4.2M-row item table,
             sharding trains DCN-v2 about 10x faster (``bench/ctr_scale_throughput.py``). On CPU, FBGEMM's kernels
             take ``optim.sparse_optimizer`` adagrad, rowwise_adagrad or sgd (not adam).
+        precision: ``fp32`` or ``bf16`` — bf16 runs the ranker's forward pass under bfloat16 autocast (the DCN-v2
+            cross and deep layers, MoE experts and gates, TIN's attention and MLPs, a transformer backbone, the
+            heads), training and evaluation alike; the tables, their optimizer states, the dense master weights
+            and AdamW states, the logits the loss and the metrics read, and the BCE stay fp32
+            (:mod:`hybrid.core.precision`). Meant for CUDA; on CPU it runs, usually slower.
 
     Example:
         >>> cfg = CTRTrainConfig(epochs=3, batch_size=1024, eval_every=100, optim=OptimConfig(lr=1e-3))
@@ -174,8 +181,10 @@ class CTRTrainConfig:
     checkpoints_per_epoch: int = 1
     checkpoint_every: int = 0
     shard_tables: bool = False
+    precision: Precision = "fp32"
 
     def __post_init__(self) -> None:
+        check_precision(self.precision)
         if self.eval_max_users is not None and (not isinstance(self.eval_max_users, int)
                                                 or isinstance(self.eval_max_users, bool) or self.eval_max_users < 1):
             raise ValueError(f"train.eval_max_users must be a positive integer or null, got {self.eval_max_users!r}")
@@ -506,14 +515,16 @@ def train(
             # the same batches, in the same order, as an uninterrupted run (skip: the ones a resumed run did)
             batches = rng_neutral_iter(epoch_batches(train_loader, epoch, skip=skip))
             for position, batch in enumerate(batches, start=skip + 1):
-                batch = batch.to(ctx.device)
+                batch = to_device(batch, ctx.device)  # non-blocking from pinned memory on CUDA
                 if step == 0:
                     check_task_names(batch, core)
 
-                # 4. One step. backward() also applies the tables' optimizer (TorchRec's fused in-backward
+                # 4. One step: the forward in cfg.precision (bf16: autocast of the dense towers), the logits and
+                #    the BCE in fp32. backward() also applies the tables' optimizer (TorchRec's fused in-backward
                 #    update), so only the dense parameters are left for AdamW.
-                logits = core(batch)
-                bce = bce_per_task(logits, batch.labels)
+                with autocast(cfg.precision, ctx.device):
+                    logits = core(batch).float()
+                    bce = bce_per_task(logits, batch.labels)
                 auxiliary = core.auxiliary_losses()  # of this forward, already weighted; {} for most rankers
                 loss = bce.sum() + sum(auxiliary.values(), torch.zeros((), device=bce.device))
                 loss.backward()
@@ -551,7 +562,7 @@ def train(
                             else bool(cfg.eval_every) and position % cfg.eval_every == 0)
                 if eval_loader is not None and (in_epoch or epoch_end or done):
                     with window.paused():
-                        eval_metrics = evaluate(model, eval_loader, ctx=ctx, split=VALID)
+                        eval_metrics = evaluate(model, eval_loader, ctx=ctx, split=VALID, precision=cfg.precision)
                         evaluation = Evaluation(step, frac_epoch, eval_metrics)
                         evaluations.append(evaluation)
                         metrics.update(eval_metrics)
@@ -560,7 +571,8 @@ def train(
                             best = evaluation
                             # the test figures of the selected step: measured here, never used to select
                             if test_loader is not None:
-                                best.test = evaluate(model, test_loader, ctx=ctx, split=TEST)
+                                best.test = evaluate(model, test_loader, ctx=ctx, split=TEST,
+                                                     precision=cfg.precision)
                                 log(best.test, step, frac_epoch)
                             if checkpoint_dir is not None:
                                 best_path = _save(checkpoint_dir / BEST, model, evaluation, manifest)
@@ -591,7 +603,7 @@ def train(
         if evaluations and evaluations[-1] is best:  # the last evaluation (at the last step) is the best
             final_test = best.test
         else:
-            final_test = evaluate(model, test_loader, ctx=ctx, split=TEST)
+            final_test = evaluate(model, test_loader, ctx=ctx, split=TEST, precision=cfg.precision)
             log(final_test, step, step / steps_per_epoch)
         metrics.update(final_test)
 
@@ -668,13 +680,14 @@ def _jsonable(config: Any) -> Any:
 # ---------------------------------------------------------------------------------------------- evaluation
 
 @torch.no_grad()
-def predict(model: nn.Module, loader: Iterable[CTRBatch], *,
-            ctx: DistributedContext | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def predict(model: nn.Module, loader: Iterable[CTRBatch], *, ctx: DistributedContext | None = None,
+            precision: str = "fp32") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Logits of every sample of ``loader``, with their labels and users (gathered from all ranks).
 
     Every rank iterates the whole ``loader``; rank ``r`` scores batches ``r, r + W, ...``. Sharded lookups
     are collective, so a rank with fewer batches repeats one and discards the result
-    (``hybrid.core.training.eval_rounds``). The model is left in eval mode.
+    (``hybrid.core.training.eval_rounds``). The model is left in eval mode. ``precision``
+    (``train.precision``): that of the forward pass; the logits come back as fp32.
 
     Returns:
         ``(labels [N, T], logits [N, T], user_index [N])`` numpy arrays, every sample once (sharded runs:
@@ -686,11 +699,12 @@ def predict(model: nn.Module, loader: Iterable[CTRBatch], *,
     labels, logits, users = [], [], []
     for _, batch, keep in eval_rounds(loader, ctx):
         check_task_names(batch, core)
-        batch = batch.to(ctx.device)
+        batch = to_device(batch, ctx.device)
+        with autocast(precision, ctx.device):
+            scores = core(batch)  # a filler round (not keep) only keeps the collective lookups in step
         if not keep:
-            core(batch)  # a filler round: keeps the collective lookups in step
             continue
-        logits.append(core(batch).float().cpu().numpy())
+        logits.append(scores.float().cpu().numpy())
         labels.append(batch.labels.cpu().numpy())
         users.append(batch.user_index.cpu().numpy())
     T = len(core.task_names)
@@ -705,12 +719,13 @@ def predict(model: nn.Module, loader: Iterable[CTRBatch], *,
 
 
 def evaluate(model: nn.Module, loader: Iterable[CTRBatch], *, ctx: DistributedContext | None = None,
-             split: str = VALID) -> dict[str, float]:
+             split: str = VALID, precision: str = "fp32") -> dict[str, float]:
     """AUC, logloss and gAUC of every task on the whole ``loader`` (``hybrid.ctr_models.metrics.ctr_metrics``).
 
     Args:
         model, loader, ctx: as in :func:`train`.
         split: the name the metrics carry: ``valid`` or ``test``.
+        precision: of the forward pass (``train.precision``; :func:`predict`).
 
     Returns:
         ``<split>/auc``, ``<split>/logloss``, ``<split>/gauc`` (the primary task = the model's first task),
@@ -719,7 +734,7 @@ def evaluate(model: nn.Module, loader: Iterable[CTRBatch], *, ctx: DistributedCo
     """
     core = unwrap(model)
     started = time.perf_counter()
-    labels, logits, users = predict(model, loader, ctx=ctx)
+    labels, logits, users = predict(model, loader, ctx=ctx, precision=precision)
     seconds = time.perf_counter() - started
     per_task = ctr_metrics(labels, logits, users, core.task_names)
     primary = core.task_names[0]

@@ -3,7 +3,8 @@
 :func:`train` reads top to bottom::
 
     seed → steps and schedule → (resume) → for each epoch, for each batch:
-        losses = model.loss(batch)            # one embedding lookup: sequences + negatives + categories
+        with autocast(precision):             # fp32: no-op; bf16: the dense part in bfloat16
+            losses = model.loss(batch)        # one embedding lookup: sequences + negatives + categories
         losses["loss"].backward()             # the tables update *here*, inside backward (fused optimizer)
         average dense grads across ranks      # sharded only (see below)
         clip dense grads → AdamW step → schedule step
@@ -61,6 +62,7 @@ from hybrid.core.checkpoint import (
 )
 from hybrid.core.errors import TrainingInterrupted
 from hybrid.core.feature_map import NUM_RESERVED_IDS
+from hybrid.core.precision import Precision, autocast, check_precision, to_device
 from hybrid.core.progress import MetricsCallback, Progress, ThroughputWindow, rank0_callback
 from hybrid.core.resume import check_resumable, epoch_batches, restore_training_state, rng_neutral_iter, training_state
 from hybrid.core.training import (
@@ -127,6 +129,10 @@ class PretrainTrainConfig:
             the batch, where an unsharded table is stepped whole on a dense gradient
             (``hybrid.ctr_models.trainer.CTRTrainConfig.shard_tables``; CPU: adagrad, rowwise_adagrad or sgd).
             Sharded tables are initialised by their shards (``meta`` build), so values differ from unsharded.
+        precision: ``fp32`` or ``bf16`` — bf16 runs the forward pass and the loss under bfloat16 autocast (the
+            backbone's matmuls and attention); the tables, their optimizer states, the dense master weights and
+            AdamW states and the losses stay fp32, and the evaluation's full-catalogue ranking is fp32
+            (:mod:`hybrid.core.precision`). Meant for CUDA; on CPU it runs, usually slower.
 
     Example:
         >>> cfg = PretrainTrainConfig(epochs=1, batch_size=128, optim=OptimConfig(lr=5e-3, warmup_steps=20))
@@ -153,8 +159,10 @@ class PretrainTrainConfig:
     eval_max_users: int | None = None
     collective_timeout_s: float | None = None
     shard_tables: bool = False
+    precision: Precision = "fp32"
 
     def __post_init__(self) -> None:
+        check_precision(self.precision)
         if self.eval_max_users is not None and (not isinstance(self.eval_max_users, int)
                                                 or isinstance(self.eval_max_users, bool) or self.eval_max_users < 1):
             raise ValueError(f"train.eval_max_users must be a positive integer or null, got {self.eval_max_users!r}")
@@ -336,11 +344,13 @@ def train(
         while step < total_steps:
             epoch, position = divmod(step, steps_per_epoch)
             for batch in rng_neutral_iter(epoch_batches(train_loader, epoch, skip=position)):
-                batch = batch.to(ctx.device)
+                batch = to_device(batch, ctx.device)  # non-blocking from pinned memory on CUDA
 
-                # 5. One step. backward() also applies the tables' optimizer (TorchRec's fused in-backward
-                #    update), so only the dense parameters are left for AdamW.
-                losses = core.loss(batch, item_counts=item_counts, generator=negatives)
+                # 5. One step: the forward and the loss in cfg.precision (bf16: autocast of the dense part; the
+                #    tables and the loss stay fp32). backward() also applies the tables' optimizer (TorchRec's
+                #    fused in-backward update), so only the dense parameters are left for AdamW.
+                with autocast(cfg.precision, ctx.device):
+                    losses = core.loss(batch, item_counts=item_counts, generator=negatives)
                 losses["loss"].backward()
                 if ctx.is_distributed:
                     average_dense_gradients(dense, ctx.world_size)
@@ -372,7 +382,7 @@ def train(
                 if eval_loader is not None and (due_eval or done):
                     with window.paused():
                         eval_metrics = evaluate(model, eval_loader, ctx=ctx, k=cfg.k, seed=cfg.seed,
-                                                item_counts=item_counts)
+                                                item_counts=item_counts, precision=cfg.precision)
                     core.train()
                     metrics.update(eval_metrics)
                     evaluations.append((step, eval_metrics))
@@ -400,7 +410,8 @@ def train(
 
 @torch.no_grad()
 def evaluate(model: nn.Module, eval_loader: Iterable[SequenceBatch], *, ctx: DistributedContext | None = None,
-             k: int = 10, seed: int = 0, item_counts: torch.Tensor | None = None) -> dict[str, float]:
+             k: int = 10, seed: int = 0, item_counts: torch.Tensor | None = None,
+             precision: str = "fp32") -> dict[str, float]:
     """HR@k / NDCG@k over the full item set on held-out next items, and the evaluation losses.
 
     Every rank iterates the whole ``eval_loader``; rank ``r`` scores batches ``r, r + W, ...`` and the
@@ -408,6 +419,10 @@ def evaluate(model: nn.Module, eval_loader: Iterable[SequenceBatch], *, ctx: Dis
     discards the result (every rank issues the same number of lookups: ``hybrid.core.training.eval_rounds``
     gives each rank its turns). The loss draws its negatives from its own generator, seeded per batch, so
     evaluating never changes the training RNG and gives the same numbers on any number of ranks.
+
+    ``precision`` (``train.precision``) is that of the evaluation losses; the ranking over the full item set
+    stays fp32 whatever it is (in bfloat16, thousands of items would tie with the target, and ties count as
+    misses).
 
     Returns:
         ``{"eval/hr_at_k", "eval/ndcg_at_k", "eval/loss", "eval/item_loss", ["eval/category_loss"],
@@ -423,11 +438,12 @@ def evaluate(model: nn.Module, eval_loader: Iterable[SequenceBatch], *, ctx: Dis
     sums: dict[str, float] = {}
 
     def score(index: int, batch: SequenceBatch, keep: bool) -> None:
-        batch = batch.to(ctx.device)
-        scores = core.retrieval_metrics(batch, k, item_table=table)
+        batch = to_device(batch, ctx.device)
+        scores = core.retrieval_metrics(batch, k, item_table=table)  # fp32: the ranking (see above)
         # negatives seeded by the batch's index: the loss does not depend on which rank scores which batch
         generator.manual_seed(seed + _EVAL_SEED_OFFSET + index)
-        losses = core.loss(batch, item_counts=item_counts, generator=generator)
+        with autocast(precision, ctx.device):
+            losses = core.loss(batch, item_counts=item_counts, generator=generator)
         if not keep:
             return  # a filler round: only here to keep the collective lookups in step
         n = scores[f"hr@{k}"].numel()
@@ -444,7 +460,8 @@ def evaluate(model: nn.Module, eval_loader: Iterable[SequenceBatch], *, ctx: Dis
     names = ["targets", "oov_targets", f"hr_at_{k}", f"ndcg_at_{k}", "loss", "item_loss"]
     if core.config.objective.category_loss_weight > 0:
         names.append("category_loss")
-    totals = torch.tensor([sums.get(n, 0.0) for n in names], dtype=torch.float64)
+    # on the device: an nccl process group all-reduces CUDA tensors only (gloo on CPU: the same as before)
+    totals = torch.tensor([sums.get(n, 0.0) for n in names], dtype=torch.float64, device=ctx.device)
     if ctx.is_distributed:
         dist.all_reduce(totals)
     total = dict(zip(names, totals.tolist()))

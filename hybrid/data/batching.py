@@ -318,11 +318,15 @@ def user_subset(user_row: np.ndarray, max_users: int | None, seed: int = 0) -> n
 
 def make_loader(converter: CTRBatchConverter | SequenceBatchConverter, batch_size: int, shuffle: bool,
                 seed: int = 0, num_workers: int = 0, pool_batches: int = 50, drop_last: bool = False,
-                num_replicas: int = 1, rank: int = 0, max_users: int | None = None) -> DataLoader:
+                num_replicas: int = 1, rank: int = 0, max_users: int | None = None,
+                pin_memory: bool = False) -> DataLoader:
     """A DataLoader of whole batches, bucketed by history / sequence length.
 
     ``max_users`` keeps only the rows of a seeded random subset of that many users (:func:`user_subset`):
     how evaluation stays affordable on a split of a million users scored against a catalogue of millions.
+    ``pin_memory``: the loader puts each batch in page-locked memory (``CTRBatch.pin_memory`` /
+    ``SequenceBatch.pin_memory``), for a non-blocking copy to CUDA
+    (``hybrid.core.precision.pin_memory(device)`` says when; CPU runs leave it off).
     """
     lengths = (converter.history_lengths() if isinstance(converter, CTRBatchConverter)
                else converter.sequence_lengths())
@@ -330,4 +334,4 @@ def make_loader(converter: CTRBatchConverter | SequenceBatchConverter, batch_siz
     sampler = BucketBatchSampler(lengths, batch_size, shuffle=shuffle, seed=seed, pool_batches=pool_batches,
                                  drop_last=drop_last, num_replicas=num_replicas, rank=rank, rows=rows)
     return DataLoader(converter, batch_sampler=sampler, collate_fn=_passthrough, num_workers=num_workers,
-                      persistent_workers=num_workers > 0)
+                      persistent_workers=num_workers > 0, pin_memory=pin_memory)
