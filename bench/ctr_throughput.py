@@ -19,7 +19,15 @@ machine noise hits both alike; the figure is the median over ``repeats`` windows
 P5: peak resident memory (VmHWM) of a separate process that runs only one variant of one model (train
 and inference windows).
 
+``--device cuda`` runs both variants on the GPU (the converted batches moved there before timing; timers
+read after ``torch.cuda.synchronize``; P5 adds the peak CUDA memory); ``--precision bf16`` runs the forward
+passes (and the loss) under bfloat16 autocast as ``train.precision: bf16`` does (tables, optimizer states,
+logits and BCE fp32). Every run counts the matmul FLOPs of a training and of an inference step
+(``torch.utils.flop_counter`` over the warm-up steps: per sample, the same for both variants); on CUDA it
+also measures a large bf16 matmul and reports ``train_mfu_bf16`` / ``infer_mfu_bf16`` against it.
+
     python bench/ctr_throughput.py --data runs/ml1m/ratings [--threads 2] [--out bench/results/ctr_throughput.json]
+    python bench/ctr_throughput.py --device cuda --precision bf16 --out bench/results/gpu/p3.json
 """
 from __future__ import annotations
 
@@ -28,7 +36,6 @@ import copy
 import dataclasses
 import itertools
 import json
-import platform
 import statistics
 import subprocess
 import sys
@@ -37,15 +44,19 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from _device import DEVICES, machine, matmul_peak, peak_cuda_mb, resolve_device, synchronize  # noqa: E402
 
 from hybrid.config import load_config  # noqa: E402
 from hybrid.core.batch import CTRBatch  # noqa: E402
 from hybrid.core.feature_map import PAD_ID  # noqa: E402
 from hybrid.core.jagged import jagged_to_padded, lengths_to_mask  # noqa: E402
-from hybrid.core.training import OptimConfig, dense_parameters, make_dense_optimizer  # noqa: E402
+from hybrid.core.precision import PRECISIONS, autocast  # noqa: E402
+from hybrid.core.training import DistributedContext, OptimConfig, dense_parameters, make_dense_optimizer  # noqa: E402
 from hybrid.ctr_models.features import (  # noqa: E402
     HISTORY_PREFIX,
     CTRFeatures,
@@ -79,6 +90,17 @@ class PaddedBatch:
     @property
     def batch_size(self) -> int:
         return int(self.labels.shape[0])
+
+    def to(self, device: torch.device) -> PaddedBatch:
+        def move(t: torch.Tensor) -> torch.Tensor:
+            return t.to(device)
+
+        return dataclasses.replace(
+            self, ids={k: move(v) for k, v in self.ids.items()},
+            bags={k: (move(i), move(m)) for k, (i, m) in self.bags.items()},
+            history={k: move(v) for k, v in self.history.items()}, mask=move(self.mask),
+            history_timestamps=move(self.history_timestamps), timestamps=move(self.timestamps),
+            dense=move(self.dense), labels=move(self.labels))
 
 
 def pad_batch(batch: CTRBatch, spec) -> PaddedBatch:
@@ -169,13 +191,15 @@ class Runner:
                                               args.batches))
         test_batches = list(itertools.islice(make_loader(test_conv, args.eval_batch_size, shuffle=False),
                                              args.batches))
-        self.variant = variant
+        self.variant, self.precision = variant, args.precision
+        self.device = device = resolve_device(args.device)
         if variant == "ours":
-            self.model = prepare_for_training(model, optim)                # in-backward table optimizer
+            # in-backward table optimizer; on CUDA the ranker moves there first
+            self.model = prepare_for_training(model, optim, ctx=DistributedContext(device=device))
             self.tables_optimizer = None
             self.train_batches, self.test_batches = train_batches, test_batches
         else:
-            self.model = plain_copy(model)
+            self.model = plain_copy(model).to(device)
             spec = model.spec
             tables = [p for n, p in self.model.named_parameters() if ".tables." in n]
             cls = {"adagrad": torch.optim.Adagrad, "adam": torch.optim.Adam, "sgd": torch.optim.SGD}[
@@ -183,6 +207,9 @@ class Runner:
             self.tables_optimizer = cls(tables, lr=optim.sparse_lr or optim.lr)
             self.train_batches = [pad_batch(b, spec) for b in train_batches]
             self.test_batches = [pad_batch(b, spec) for b in test_batches]
+        if device.type != "cpu":   # moved before timing, as they are converted before timing
+            self.train_batches = [b.to(device) for b in self.train_batches]
+            self.test_batches = [b.to(device) for b in self.test_batches]
         if variant == "ours":
             self.dense = dense_parameters(self.model)
             self.optimizer, _ = make_dense_optimizer(self.model, optim, total_steps=10**9)
@@ -198,20 +225,27 @@ class Runner:
     def train_step(self) -> int:
         batch = self.train_batches[self.position % len(self.train_batches)]
         self.position += 1
-        return train_step(self.model, batch, self.optimizer, self.tables_optimizer, self.dense, self.grad_clip)
+        return train_step(self.model, batch, self.optimizer, self.tables_optimizer, self.dense, self.grad_clip,
+                          precision=self.precision)
 
     @torch.no_grad()
     def infer_step(self, index: int) -> int:
         batch = self.test_batches[index % len(self.test_batches)]
-        self.model(batch)
+        with autocast(self.precision, self.device):
+            self.model(batch)
         return batch.batch_size
 
 
-def train_step(model: nn.Module, batch, optimizer, tables_optimizer, dense: list, grad_clip: float | None) -> int:
+def train_step(model: nn.Module, batch, optimizer, tables_optimizer, dense: list, grad_clip: float | None,
+               precision: str = "fp32") -> int:
     """One training step of a benchmark variant: loss, backward (ours: the tables update inside it), the plain
-    tables' optimizer when there is one, clipping, the dense optimizer. Returns the batch's samples."""
-    logits = model(batch)
-    loss = bce_per_task(logits, batch.labels).sum() + sum(model.auxiliary_losses().values(), torch.zeros(()))
+    tables' optimizer when there is one, clipping, the dense optimizer. Returns the batch's samples.
+    ``precision``: of the forward pass and loss, as ``train.precision`` (bf16: autocast; logits, BCE fp32)."""
+    device = batch.labels.device
+    with autocast(precision, device):
+        logits = model(batch).float()
+        loss = bce_per_task(logits, batch.labels).sum()
+    loss = loss + sum(model.auxiliary_losses().values(), torch.zeros((), device=device))
     loss.backward()
     if tables_optimizer is not None:
         tables_optimizer.step()
@@ -232,29 +266,56 @@ def check_same_logits(ours: Runner, baseline: Runner) -> float:
     return float(diff)
 
 
-def timed(fn, steps: int) -> float:
-    """Samples per second of ``steps`` calls of ``fn`` (each returns its samples)."""
+def timed(fn, steps: int, device: torch.device | None = None) -> float:
+    """Samples per second of ``steps`` calls of ``fn`` (each returns its samples); on CUDA the clock is read
+    after the device finished (``torch.cuda.synchronize``)."""
+    device = device or torch.device("cpu")
+    synchronize(device)
     start, samples = time.perf_counter(), 0
     for i in range(steps):
         samples += fn(i)
+    synchronize(device)
     return samples / (time.perf_counter() - start)
 
 
-def measure(args, prepared, name: str) -> dict:
+def counted_warmup(runner: Runner, steps: int) -> tuple[float, float]:
+    """Run ``steps`` warm-up train and inference steps, counting their matmul FLOPs: ``(train, inference)``
+    FLOPs per sample (``torch.utils.flop_counter``; table lookups are no FLOPs)."""
+    train_flops = infer_flops = 0
+    train_samples = infer_samples = 0
+    for i in range(steps):
+        with FlopCounterMode(display=False) as counter:
+            train_samples += runner.train_step()
+        train_flops += counter.get_total_flops()
+        runner.model.eval()
+        with FlopCounterMode(display=False) as counter:
+            infer_samples += runner.infer_step(i)
+        infer_flops += counter.get_total_flops()
+        runner.model.train()
+    return train_flops / max(train_samples, 1), infer_flops / max(infer_samples, 1)
+
+
+def measure(args, prepared, name: str, bf16_peak: float | None = None) -> dict:
     runners = {v: Runner(v, name, prepared, args) for v in ("ours", "baseline")}
+    device = runners["ours"].device
     diff = check_same_logits(runners["ours"], runners["baseline"])
     if diff > 1e-4:
         raise AssertionError(f"{name}: the baseline is not the same model (max logit difference {diff:.2e})")
-    for runner in runners.values():
+    # the FLOPs of a step are the dense modules', the same in both variants: counted on ours' warm-up steps
+    flops = {"train": 0.0, "infer": 0.0}
+    for variant, runner in runners.items():
+        if variant == "ours" and args.warmup:
+            flops["train"], flops["infer"] = counted_warmup(runner, args.warmup)
+            continue
         for i in range(args.warmup):
             runner.train_step()
             runner.infer_step(i)
     windows: dict[str, dict[str, list[float]]] = {v: {"train": [], "infer": []} for v in runners}
     for _ in range(args.repeats):
         for variant, runner in runners.items():       # alternate: noise hits both alike
-            windows[variant]["train"].append(timed(lambda i: runner.train_step(), args.steps))
+            windows[variant]["train"].append(timed(lambda i: runner.train_step(), args.steps, device))
             runner.model.eval()
-            windows[variant]["infer"].append(timed(runner.infer_step, args.steps))
+            windows[variant]["infer"].append(timed(runner.infer_step, args.steps, device))
             runner.model.train()
     out: dict = {"model": name, "max_logit_diff_at_init": diff,
                  "params": sum(p.numel() for p in runners["ours"].model.parameters())}
@@ -263,20 +324,25 @@ def measure(args, prepared, name: str) -> dict:
                         "infer_samples_per_s": statistics.median(w["infer"]),
                         "windows_train_samples_per_s": [round(x, 1) for x in w["train"]],
                         "windows_infer_samples_per_s": [round(x, 1) for x in w["infer"]]}
+        if bf16_peak is not None:
+            for kind in ("train", "infer"):
+                out[variant][f"{kind}_mfu_bf16"] = flops[kind] * out[variant][f"{kind}_samples_per_s"] / bf16_peak
+    out["train_flops_per_sample"], out["infer_flops_per_sample"] = flops["train"], flops["infer"]
     for kind in ("train", "infer"):
         out[f"{kind}_ratio_ours_over_baseline"] = (out["ours"][f"{kind}_samples_per_s"]
                                                    / out["baseline"][f"{kind}_samples_per_s"])
     return out
 
 
-def peak_rss_mb(args, variant: str, name: str) -> float:
-    """Peak RSS of a fresh process running ``warmup + steps`` train and inference steps of one variant."""
+def peak_memory_mb(args, variant: str, name: str) -> dict[str, float]:
+    """Peak RSS (and on CUDA peak allocated device memory) of a fresh process running ``warmup + steps`` train
+    and inference steps of one variant: ``{"peak_rss_mb": ...[, "peak_cuda_mb": ...]}``."""
     cmd = [sys.executable, __file__, "--data", args.data, "--memory-only", variant, "--models", name,
            "--threads", str(args.threads), "--batch-size", str(args.batch_size), "--eval-batch-size",
            str(args.eval_batch_size), "--max-history", str(args.max_history), "--steps", str(args.steps),
-           "--batches", str(args.batches)]
+           "--batches", str(args.batches), "--device", args.device, "--precision", args.precision]
     done = subprocess.run(cmd, capture_output=True, text=True, check=True)
-    return float(done.stdout.strip().splitlines()[-1])
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def memory_only(args) -> None:
@@ -286,9 +352,13 @@ def memory_only(args) -> None:
     runner.model.eval()
     for i in range(args.steps):
         runner.infer_step(i)
+    synchronize(runner.device)
     status = Path("/proc/self/status").read_text()
     hwm_kb = next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM:"))
-    print(hwm_kb / 1024)
+    out = {"peak_rss_mb": hwm_kb / 1024}
+    if runner.device.type == "cuda":
+        out["peak_cuda_mb"] = peak_cuda_mb(runner.device)
+    print(json.dumps(out))
 
 
 def main() -> None:
@@ -303,6 +373,9 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps per variant")
     parser.add_argument("--steps", type=int, default=5, help="steps per timed window")
     parser.add_argument("--repeats", type=int, default=5, help="timed windows per variant")
+    parser.add_argument("--device", default="cpu", choices=list(DEVICES), help="where both variants run")
+    parser.add_argument("--precision", default="fp32", choices=list(PRECISIONS),
+                        help="bf16: forward passes under bfloat16 autocast (tables, optimizer states, BCE fp32)")
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "ctr_throughput.json"))
     parser.add_argument("--memory-only", choices=["ours", "baseline"], help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -311,18 +384,22 @@ def main() -> None:
         memory_only(args)
         return
 
+    device = resolve_device(args.device)
     prepared = load_prepared(args.data)
+    bf16_peak = matmul_peak(device, torch.bfloat16) if device.type == "cuda" else None
     results = []
     for name in args.models:
-        row = measure(args, prepared, name)
+        row = measure(args, prepared, name, bf16_peak)
         for variant in ("ours", "baseline"):
-            row[variant]["peak_rss_mb"] = peak_rss_mb(args, variant, name)
+            row[variant].update(peak_memory_mb(args, variant, name))
         results.append(row)
     report = {"benchmark": "P3/P5 CTR training and inference throughput", "data": args.data,
-              "date": time.strftime("%Y-%m-%d"),
-              "machine": f"{platform.machine()} CPU, {torch.get_num_threads()} threads",
+              "date": time.strftime("%Y-%m-%d"), "machine": machine(device, torch.get_num_threads()),
               "torch": torch.__version__, "settings": {k: v for k, v in vars(args).items() if k != "memory_only"},
-              "results": results}
+              "device": str(device), "precision": args.precision, "results": results}
+    if bf16_peak is not None:
+        report["bf16_matmul_peak_gflops"] = bf16_peak / 1e9
+        print(f"bf16 matmul peak ({device}): {bf16_peak / 1e9:,.0f} GFLOP/s")
     print(f"{'model':7} {'variant':9} {'train samples/s':>16} {'infer samples/s':>16} {'peak RSS':>9}")
     for row in results:
         for variant in ("ours", "baseline"):
@@ -332,6 +409,10 @@ def main() -> None:
         print(f"{row['model']:7} ours / baseline: train {row['train_ratio_ours_over_baseline']:.2f}x, "
               f"inference {row['infer_ratio_ours_over_baseline']:.2f}x (logits agree to "
               f"{row['max_logit_diff_at_init']:.1e} at init)")
+        print(f"{row['model']:7} matmul FLOPs per sample: train {row['train_flops_per_sample'] / 1e6:.2f} M, "
+              f"inference {row['infer_flops_per_sample'] / 1e6:.2f} M"
+              + (f"; ours MFU (bf16 peak): train {row['ours']['train_mfu_bf16']:.2%}, "
+                 f"inference {row['ours']['infer_mfu_bf16']:.2%}" if bf16_peak is not None else ""))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2))
     print(f"written to {args.out}")
