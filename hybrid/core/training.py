@@ -193,7 +193,8 @@ def init_distributed(device: str | None = None, single_process_group: bool = Fal
     dev = torch.device(f"cuda:{local_rank}") if want_cuda else torch.device("cpu")
     if want_cuda:
         torch.cuda.set_device(dev)
-    backend = "nccl" if want_cuda else "gloo"
+    # on CUDA, nccl for CUDA tensors and gloo for the CPU ones (metric sums, stop flags, object gathers)
+    backend = "cpu:gloo,cuda:nccl" if want_cuda else "gloo"
     if world_size > 1 and not dist.is_initialized():
         extra = {"timeout": datetime.timedelta(seconds=timeout_s)} if timeout_s else {}
         dist.init_process_group(backend, rank=rank, world_size=world_size, **extra)

@@ -46,6 +46,7 @@ from hybrid.core.checkpoint import (
 )
 from hybrid.core.errors import HybridInputError
 from hybrid.core.feature_map import FeatureMap
+from hybrid.core.precision import pin_memory
 from hybrid.core.training import seed_everything
 from hybrid.ctr_models import Ranker, build_ranker, ranker_classes
 from hybrid.ctr_models.trainer import (
@@ -311,12 +312,13 @@ def run_finetune(cfg: FinetuneConfig, parent_run: str | None = None, prepare_mod
         train_loader = make_loader(
             CTRBatchConverter(prepared, "ctr_train", max_history=window, fields=fields, task_names=tasks),
             batch_size=cfg.train.batch_size // ctx.world_size, shuffle=True, seed=cfg.train.seed,
-            num_replicas=ctx.world_size, rank=ctx.rank, num_workers=cfg.train.num_workers)
+            num_replicas=ctx.world_size, rank=ctx.rank, num_workers=cfg.train.num_workers,
+            pin_memory=pin_memory(ctx.device))
         # select on validation, report test: both whole splits on every rank
         valid_loader, test_loader = (make_loader(
             CTRBatchConverter(prepared, split, max_history=window, fields=fields, task_names=tasks),
             batch_size=cfg.train.eval_batch_size, shuffle=False, seed=cfg.train.seed,
-            max_users=cfg.train.eval_max_users) for split in ("ctr_valid", "ctr_test"))
+            max_users=cfg.train.eval_max_users, pin_memory=pin_memory(ctx.device)) for split in ("ctr_valid", "ctr_test"))
 
         stage.write_inputs(cfg, fm)
         if report is not None:

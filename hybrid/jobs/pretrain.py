@@ -34,6 +34,7 @@ from hybrid.core.backbones.config import BackboneKind
 from hybrid.core.checkpoint import CheckpointError, checkpoint_dirs, read_manifest, resume_checkpoint
 from hybrid.core.errors import HybridInputError
 from hybrid.core.feature_map import FeatureMap, table_name
+from hybrid.core.precision import pin_memory
 from hybrid.data.batching import SEQUENCE_FEATURES, SequenceBatchConverter, make_loader
 from hybrid.data.columns import as_table
 from hybrid.data.protocols import PreparedData
@@ -220,11 +221,12 @@ def run_pretrain(cfg: PretrainConfig, resume: bool | str = False, parent_run: st
         train_loader = make_loader(
             SequenceBatchConverter(prepared, "pretrain_train", max_len=cfg.train.max_len, features=features),
             batch_size=cfg.train.batch_size // ctx.world_size, shuffle=True, seed=cfg.train.seed,
-            num_replicas=ctx.world_size, rank=ctx.rank, num_workers=cfg.train.num_workers)
+            num_replicas=ctx.world_size, rank=ctx.rank, num_workers=cfg.train.num_workers,
+            pin_memory=pin_memory(ctx.device))
         eval_loader = make_loader(
             SequenceBatchConverter(prepared, "pretrain_eval", max_len=cfg.train.max_len, features=features),
             batch_size=cfg.train.eval_batch_size, shuffle=False,  # whole split on every rank (see evaluate)
-            seed=cfg.train.seed, max_users=cfg.train.eval_max_users)
+            seed=cfg.train.seed, max_users=cfg.train.eval_max_users, pin_memory=pin_memory(ctx.device))
         counts = torch.from_numpy(training_item_counts(prepared))
         baseline = popularity_metrics(eval_loader, counts, k=cfg.train.k)
 
