@@ -54,6 +54,28 @@ STRATEGIES = ("nt", "ft", "st", "ft_sf", "st_sf")
 FIGURES = ("valid_auc_epoch1", "valid_best_auc", "test_auc", "test_logloss", "test_gauc", "test_final_auc")
 MIN_EPOCHS = 3
 
+#: fine-tuning recipes (issue 14.5): ``config`` = the fine-tuning config as it is; ``gpsd`` = the official GPSD
+#: code's ranker recipe (github chqiwang/gpsd-rec, read side by side, not copied): 10 epochs, AdamW betas
+#: (0.9, 0.98) and weight decay 0.1, cosine decay to 0.1 x the peak, peak lr 5e-3 without transfer and 1e-3
+#: with it, and transfer moves (and SF freezes) the item table only. Its 500-step warm-up is longer than a
+#: whole ml-1m-partial run's first epoch; the config's 10 steps are kept. Each recipe: overrides for every
+#: strategy, per strategy, and the TransferConfig fields it sets.
+RECIPES = {
+    "config": {"all": [], "nt": [], "transfer": [], "transfer_fields": {}},
+    "gpsd": {"all": ["train.epochs=10", "train.optim.schedule=cosine", "train.optim.min_lr_ratio=0.1",
+                     "train.optim.weight_decay=0.1", "train.optim.betas=[0.9, 0.98]", "train.eval_every=33",
+                     "train.log_every=33"],
+             "nt": ["train.optim.lr=0.005", "train.optim.sparse_lr=0.005"],
+             "transfer": ["train.optim.lr=0.001", "train.optim.sparse_lr=0.001"],
+             "transfer_fields": {"tables": ["t_item_id"]}},
+}
+
+
+def recipe_overrides(recipe: str, strategy: str) -> list[str]:
+    """The fine-tuning overrides ``recipe`` gives ``strategy``."""
+    spec = RECIPES[recipe]
+    return [*spec["all"], *(spec["nt"] if strategy == "nt" else spec["transfer"])]
+
 #: protocol → (prepared-data flag, pretraining config, fine-tuning config, ranker)
 PROTOCOLS = {
     "A": ("last-item", "configs/pretrain_ml1m_last_item_llama.yaml", "configs/finetune_ml1m_last_item_gpsd.yaml",
@@ -166,14 +188,17 @@ def finetune(job: dict) -> dict:
     if cfg.train.epochs < MIN_EPOCHS:
         raise ValueError(f"train.epochs={cfg.train.epochs}: the study needs >= {MIN_EPOCHS} epochs "
                          "(the one-epoch drop shows after the first)")
+    fields = {} if job["strategy"] == "nt" else RECIPES[job["recipe"]]["transfer_fields"]
     transfer = TransferConfig(strategy=job["strategy"],
-                              checkpoint=None if job["strategy"] == "nt" else job["checkpoint"])
+                              checkpoint=None if job["strategy"] == "nt" else job["checkpoint"],
+                              **{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
 
     def prepare_model(model, feature_map):
         return apply_transfer(model, transfer, feature_map).to_dict()
 
-    return {"protocol": job["protocol"], "ranker": job["ranker"], "strategy": job["strategy"], "seed": job["seed"],
-            "lr": cfg.train.optim.lr, "sparse_lr": cfg.train.optim.sparse_lr, "epochs": cfg.train.epochs,
+    return {"protocol": job["protocol"], "ranker": job["ranker"], "recipe": job["recipe"],
+            "strategy": job["strategy"], "seed": job["seed"], "transfer_fields": fields, "lr": cfg.train.optim.lr,
+            "sparse_lr": cfg.train.optim.sparse_lr, "epochs": cfg.train.epochs,
             **timed(lambda: run_finetune(cfg, parent_run=job["parent"], prepare_model=prepare_model,
                                          strategy=job["strategy"]))}
 
@@ -181,29 +206,34 @@ def finetune(job: dict) -> dict:
 # ---------------------------------------------------------------------------------------------- reporting
 
 def aggregate(runs: list[dict]) -> list[dict]:
-    """Mean ± std over seeds per (protocol, strategy); population std (0 for one seed)."""
+    """Mean ± std over seeds per (protocol, recipe, strategy); population std (0 for one seed)."""
     rows = []
     for protocol in PROTOCOLS:
-        for strategy in STRATEGIES:
-            mine = [r for r in runs if r["protocol"] == protocol and r["strategy"] == strategy]
-            if not mine:
-                continue
-            row = {"protocol": protocol, "ranker": mine[0]["ranker"], "strategy": strategy, "seeds": len(mine),
-                   **mean_std(mine, FIGURES)}
-            row["one_epoch_drop"] = sum(bool(r["one_epoch_drop"]) for r in mine)
-            row["best_epoch"] = statistics.fmean(r["best_epoch"] for r in mine)
-            row["wall_s"] = statistics.fmean(r["wall_s"] for r in mine)
-            rows.append(row)
+        for recipe in RECIPES:
+            for strategy in STRATEGIES:
+                mine = [r for r in runs if r["protocol"] == protocol and r.get("recipe", "config") == recipe
+                        and r["strategy"] == strategy]
+                if mine:
+                    rows.append(_aggregate_row(protocol, recipe, strategy, mine))
     return rows
 
 
+def _aggregate_row(protocol: str, recipe: str, strategy: str, mine: list[dict]) -> dict:
+    row = {"protocol": protocol, "ranker": mine[0]["ranker"], "recipe": recipe, "strategy": strategy,
+           "seeds": len(mine), **mean_std(mine, FIGURES)}
+    row["one_epoch_drop"] = sum(bool(r["one_epoch_drop"]) for r in mine)
+    row["best_epoch"] = statistics.fmean(r["best_epoch"] for r in mine)
+    row["wall_s"] = statistics.fmean(r["wall_s"] for r in mine)
+    return row
+
+
 def table(rows: list[dict]) -> str:
-    lines = ["| protocol | ranker | strategy | valid AUC end of epoch 1 | best valid AUC (mean epoch) | test AUC at "
+    lines = ["| protocol | ranker | recipe | strategy | valid AUC end of epoch 1 | best valid AUC (mean epoch) | test AUC at "
              "best valid | test logloss | test gAUC | test AUC, final weights | one-epoch drop (valid) | s / run |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         label = r["strategy"].upper().replace("_", "&")
-        lines.append(f"| {r['protocol']} | {r['ranker']} | {label} | {pm(r, 'valid_auc_epoch1')} | "
+        lines.append(f"| {r['protocol']} | {r['ranker']} | {r.get('recipe', 'config')} | {label} | {pm(r, 'valid_auc_epoch1')} | "
                      f"{pm(r, 'valid_best_auc')} ({r['best_epoch']:.2f}) | {pm(r, 'test_auc')} | {pm(r, 'test_logloss')} | "
                      f"{pm(r, 'test_gauc')} | {pm(r, 'test_final_auc')} | {r['one_epoch_drop']}/{r['seeds']} seeds | "
                      f"{r['wall_s']:.0f} |")
@@ -229,6 +259,9 @@ def main(argv: list[str] | None = None) -> int:
                              "(e.g. B:model.size=L4H32A4: the ranker takes the width and backbone it gives)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="extra fine-tuning override for every run (all strategies alike)")
+    parser.add_argument("--recipes", nargs="+", default=["config"], choices=list(RECIPES),
+                        help="fine-tuning recipes, each run with every strategy and seed (config: the fine-tuning "
+                             "config as it is; gpsd: the official GPSD code's ranker recipe)")
     parser.add_argument("--tracking-uri", required=True, help="MLflow store, e.g. sqlite:///runs/bench/mlflow.db")
     parser.add_argument("--experiment", default="transfer-quality")
     parser.add_argument("--runs-dir", default="runs/bench/transfer_quality", help="where each run's out dir goes")
@@ -280,18 +313,22 @@ def main(argv: list[str] | None = None) -> int:
                 checkpoint = pretrained[protocol]["checkpoint"]
                 overrides = [*(QUICK_FINETUNE[protocol] if args.quick else []),
                              *matched_ranker(protocol, checkpoint, args.dcn_history), *args.overrides]
-                for strategy in args.strategies:
-                    if same_as(protocol, strategy, args.dcn_history):
-                        continue
-                    jobs.append({"protocol": protocol, "ranker": ranker, "strategy": strategy, "seed": seed,
-                                 "config": ft_config, "data": data[protocol], "checkpoint": checkpoint,
-                                 "out": str(runs_dir / f"{name}-{ranker}-{strategy}-seed{seed}"),
-                                 "tracking_uri": args.tracking_uri, "experiment": args.experiment,
-                                 "parent": parent, "overrides": overrides})
+                for recipe in args.recipes:
+                    for strategy in args.strategies:
+                        if same_as(protocol, strategy, args.dcn_history):
+                            continue
+                        jobs.append({"protocol": protocol, "ranker": ranker, "recipe": recipe, "strategy": strategy,
+                                     "seed": seed, "config": ft_config, "data": data[protocol],
+                                     "checkpoint": checkpoint,
+                                     "out": str(runs_dir / f"{name}-{ranker}-{recipe}-{strategy}-seed{seed}"),
+                                     "tracking_uri": args.tracking_uri, "experiment": args.experiment,
+                                     "parent": parent,
+                                     "overrides": [*overrides, *recipe_overrides(recipe, strategy)]})
         for result in pool.imap_unordered(finetune, jobs):
             runs.append(result)
             print(f"[{time.perf_counter() - started:7.0f} s] {result['protocol']} {result['ranker']} "
-                  f"{result['strategy']} seed {result['seed']}: valid AUC@1 {result['valid_auc_epoch1']:.4f} best "
+                  f"{result['recipe']} {result['strategy']} seed {result['seed']}: "
+                  f"valid AUC@1 {result['valid_auc_epoch1']:.4f} best "
                   f"{result['valid_best_auc']:.4f}; test {result['test_auc']:.4f} logloss {result['test_logloss']:.4f}"
                   f" gAUC {result['test_gauc']:.4f} final {result['test_final_auc']:.4f} drop {result['one_epoch_drop']}"
                   f" ({result['wall_s']:.0f} s)",
@@ -300,6 +337,7 @@ def main(argv: list[str] | None = None) -> int:
                       "machine": f"{os.cpu_count()}-core CPU ({platform.processor() or platform.machine()})",
                       "workers": args.workers, "threads_per_worker": args.threads, "seeds": seeds,
                       "dcn_history": args.dcn_history, "overrides": args.overrides,
+                      "recipes": {r: RECIPES[r] for r in args.recipes},
                       "pretrain_overrides": args.pretrain_overrides,
                       "not_run": {f"{p}/{s}": f"same as {same_as(p, s, args.dcn_history)}" for p in args.protocols
                                   for s in args.strategies if same_as(p, s, args.dcn_history)},

@@ -78,3 +78,24 @@ def test_finetune_init_strategy_transfers_and_records_it(prepared_ratings_dir, t
     saved = yaml.safe_load((out2 / "config.yaml").read_text())["transfer"]
     assert saved["strategy"] == "st_sf" and saved["new_rows"] == "mean"
     assert yaml.safe_load((out / "config.yaml").read_text())["transfer"] == saved   # flags → the same section
+
+    # the Python API with a prepare_model hook (what bench/transfer_quality.py does): the config's transfer
+    # section stays nt, the hook moves the item table only — the run's transfer.* params are the hook's, logged
+    # once (MLflow refuses a changed param: nothing may land in the fallback log)
+    from hybrid.adapters import TransferConfig, apply_transfer
+    from hybrid.config import load_config
+    from hybrid.jobs.finetune import FinetuneConfig, run_finetune
+
+    out3 = tmp_path / "ft-hook"
+    cfg = load_config(FinetuneConfig, REPO / "configs/finetune_tiny.yaml",
+                      [data, "train.epochs=1", "train.eval_every=0", f"out={out3}",
+                       "ranker.config.features.embedding_dim=16", f"tracking.tracking_uri={store}",
+                       "tracking.experiment=transfer"])
+    assert cfg.transfer.strategy.value == "nt"
+    hook = TransferConfig(strategy="st_sf", checkpoint=tmp_path / "pre" / "checkpoints", tables=("t_item_id",))
+    summary = run_finetune(cfg, prepare_model=lambda model, fm: apply_transfer(model, hook, fm).to_dict(),
+                           strategy="st_sf")
+    hooked = client.get_run(summary["run_id"])
+    assert hooked.data.params["transfer.strategy"] == "st_sf"
+    assert "t_item_id" in hooked.data.params["transfer.tables"]
+    assert not (out3 / "mlflow_fallback.jsonl").exists()

@@ -344,13 +344,16 @@ def run_finetune(cfg: FinetuneConfig, parent_run: str | None = None, prepare_mod
         # a resumed run continues the MLflow run its checkpoint was written by (when the store has it)
         resume_run = read_manifest(last).get("mlflow_run_id") if last is not None else None
         with stage.track(cfg.tracking, run_name, parent=parent_run, tags=tags, resume=resume_run) as (tracker, run):
-            tracker.log_params(run, {**to_dict(cfg), "resolved_ranker": dataclasses.asdict(core.config)})
+            params = {**to_dict(cfg), "resolved_ranker": dataclasses.asdict(core.config)}
+            if report is not None and report.get("config"):
+                # the transfer that ran (a prepare_model hook's, which may differ from cfg.transfer) is logged
+                # as the transfer.* params, once: MLflow refuses a param changed within a run
+                params["transfer"] = report["config"]
+            tracker.log_params(run, params)
             tracker.log_prepared_data(run, cfg.data, prepared.stats, FINETUNE_INPUTS, digest=dhash)
             if report is not None:
                 tracker.log_json(run, report, "transfer_report.json")
-                # what was loaded / frozen, as params (the transfer config) and metrics (counts) beside the JSON
-                if report.get("config"):
-                    tracker.log_params(run, {"transfer": report["config"]})
+                # what was loaded / frozen: metrics (counts) beside the JSON
                 if report.get("metrics"):
                     tracker.log_metrics(run, report["metrics"], step=0)
 
