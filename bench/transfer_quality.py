@@ -35,6 +35,7 @@ after every run, so an interrupted study keeps what it finished.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -59,15 +60,14 @@ MIN_EPOCHS = 3
 #: (0.9, 0.98) and weight decay 0.1, cosine decay to 0.1 x the peak, peak lr 5e-3 without transfer and 1e-3
 #: with it, and transfer moves (and SF freezes) the item table only. Its 500-step warm-up is longer than a
 #: whole ml-1m-partial run's first epoch; the config's 10 steps are kept. Each recipe: overrides for every
-#: strategy, per strategy, and the TransferConfig fields it sets.
+#: strategy and per strategy (``transfer.*`` keys set the config's transfer section, which the runs apply).
 RECIPES = {
-    "config": {"all": [], "nt": [], "transfer": [], "transfer_fields": {}},
+    "config": {"all": [], "nt": [], "transfer": []},
     "gpsd": {"all": ["train.epochs=10", "train.optim.schedule=cosine", "train.optim.min_lr_ratio=0.1",
                      "train.optim.weight_decay=0.1", "train.optim.betas=[0.9, 0.98]", "train.eval_every=33",
                      "train.log_every=33"],
              "nt": ["train.optim.lr=0.005", "train.optim.sparse_lr=0.005"],
-             "transfer": ["train.optim.lr=0.001", "train.optim.sparse_lr=0.001"],
-             "transfer_fields": {"tables": ["t_item_id"]}},
+             "transfer": ["train.optim.lr=0.001", "train.optim.sparse_lr=0.001", "transfer.tables=[t_item_id]"]},
 }
 
 
@@ -180,27 +180,25 @@ def _yaml(value) -> str:
 
 
 def finetune(job: dict) -> dict:
-    """One fine-tuning run with one strategy (worker process); returns its summary and identity."""
-    from hybrid.adapters import TransferConfig, apply_transfer
+    """One fine-tuning run with one strategy (worker process); returns its summary and identity.
+
+    The strategy and checkpoint go into the config's ``transfer`` section (its other fields — the config's own
+    or the recipe's — stay), which ``run_finetune`` applies, as ``hybrid finetune --init --strategy`` does.
+    """
     from hybrid.jobs.finetune import run_finetune
 
-    cfg = load_finetune_config(job, job["config"])
+    transfer = [] if job["strategy"] == "nt" else [f"transfer.strategy={job['strategy']}",
+                                                   f"transfer.checkpoint={json.dumps(job['checkpoint'])}"]
+    cfg = load_finetune_config(job, job["config"], transfer)
     if cfg.train.epochs < MIN_EPOCHS:
         raise ValueError(f"train.epochs={cfg.train.epochs}: the study needs >= {MIN_EPOCHS} epochs "
                          "(the one-epoch drop shows after the first)")
-    fields = {} if job["strategy"] == "nt" else RECIPES[job["recipe"]]["transfer_fields"]
-    transfer = TransferConfig(strategy=job["strategy"],
-                              checkpoint=None if job["strategy"] == "nt" else job["checkpoint"],
-                              **{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
-
-    def prepare_model(model, feature_map):
-        return apply_transfer(model, transfer, feature_map).to_dict()
-
+    if job["strategy"] == "nt":
+        cfg.transfer = dataclasses.replace(cfg.transfer, strategy="nt", checkpoint=None)
     return {"protocol": job["protocol"], "ranker": job["ranker"], "recipe": job["recipe"],
-            "strategy": job["strategy"], "seed": job["seed"], "transfer_fields": fields, "lr": cfg.train.optim.lr,
-            "sparse_lr": cfg.train.optim.sparse_lr, "epochs": cfg.train.epochs,
-            **timed(lambda: run_finetune(cfg, parent_run=job["parent"], prepare_model=prepare_model,
-                                         strategy=job["strategy"]))}
+            "strategy": job["strategy"], "seed": job["seed"], "transfer": cfg.transfer.to_dict(),
+            "lr": cfg.train.optim.lr, "sparse_lr": cfg.train.optim.sparse_lr, "epochs": cfg.train.epochs,
+            **timed(lambda: run_finetune(cfg, parent_run=job["parent"], strategy=job["strategy"]))}
 
 
 # ---------------------------------------------------------------------------------------------- reporting
