@@ -68,6 +68,8 @@ RECIPES = {
                      "train.log_every=33"],
              "nt": ["train.optim.lr=0.005", "train.optim.sparse_lr=0.005"],
              "transfer": ["train.optim.lr=0.001", "train.optim.sparse_lr=0.001", "transfer.tables=[t_item_id]"]},
+    # the config's schedule, with only the official recipe's choice of tables (moves and freezes t_item_id)
+    "item_table": {"all": [], "nt": [], "transfer": ["transfer.tables=[t_item_id]"]},
 }
 
 
@@ -259,7 +261,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="extra fine-tuning override for every run (all strategies alike)")
     parser.add_argument("--recipes", nargs="+", default=["config"], choices=list(RECIPES),
                         help="fine-tuning recipes, each run with every strategy and seed (config: the fine-tuning "
-                             "config as it is; gpsd: the official GPSD code's ranker recipe)")
+                             "config as it is; gpsd: the official GPSD code's ranker recipe; item_table: the config, "
+                             "transferring the item table only)")
     parser.add_argument("--tracking-uri", required=True, help="MLflow store, e.g. sqlite:///runs/bench/mlflow.db")
     parser.add_argument("--experiment", default="transfer-quality")
     parser.add_argument("--runs-dir", default="runs/bench/transfer_quality", help="where each run's out dir goes")
