@@ -10,6 +10,7 @@ import platform
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -54,6 +55,12 @@ def matmul_peak(device: torch.device, dtype: torch.dtype = torch.float32, n: int
         synchronize(device)
         times.append((time.perf_counter() - start) / calls)
     return 2 * n ** 3 / statistics.median(times)
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory (``VmHWM``), MB: the benchmarks' P5 figure, tables included."""
+    status = Path("/proc/self/status").read_text()
+    return next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM:")) / 1024
 
 
 def peak_cuda_mb(device: torch.device) -> float | None:

@@ -44,9 +44,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
+from _device import peak_rss_mb  # noqa: E402
 from ctr_throughput import CONFIGS, PlainFeatures, pad_batch, timed, train_step  # noqa: E402
-from synth_events import draw, zipf_cdf  # noqa: E402
-from torchrec.sparse.jagged_tensor import KeyedJaggedTensor  # noqa: E402
+from synth_events import redraw_ids, zipf_cdf  # noqa: E402
 
 from hybrid.config import load_config  # noqa: E402
 from hybrid.core.batch import CTRBatch  # noqa: E402
@@ -73,31 +73,13 @@ ITEM_KEYS, USER_KEYS = ("item_id", "hist_item_id"), ("user_id",)
 
 # ------------------------------------------------------------------------------------------- batches
 
-def redraw_ids(batch: CTRBatch, items: int, users: int, rng: np.random.Generator, item_cdf: np.ndarray,
-               item_perm: np.ndarray) -> CTRBatch:
-    """``batch`` with its item ids (candidate and history) drawn from the Zipf popularity over ``items`` rows and
-    its user ids uniform over ``users`` rows; padding / OOV ids (< NUM_RESERVED_IDS) and every other key kept."""
-    kjt = batch.sparse
-    values = []
-    for key, jt in kjt.to_dict().items():
-        v = jt.values().clone()
-        real = v >= NUM_RESERVED_IDS
-        n = int(real.sum())
-        if key in ITEM_KEYS:
-            v[real] = torch.from_numpy(item_perm[draw(item_cdf, rng, n)] + NUM_RESERVED_IDS)
-        elif key in USER_KEYS:
-            v[real] = torch.from_numpy(rng.integers(NUM_RESERVED_IDS, users + NUM_RESERVED_IDS, n))
-        values.append(v)
-    sparse = KeyedJaggedTensor.from_lengths_sync(keys=kjt.keys(), values=torch.cat(values), lengths=kjt.lengths())
-    return dataclasses.replace(batch, sparse=sparse)
-
-
 def make_batches(args, prepared, fields, tasks) -> list[CTRBatch]:
     conv = CTRBatchConverter(prepared, "ctr_train", max_history=args.max_history, fields=fields, task_names=tasks)
     batches = list(itertools.islice(make_loader(conv, args.batch_size, shuffle=True, seed=0), args.batches))
     rng = np.random.default_rng(0)
     cdf, perm = zipf_cdf(args.items, 1.0), rng.permutation(args.items)
-    return [redraw_ids(b, args.items, args.users, rng, cdf, perm) for b in batches]
+    return [dataclasses.replace(b, sparse=redraw_ids(b.sparse, rng, cdf, perm, ITEM_KEYS, args.users, USER_KEYS))
+            for b in batches]
 
 
 # ------------------------------------------------------------------------------------------- variants
@@ -243,7 +225,7 @@ def measure_in_subprocess(args, name: str) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def peak_rss_mb(args, variant: str, name: str) -> float:
+def variant_peak_rss_mb(args, variant: str, name: str) -> float:
     cmd = [*_child_args(args, name), "--memory-only", variant]
     done = subprocess.run(cmd, capture_output=True, text=True, check=True)
     return float(done.stdout.strip().splitlines()[-1])
@@ -258,8 +240,7 @@ def memory_only(args) -> None:
     runner = Runner(args.memory_only, args.models[0], prepared, batches, args)
     for _ in range(args.warmup + args.steps):
         runner.train_step()
-    status = Path("/proc/self/status").read_text()
-    print(next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM:")) / 1024)
+    print(peak_rss_mb())
 
 
 def main() -> None:
@@ -296,7 +277,7 @@ def main() -> None:
         row = measure_in_subprocess(args, name)   # a fresh process per model: four copies of 4.2M-row tables each
         if not args.no_memory:
             for variant in args.variants:
-                row[variant]["peak_rss_mb"] = peak_rss_mb(args, variant, name)
+                row[variant]["peak_rss_mb"] = variant_peak_rss_mb(args, variant, name)
         results.append(row)
     report = {"benchmark": "18.1 CTR training throughput at industrial table sizes", "data": args.data,
               "date": time.strftime("%Y-%m-%d"),

@@ -49,7 +49,15 @@ from torch.utils.flop_counter import FlopCounterMode
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from _device import DEVICES, machine, matmul_peak, peak_cuda_mb, resolve_device, synchronize  # noqa: E402
+from _device import (  # noqa: E402
+    DEVICES,
+    machine,
+    matmul_peak,
+    peak_cuda_mb,
+    peak_rss_mb,
+    resolve_device,
+    synchronize,
+)
 
 from hybrid.config import load_config  # noqa: E402
 from hybrid.core.batch import CTRBatch  # noqa: E402
@@ -353,9 +361,7 @@ def memory_only(args) -> None:
     for i in range(args.steps):
         runner.infer_step(i)
     synchronize(runner.device)
-    status = Path("/proc/self/status").read_text()
-    hwm_kb = next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM:"))
-    out = {"peak_rss_mb": hwm_kb / 1024}
+    out = {"peak_rss_mb": peak_rss_mb()}
     if runner.device.type == "cuda":
         out["peak_cuda_mb"] = peak_cuda_mb(runner.device)
     print(json.dumps(out))

@@ -45,8 +45,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
-from synth_events import draw, zipf_cdf  # noqa: E402
-from torchrec.sparse.jagged_tensor import KeyedJaggedTensor  # noqa: E402
+from _device import peak_rss_mb  # noqa: E402
+from synth_events import redraw_ids, zipf_cdf  # noqa: E402
 
 from hybrid.config import load_config  # noqa: E402
 from hybrid.core.backbones import build_backbone  # noqa: E402
@@ -80,20 +80,7 @@ def make_batches(args, prepared, features: list[str]) -> list[SequenceBatch]:
     batches = list(itertools.islice(make_loader(conv, args.batch_size, shuffle=True, seed=0), args.batches))
     rng = np.random.default_rng(0)
     cdf, perm = zipf_cdf(args.items, 1.0), rng.permutation(args.items)
-    out = []
-    for batch in batches:
-        kjt = batch.features
-        values = []
-        for key, jt in kjt.to_dict().items():
-            v = jt.values().clone()
-            if key == "item_id":
-                real = v >= NUM_RESERVED_IDS
-                v[real] = torch.from_numpy(perm[draw(cdf, rng, int(real.sum()))] + NUM_RESERVED_IDS)
-            values.append(v)
-        features_kjt = KeyedJaggedTensor.from_lengths_sync(keys=kjt.keys(), values=torch.cat(values),
-                                                           lengths=kjt.lengths())
-        out.append(dataclasses.replace(batch, features=features_kjt))
-    return out
+    return [dataclasses.replace(b, features=redraw_ids(b.features, rng, cdf, perm, ("item_id",))) for b in batches]
 
 
 def padded(batch: SequenceBatch, features: list[str]) -> dict[str, torch.Tensor]:
@@ -284,7 +271,7 @@ def _child_args(args) -> list[str]:
             "--warmup", str(args.warmup), "--repeats", str(args.repeats), "--variants", *args.variants]
 
 
-def peak_rss_mb(args, variant: str) -> float:
+def variant_peak_rss_mb(args, variant: str) -> float:
     done = subprocess.run([*_child_args(args), "--memory-only", variant], capture_output=True, text=True, check=True)
     return float(done.stdout.strip().splitlines()[-1])
 
@@ -294,8 +281,7 @@ def memory_only(args) -> None:
     runner = Runner(args.memory_only, cfg, model_cfg, sizes, batches, args)
     for _ in range(args.warmup + args.steps):
         runner.train_step()
-    status = Path("/proc/self/status").read_text()
-    print(next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM:")) / 1024)
+    print(peak_rss_mb())
 
 
 def main() -> None:
@@ -324,7 +310,7 @@ def main() -> None:
     row = measure(args)
     if not args.no_memory:
         for variant in args.variants:
-            row[variant]["peak_rss_mb"] = peak_rss_mb(args, variant)
+            row[variant]["peak_rss_mb"] = variant_peak_rss_mb(args, variant)
     report = {"benchmark": "18.1 pretraining throughput at industrial table sizes", "data": args.data,
               "date": time.strftime("%Y-%m-%d"),
               "machine": f"{platform.machine()} CPU, {torch.get_num_threads()} threads",

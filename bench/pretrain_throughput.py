@@ -46,7 +46,15 @@ from torch import nn
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from _device import DEVICES, machine, matmul_peak, peak_cuda_mb, resolve_device, synchronize  # noqa: E402
+from _device import (  # noqa: E402
+    DEVICES,
+    machine,
+    matmul_peak,
+    peak_cuda_mb,
+    peak_rss_mb,
+    resolve_device,
+    synchronize,
+)
 
 from hybrid.core.backbones import BackboneConfig, build_backbone  # noqa: E402
 from hybrid.core.backbones.llama import swiglu_hidden_dim  # noqa: E402
@@ -250,9 +258,7 @@ def memory_only(args) -> None:
     for _ in range(args.steps):
         runner.step()
     synchronize(device)
-    status = Path("/proc/self/status").read_text()
-    hwm_kb = next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM:"))
-    out = {"peak_rss_mb": hwm_kb / 1024}
+    out = {"peak_rss_mb": peak_rss_mb()}
     if device.type == "cuda":
         out["peak_cuda_mb"] = peak_cuda_mb(device)
     print(json.dumps(out))

@@ -58,6 +58,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 # Only torch at module level: the exported variant's memory process must not import hybrid or TorchRec.
+from _device import peak_rss_mb  # noqa: E402
 
 CONFIGS = {"dcn_v2": "configs/finetune_ml1m_ratings_dcn_v2.yaml", "gpsd": "configs/finetune_ml1m_last_item_gpsd.yaml"}
 #: batches per timed window (one pass): about 1.5 s of DCN-v2 and 10 s of the GPSD ranker on 2 CPU cores
@@ -69,11 +70,6 @@ VARIANTS = ("eager", "exported")
 
 def loadavg() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
-
-
-def peak_rss_mb() -> float:
-    status = Path("/proc/self/status").read_text()
-    return next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM:")) / 1024
 
 
 def model_config(args, name: str):

@@ -117,6 +117,29 @@ def draw(cdf: np.ndarray, rng: np.random.Generator, n: int) -> np.ndarray:
     return np.searchsorted(cdf, rng.random(n), side="right")
 
 
+def redraw_ids(kjt, rng: np.random.Generator, item_cdf: np.ndarray, item_perm: np.ndarray, item_keys: tuple[str, ...],
+               users: int = 0, user_keys: tuple[str, ...] = ()):
+    """``kjt`` (a ``KeyedJaggedTensor`` of real batches) at Taobao scale: the ids of ``item_keys`` drawn from the
+    Zipf popularity ``item_cdf`` over ranks permuted by ``item_perm``, those of ``user_keys`` uniform over
+    ``users`` rows; the reserved ids (padding, OOV) and every other key kept, the lengths unchanged."""
+    import torch
+    from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+    from hybrid.core.feature_map import NUM_RESERVED_IDS
+
+    values = []
+    for key, jt in kjt.to_dict().items():
+        v = jt.values().clone()
+        real = v >= NUM_RESERVED_IDS
+        n = int(real.sum())
+        if key in item_keys:
+            v[real] = torch.from_numpy(item_perm[draw(item_cdf, rng, n)] + NUM_RESERVED_IDS)
+        elif key in user_keys:
+            v[real] = torch.from_numpy(rng.integers(NUM_RESERVED_IDS, users + NUM_RESERVED_IDS, n))
+        values.append(v)
+    return KeyedJaggedTensor.from_lengths_sync(keys=kjt.keys(), values=torch.cat(values), lengths=kjt.lengths())
+
+
 def user_event_counts(users: int, events: int, rng: np.random.Generator) -> np.ndarray:
     """Per-user event counts: lognormal weights, each at least 1, summing exactly to ``events``."""
     weights = rng.lognormal(0.0, USER_SIGMA, users)
