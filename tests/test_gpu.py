@@ -25,6 +25,7 @@ import pandas as pd
 import pytest
 import torch
 import torch.distributed as dist
+from adapters_support import one_thread  # noqa: F401 (autouse fixture)
 from ctr_synthetic import SYNTHETIC_VOCAB_SIZES, make_synthetic_batch
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
@@ -61,14 +62,6 @@ HAS_CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA: torch.cuda.is_available() is False")
 TINY_RANKERS = {"dcn_v2": DCNv2Config, "mmoe": MMoEConfig, "multi_embedding_moe": MultiEmbeddingMoEConfig,
                 "tin": TINConfig, "gpsd": GPSDRankerConfig}
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

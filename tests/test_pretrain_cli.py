@@ -8,8 +8,8 @@ import shutil
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
+from adapters_support import one_thread  # noqa: F401 (autouse fixture)
 from cli_support import refused
 from mlflow import MlflowClient
 from torchrun_support import run_torchrun
@@ -23,15 +23,6 @@ from hybrid.jobs.pretrain import PretrainConfig
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "pretrain_tiny.yaml"
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread, as in test_pretrain_trainer (a shared 2-core machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _store(tmp_path: Path) -> str:
