@@ -72,3 +72,14 @@ def test_pretraining_with_sharded_tables_in_one_process_transfers_into_a_ranker(
                           "--strategy", "st_sf", "--set", "ranker.config.features.embedding_dim=16")) == 0
     report = json.loads((tmp_path / "ft" / "transfer_report.json").read_text())
     assert report["metrics"]["transfer/frozen_params"] > 0
+
+
+def test_pretraining_with_sharded_tables_refuses_adam_on_cpu_before_writing(prepared_ratings_dir, tmp_path, capsys):
+    out = tmp_path / "pre-adam"
+    err = refused(["pretrain", "--config", str(REPO / "configs" / "pretrain_tiny.yaml"),
+                   "--set", f"data={prepared_ratings_dir}", "--set", f"out={out}", "--set", "train.shard_tables=true",
+                   "--set", "train.optim.sparse_optimizer=adam", "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
+                   "--quiet"], capsys)
+    assert "FBGEMM's CPU kernels take train.optim.sparse_optimizer adagrad, rowwise_adagrad or sgd, not adam" in err
+    assert not dist.is_initialized()
+    assert not out.exists() or not any(out.iterdir())   # nothing written: no config.yaml, no checkpoints

@@ -35,6 +35,7 @@ from hybrid.core.checkpoint import CheckpointError, checkpoint_dirs, read_manife
 from hybrid.core.errors import HybridInputError
 from hybrid.core.feature_map import FeatureMap, table_name
 from hybrid.core.precision import pin_memory
+from hybrid.core.training import check_sharded_sparse_optimizer
 from hybrid.data.batching import SEQUENCE_FEATURES, SequenceBatchConverter, make_loader
 from hybrid.data.columns import as_table
 from hybrid.data.protocols import PreparedData
@@ -215,6 +216,11 @@ def run_pretrain(cfg: PretrainConfig, resume: bool | str = False, parent_run: st
         # every check before the first write: a refused run leaves ``out`` as it was
         if last is not None:
             check_feature_map(last, read_manifest(last), fm, model_cfg.features, cfg.data)
+        if cfg.train.shard_tables or ctx.is_distributed:
+            try:
+                check_sharded_sparse_optimizer(cfg.train.optim, ctx)   # adam for sharded tables on CPU
+            except ValueError as err:
+                raise HybridInputError(str(err)) from None
         stage.write_inputs(cfg, fm)
 
         features = list(model_cfg.features)
@@ -233,7 +239,7 @@ def run_pretrain(cfg: PretrainConfig, resume: bool | str = False, parent_run: st
         try:
             model = build_model(model_cfg, fm.vocab_sizes(), cfg.train.optim, seed=cfg.train.seed, ctx=ctx,
                                 shard=cfg.train.shard_tables or ctx.is_distributed)
-        except ValueError as err:  # adam for sharded tables on CPU
+        except ValueError as err:
             raise HybridInputError(str(err)) from None
         core = unwrap(model)
         dhash = prepared.stats.get("data_hash") or data_hash(cfg.data)
