@@ -15,7 +15,6 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
-from adapters_support import one_thread  # noqa: F401 (autouse fixture)
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
@@ -46,6 +45,15 @@ from hybrid.pretrain import (
 REPO = Path(__file__).resolve().parents[1]
 MAX_LEN = 50
 FEATURES = ("item_id", "category", "action")
+
+
+# its own copy, not adapters_support's: the torchrun workers import this module outside pytest (no tests/ on the path)
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def model_config(kind: str = "llama", dropout: float = 0.0) -> GenerativeModelConfig:
