@@ -35,3 +35,25 @@ def test_quickstart_whole_story(tmp_path, ml100k_dir, monkeypatch, capsys):
     for st_sf in (r for r in by_stage["finetune"] if r.data.tags["strategy"] == "st_sf"):
         assert "transfer_report.json" in {a.path for a in client.list_artifacts(st_sf.info.run_id)}
         assert st_sf.data.tags["pretrain_run_id"] in {r.info.run_id for r in by_stage["pretrain"]}
+
+
+def test_quickstart_pretrain_stage_refuses_a_corrupt_checkpoint_with_advice_it_can_follow(prepared_last_item_dir,
+                                                                                         tmp_path):
+    """quickstart has no --resume=previous: its one line says to remove the stage or continue with hybrid pretrain."""
+    from hybrid.config import load_config
+    from hybrid.core.errors import CheckpointError
+    from hybrid.jobs.pretrain import PretrainConfig
+
+    out = tmp_path / "pretrain" / "last-item"
+    cfg = load_config(PretrainConfig, quickstart._packaged("quickstart_pretrain.yaml"),
+                      [f"data={prepared_last_item_dir}", f"out={out}", "train.max_steps=4", "train.checkpoint_every=2",
+                       "train.eval_every=0", "train.progress=false", "tracking.enabled=false"])
+    first = quickstart.pretrain_stage(cfg, None)
+    assert first["step"] == 4
+    (out / "checkpoints" / "LATEST").write_text("step-99999999")   # names a checkpoint that is not there
+    with pytest.raises(CheckpointError) as err:
+        quickstart.pretrain_stage(cfg, None)
+    message = str(err.value)
+    assert "the newest complete checkpoint is" in message and f"remove {out}" in message
+    assert f"hybrid pretrain --config {out}/config.yaml --resume=previous" in message
+    assert (out / "checkpoints" / "step-00000004").is_dir()             # nothing was removed

@@ -21,6 +21,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from hybrid.config import load_config
+from hybrid.core.checkpoint import resume_checkpoint
 from hybrid.data.fetch import fetch_movielens_100k
 from hybrid.data.protocols import ProtocolConfig
 from hybrid.jobs.finetune import FinetuneConfig, run_finetune
@@ -50,6 +51,22 @@ def _packaged(name: str) -> Path:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: packaged config missing; reinstall hybrid-ctr")
     return path
+
+
+def pretrain_stage(cfg: PretrainConfig, parent: str | None) -> dict:
+    """One pretraining stage: a fresh run, or the continuation of an interrupted one from its newest checkpoint.
+
+    A checkpoint that does not verify is refused in one line that says what quickstart can do (it has no
+    ``--resume=previous``): start the stage again, or continue it with ``hybrid pretrain``.
+
+    Raises:
+        CheckpointError: ``<cfg.out>/checkpoints`` holds checkpoints, and the newest (``LATEST``) does not verify.
+    """
+    root = Path(cfg.out) / "checkpoints"
+    if root.exists():
+        resume_checkpoint(root, advice=f"remove {cfg.out} to pretrain this stage again, or continue it from that "
+                                       f"checkpoint: hybrid pretrain --config {cfg.out}/config.yaml --resume=previous")
+    return run_pretrain(cfg, resume=root.exists(), parent_run=parent)
 
 
 def _step(n: int, text: str) -> None:
@@ -99,7 +116,7 @@ def run_quickstart(out: Path, tracking_uri: str | None = None,
             target = out / "pretrain" / protocol
             name = f"pretrain {pcfg.model.size} {protocol} seed{pcfg.train.seed}"   # one per protocol: say which
             cfg = replace(pcfg, data=prepared[protocol], out=str(target), tracking=replace(tracking, run_name=name))
-            pretrained = run_pretrain(cfg, resume=(target / "checkpoints").exists(), parent_run=parent)
+            pretrained = pretrain_stage(cfg, parent)
             results["pretrain"][protocol] = pretrained
             m, b = pretrained["metrics"], pretrained["baseline"]
             print(f"      {protocol}: HR@10 {m.get('eval/hr_at_10', float('nan')):.4f} "
