@@ -35,7 +35,6 @@ from hybrid.core.checkpoint import CheckpointError, checkpoint_dirs, read_manife
 from hybrid.core.errors import HybridInputError
 from hybrid.core.feature_map import FeatureMap, table_name
 from hybrid.core.precision import pin_memory
-from hybrid.core.training import check_sharded_sparse_optimizer
 from hybrid.data.batching import SEQUENCE_FEATURES, SequenceBatchConverter, make_loader
 from hybrid.data.columns import as_table
 from hybrid.data.protocols import PreparedData
@@ -213,15 +212,9 @@ def run_pretrain(cfg: PretrainConfig, resume: bool | str = False, parent_run: st
                         collective_timeout_s=cfg.train.collective_timeout_s,
                         single_process_group=cfg.train.shard_tables) as stage:
         ctx = stage.ctx
-        # every check before the first write: a refused run leaves ``out`` as it was
+        # every check before the first write (config.yaml, after the model is built): a refused run leaves ``out`` as it was
         if last is not None:
             check_feature_map(last, read_manifest(last), fm, model_cfg.features, cfg.data)
-        if cfg.train.shard_tables or ctx.is_distributed:
-            try:
-                check_sharded_sparse_optimizer(cfg.train.optim, ctx)   # adam for sharded tables on CPU
-            except ValueError as err:
-                raise HybridInputError(str(err)) from None
-        stage.write_inputs(cfg, fm)
 
         features = list(model_cfg.features)
         train_loader = make_loader(
@@ -239,8 +232,9 @@ def run_pretrain(cfg: PretrainConfig, resume: bool | str = False, parent_run: st
         try:
             model = build_model(model_cfg, fm.vocab_sizes(), cfg.train.optim, seed=cfg.train.seed, ctx=ctx,
                                 shard=cfg.train.shard_tables or ctx.is_distributed)
-        except ValueError as err:
+        except ValueError as err:  # e.g. adam for sharded tables on CPU
             raise HybridInputError(str(err)) from None
+        stage.write_inputs(cfg, fm)   # after the last check (the model's): a refused run writes nothing
         core = unwrap(model)
         dhash = prepared.stats.get("data_hash") or data_hash(cfg.data)
         tags = {"stage": "pretrain", "strategy": "none", "model_size": model_cfg.backbone.size_name,
